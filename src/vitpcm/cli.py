@@ -1,0 +1,243 @@
+"""The ``vitpcm`` command: every pipeline step, runnable on a workstation.
+
+Each subcommand parses its flags and calls one library function (imported lazily so
+``vitpcm --help`` is instant). A :class:`~vitpcm.errors.VitpcmError` becomes one line
+``error: ...`` on stderr and its exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from vitpcm import __version__
+from vitpcm.errors import VitpcmError
+
+log = logging.getLogger("vitpcm")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_download(args: argparse.Namespace) -> int:
+    from vitpcm.data.download import download_dataset
+
+    root = download_dataset(
+        args.dataset,
+        args.out,
+        mirror=args.mirror,
+        skip_checksum=args.skip_checksum,
+        progress=not args.no_progress,
+    )
+    print(f"{args.dataset} ready in {root}")
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from vitpcm.data.convert import convert_dataset
+
+    info = convert_dataset(
+        args.dataset,
+        args.src,
+        args.out,
+        shards=args.shards,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    sizes = ", ".join(f"{k}={v['num_examples']}" for k, v in info["splits"].items())
+    print(f"wrote {args.out} ({sizes}; {info['num_classes']} classes)")
+    skipped = info.get("skipped") or []
+    if skipped:
+        print(f"skipped {len(skipped)} bad samples (listed in dataset.json)")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from vitpcm.data.synth import make_synthetic
+
+    root = make_synthetic(
+        args.out,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        size=args.size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"synthetic dataset in {root}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vitpcm.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (logs only)"
+    )
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        help="config YAML path, or a name from configs/ such as voc12_vit_s16 or synthetic",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config value by dotted key, e.g. train.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``vitpcm`` argument parser (one subparser per pipeline step)."""
+    parser = argparse.ArgumentParser(
+        prog="vitpcm",
+        description=(
+            "ViT-PCM weakly supervised semantic segmentation (ECCV 2022): "
+            "data, training, evaluation and CRF inference, one step at a time."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"vitpcm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="download, convert or synthesise datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = data_sub.add_parser(
+        "download",
+        help="fetch and unpack PASCAL VOC 2012 (+SBD trainaug) or COCO 2014",
+        description=(
+            "Download the official archives (resuming partial files, verifying checksums) "
+            "and unpack them into the standard layout. Safe to run again."
+        ),
+    )
+    p.add_argument("--dataset", required=True, choices=["voc12", "coco14"])
+    p.add_argument("--out", required=True, help="folder to download and unpack into")
+    p.add_argument(
+        "--mirror", metavar="BASE_URL", help="fetch every archive as BASE_URL/<official name>"
+    )
+    p.add_argument(
+        "--skip-checksum", action="store_true", help="warn instead of failing on a mismatch"
+    )
+    _add_common(p)
+    p.set_defaults(handler=_data_download)
+
+    p = data_sub.add_parser(
+        "convert",
+        help="write sharded TFRecords (+dataset.json) to a folder or s3://",
+        description=(
+            "Convert a downloaded (or synthetic) dataset into sharded TFRecords. Output is "
+            "committed only when complete; byte-identical for any worker count."
+        ),
+    )
+    p.add_argument("--dataset", required=True, choices=["voc12", "coco14"])
+    p.add_argument("--src", required=True, help="folder holding VOCdevkit/ or coco2014/")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--shards", type=_positive_int, help="shards per split (default: ~1000/shard)")
+    p.add_argument("--workers", type=_positive_int, help="processes (default: all cores)")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip bad samples (listed in dataset.json)"
+    )
+    _add_common(p)
+    p.set_defaults(handler=_data_convert)
+
+    p = data_sub.add_parser(
+        "synth",
+        help="make the built-in synthetic dataset (VOC layout)",
+        description=(
+            "Generate a deterministic synthetic weakly supervised dataset: textured shapes of "
+            "several classes on cluttered backgrounds, in the VOC folder layout."
+        ),
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=_positive_int, default=200, help="train images (200)")
+    p.add_argument("--val", type=_positive_int, default=50, help="val images (50)")
+    p.add_argument("--test", type=_count, default=50, help="test images (50)")
+    p.add_argument("--size", type=_positive_int, default=128, help="image side in px (128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_common(p)
+    p.set_defaults(handler=_data_synth)
+
+    cfg = sub.add_parser("config", help="show a resolved config")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = cfg_sub.add_parser("show", help="print the config with defaults and overrides applied")
+    _add_config_args(p)
+    p.set_defaults(handler=_config_show)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code (never calls ``sys.exit``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.handler(args))
+    except VitpcmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry point: exits through the tensorflow-io-safe path."""
+    from vitpcm import storage
+
+    rc = main()
+    if storage.s3_used():
+        storage.exit_process(rc)
+    sys.exit(rc)
+
