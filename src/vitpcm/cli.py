@@ -94,6 +94,69 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train/eval/test
+
+
+def _load_cfg(args: argparse.Namespace):
+    from vitpcm.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vitpcm.train import train
+
+    cfg = _load_cfg(args)
+    result = train(cfg, data_uri=args.data, out_uri=args.out, progress=not args.no_progress)
+    print(
+        f"best val mIoU {result['miou']:.4f} at epoch {result['best_epoch'] + 1} "
+        f"({result['epochs_run']} epochs); outputs in {args.out}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vitpcm.eval import run_eval
+
+    cfg = _load_cfg(args)
+    metrics = run_eval(
+        cfg,
+        args.model,
+        data_uri=args.data,
+        out_dir=args.out,
+        split=args.split,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{metrics['split']}: BPM mIoU {metrics['miou']:.4f}, pixel accuracy "
+        f"{metrics['pixel_accuracy']:.4f} ({metrics['num_images']} images); "
+        f"metrics.json in {args.out}"
+    )
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from vitpcm.infer import run_test
+
+    cfg = _load_cfg(args)
+    metrics = run_test(
+        cfg,
+        args.model,
+        data_uri=args.data,
+        out_dir=args.out,
+        crf=args.crf,
+        split=args.split,
+        progress=not args.no_progress,
+    )
+    line = f"{metrics['split']}: {metrics['num_images']} images"
+    if "miou" in metrics:
+        line += f", BPM mIoU {metrics['miou']:.4f}"
+    if "miou_crf" in metrics:
+        line += f", after CRF {metrics['miou_crf']:.4f}"
+    print(f"{line}; pseudo masks and metrics.json in {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -111,9 +174,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide progress bars (logs only)"
-    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars (logs only)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +264,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler=_data_synth)
 
+    p = sub.add_parser(
+        "train",
+        help="train ViT-PCM (resumes when --out holds an unfinished run)",
+        description=(
+            "Warm-up with the backbone frozen, then fine-tune the last blocks; BCE + ET + L2 "
+            "losses; validation mIoU each epoch; best checkpoint kept; resumable."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
+    p.add_argument("--out", required=True, help="output folder or s3:// URI")
+    _add_common(p)
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="score baseline pseudo masks (mIoU at original resolution)",
+        description=(
+            "Baseline pseudo masks (label merge with the image labels) at each label's "
+            "original resolution; writes metrics.json and confusion-matrix plots."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("-m", "--model", required=True, help="model.keras or a train output folder")
+    p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
+    p.add_argument("--out", default="eval-out", help="output folder (default: eval-out)")
+    p.add_argument("--split", help="split to score (default: data.val_split)")
+    _add_common(p)
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser(
+        "test",
+        help="inference at the test size, pseudo-mask PNGs, optional dense CRF",
+        description=(
+            "Inference at data.test_size; probability maps of the present classes and a "
+            "VOC-palette PNG per image; with --crf, dense CRF over the present classes."
+        ),
+    )
+    _add_config_args(p)
+    p.add_argument("-m", "--model", required=True, help="model.keras or a train output folder")
+    p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
+    p.add_argument("--out", default="test-out", help="output folder (default: test-out)")
+    p.add_argument("--split", help="split to run (default: data.test_split)")
+    p.add_argument("--crf", action="store_true", help="also refine with the dense CRF")
+    _add_common(p)
+    p.set_defaults(handler=_test)
+
     cfg = sub.add_parser("config", help="show a resolved config")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     p = cfg_sub.add_parser("show", help="print the config with defaults and overrides applied")
@@ -240,4 +348,3 @@ def entry() -> None:
     if storage.s3_used():
         storage.exit_process(rc)
     sys.exit(rc)
-

@@ -85,9 +85,7 @@ def check_s3_config(uri: str) -> None:
     if not endpoint:
         return  # real AWS: nothing local to probe
     if "://" not in endpoint:
-        raise StorageError(
-            f"S3_ENDPOINT={endpoint!r} has no scheme; set it like http://minio:9000"
-        )
+        raise StorageError(f"S3_ENDPOINT={endpoint!r} has no scheme; set it like http://minio:9000")
     parsed = urlparse(endpoint)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
@@ -161,9 +159,7 @@ def _http_get(url: str, *, retries: int, timeout: float) -> bytes:
             if response.status_code == 200:
                 return response.content
             if response.status_code < 500 or attempt == retries:
-                raise StorageError(
-                    f"cannot read {url}: HTTP {response.status_code}; check the URL"
-                )
+                raise StorageError(f"cannot read {url}: HTTP {response.status_code}; check the URL")
         time.sleep(delay)
         delay *= 2
     raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""Datasets: download, label parsing, TFRecord conversion and reading, synthetic data."""

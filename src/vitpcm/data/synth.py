@@ -1,0 +1,366 @@
+"""A small synthetic weakly supervised segmentation dataset in the PASCAL VOC layout.
+
+Each image holds 1-3 objects of 5 classes on a cluttered background. A class is told by
+its **shape and its texture family** together; colours are drawn per instance from the
+same distribution as the background clutter, so colour alone never gives the class away
+and a model has to look at shape and texture, as in real weakly supervised segmentation:
+
+=========  ==========  ==========================================
+label      shape       texture
+=========  ==========  ==========================================
+1 disc     circle      stripes at a random angle and period
+2 triangle triangle    checkerboard at a random angle and cell size
+3 square   square      grid of dots (rotated, random spacing)
+4 ring     annulus     concentric circles
+5 star     5-point     thresholded smooth-noise blobs
+=========  ==========  ==========================================
+
+Objects are 15-45% of the image side; a later object is drawn on top of an earlier one
+and the mask follows, but every object keeps at least half of its pixels visible.
+
+The output flows through ``vitpcm data convert --dataset voc12`` like the real thing:
+``<out>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`` plus
+``classes.txt`` (class names, background first), which the converter reads in place of
+the VOC names. Test images get masks too, so inference on them can be scored.
+
+Every image is drawn from its own random generator seeded by ``(seed, split, index)``,
+so the same arguments give byte-identical files, whatever the order of generation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from vitpcm import storage
+from vitpcm.data.labels import encode_palette_png
+from vitpcm.errors import DataError
+
+SYNTH_CLASSES: tuple[str, ...] = ("background", "disc", "triangle", "square", "ring", "star")
+"""Class names by label index."""
+
+MARKER = "synth.json"
+"""File at the output root that marks a folder as written by :func:`make_synthetic`."""
+
+MIN_SIZE = 32
+JPEG_QUALITY = 90
+_GENERATOR = "vitpcm data synth"
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+_MIN_VISIBLE = 0.5  # an object hidden more than this by later ones is re-placed
+_PLACEMENT_TRIES = 20
+
+Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+def make_synthetic(
+    out: str | os.PathLike[str],
+    train: int = 200,
+    val: int = 50,
+    test: int = 50,
+    size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write the synthetic dataset under ``<out>/VOCdevkit/VOC2012/``.
+
+    The folder is built under a temporary name and moved into place when complete.
+    Running again into a folder this function wrote replaces it (same arguments give
+    the same bytes); any other non-empty folder is refused.
+
+    Args:
+        out: Local output folder.
+        train: Number of training images (>= 1).
+        val: Number of validation images (>= 1).
+        test: Number of test images (>= 0).
+        size: Image side in pixels (>= 32).
+        seed: Non-negative seed.
+        progress: Show a progress bar.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        DataError: Bad arguments, a remote or foreign output folder.
+    """
+    _check_args(out, train, val, test, size, seed)
+    final = Path(storage.local_path(out))
+    _check_target(final)
+    from tqdm import tqdm
+
+    splits = {"train": train, "val": val, "test": test}
+    ids: dict[str, list[str]] = {}
+    start = 0
+    for split, count in splits.items():  # ids are unique across splits
+        ids[split] = [f"synth_{start + i:06d}" for i in range(count)]
+        start += count
+    with storage.atomic_dir(final) as tmp:
+        root = Path(tmp) / "VOCdevkit" / "VOC2012"
+        images = root / "JPEGImages"
+        masks = root / "SegmentationClass"
+        lists = root / "ImageSets" / "Segmentation"
+        for folder in (images, masks, lists):
+            folder.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=start, desc="synthetic images", unit="img", disable=not progress) as bar:
+            for split, names in ids.items():
+                for index, name in enumerate(names):
+                    rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+                    image, label = render_sample(rng, size, first_class=1 + index % 5)
+                    (images / f"{name}.jpg").write_bytes(_encode_jpeg(image))
+                    (masks / f"{name}.png").write_bytes(encode_palette_png(label))
+                    bar.update(1)
+        for split, names in {**ids, "trainval": ids["train"] + ids["val"]}.items():
+            (lists / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        (root / "classes.txt").write_text("".join(f"{c}\n" for c in SYNTH_CLASSES))
+        params = {"generator": _GENERATOR, "classes": list(SYNTH_CLASSES), **splits}
+        params.update(size=size, seed=seed, jpeg_quality=JPEG_QUALITY)
+        (Path(tmp) / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    return final
+
+
+def _check_args(
+    out: str | os.PathLike[str], train: int, val: int, test: int, size: int, seed: int
+) -> None:
+    if storage.is_remote(out):
+        raise DataError(
+            f"synthetic data is written to a local folder, not {out}; write it locally "
+            "and upload the TFRecords made by `vitpcm data convert`"
+        )
+    if size < MIN_SIZE:
+        raise DataError(f"--size {size} is too small; use at least {MIN_SIZE} pixels")
+    if train < 1 or val < 1:
+        raise DataError(f"--train {train} and --val {val} must both be at least 1")
+    if test < 0:
+        raise DataError(f"--test {test} must be 0 or more")
+    if seed < 0:
+        raise DataError(f"--seed {seed} must be 0 or more")
+
+
+def _check_target(final: Path) -> None:
+    if final.exists() and not final.is_dir():
+        raise DataError(f"{final} is a file; choose a folder for --out")
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    marker = final / MARKER
+    try:
+        ours = json.loads(marker.read_text()).get("generator") == _GENERATOR
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise DataError(
+            f"{final} is not empty and was not written by `vitpcm data synth` (no {MARKER}); "
+            "choose an empty or new folder for --out"
+        )
+
+
+def _encode_jpeg(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+# --- drawing ---------------------------------------------------------------------------
+
+
+def render_sample(
+    rng: np.random.Generator, size: int, first_class: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image and its label map.
+
+    Args:
+        rng: The generator every random choice comes from.
+        size: Image side in pixels.
+        first_class: Class of the first object (cycled by the caller so every class
+            appears in any split of 5 images or more); random when None.
+
+    Returns:
+        ``(image (size, size, 3) uint8, label (size, size) uint8)``.
+    """
+    canvas = _background(rng, size)
+    label = np.zeros((size, size), dtype=np.uint8)
+    owner = np.full((size, size), -1, dtype=np.int8)  # which object each pixel shows
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    num_objects = int(rng.integers(1, 4))
+    for k in range(num_objects):
+        cls = first_class if (k == 0 and first_class) else int(rng.integers(1, 6))
+        placed = _place(rng, size, cls, owner, k)
+        if placed is None:
+            continue  # no placement left the earlier objects visible enough
+        shape, cy, cx, radius = placed
+        texture = _TEXTURES[cls](rng, yy - cy, xx - cx, radius)
+        colours = _texture_colours(rng)
+        pixels = colours[0] + texture[..., None] * (colours[1] - colours[0])
+        canvas[shape] = pixels[shape]
+        label[shape] = cls
+        owner[shape] = k
+    noisy = canvas + rng.normal(0.0, 3.0, size=canvas.shape)
+    return np.clip(noisy, 0, 255).round().astype(np.uint8), label
+
+
+def _place(
+    rng: np.random.Generator, size: int, cls: int, owner: np.ndarray, k: int
+) -> tuple[np.ndarray, float, float, float] | None:
+    """Choose where object ``k`` goes: its mask, centre and radius, or None."""
+    for _ in range(_PLACEMENT_TRIES):
+        radius = size * float(rng.uniform(0.15, 0.45)) / 2
+        cy, cx = (float(rng.uniform(radius, size - radius)) for _ in range(2))
+        shape = _shape_mask(rng, cls, size, cy, cx, radius)
+        if not shape.any():
+            continue
+        covered = owner[shape]
+        visible = all(
+            np.count_nonzero(covered == j) <= (1 - _MIN_VISIBLE) * np.count_nonzero(owner == j)
+            for j in range(k)
+            if np.any(owner == j)
+        )
+        if visible:
+            return shape, cy, cx, radius
+    return None
+
+
+def _shape_mask(
+    rng: np.random.Generator, cls: int, size: int, cy: float, cx: float, radius: float
+) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    turn = float(rng.uniform(0, 2 * np.pi))
+
+    def polygon(radii: list[float]) -> list[tuple[float, float]]:
+        angles = turn + 2 * np.pi * np.arange(len(radii)) / len(radii)
+        return [
+            (cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles, strict=True)
+        ]
+
+    def disc(r: float, fill: int) -> None:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+
+    if cls == 1:
+        disc(radius, 1)
+    elif cls == 2:
+        draw.polygon(polygon([radius] * 3), fill=1)
+    elif cls == 3:
+        draw.polygon(polygon([radius] * 4), fill=1)
+    elif cls == 4:
+        disc(radius, 1)
+        disc(radius * float(rng.uniform(0.45, 0.6)), 0)
+    else:
+        draw.polygon(polygon([radius, radius * 0.45] * 5), fill=1)
+    return np.asarray(image, dtype=bool)
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    # Objects and clutter share this distribution: colour carries no class information.
+    return rng.uniform(0, 255, size=3).astype(np.float32)
+
+
+def _texture_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours far enough apart for the texture to be visible."""
+    first = _random_colour(rng)
+    second = _random_colour(rng)
+    for _ in range(10):
+        if np.linalg.norm(second - first) >= 120:
+            break
+        second = _random_colour(rng)
+    return first, second
+
+
+def _rotated(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, ...]:
+    angle = float(rng.uniform(0, np.pi))
+    cos, sin = np.cos(angle), np.sin(angle)
+    return dx * cos + dy * sin, -dx * sin + dy * cos
+
+
+def _stripes(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    u, _ = _rotated(rng, dy, dx)
+    period = max(3.0, r * float(rng.uniform(0.25, 0.45)))
+    phase = float(rng.uniform(0, 2 * np.pi))
+    return (np.sin(2 * np.pi * u / period + phase) > 0).astype(np.float32)
+
+
+def _checkerboard(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    u, v = _rotated(rng, dy, dx)
+    cell = max(2.0, r * float(rng.uniform(0.2, 0.35)))
+    offset = rng.uniform(0, cell, size=2)
+    return ((np.floor((u + offset[0]) / cell) + np.floor((v + offset[1]) / cell)) % 2).astype(
+        np.float32
+    )
+
+
+def _dots(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    u, v = _rotated(rng, dy, dx)
+    spacing = max(4.0, r * float(rng.uniform(0.3, 0.45)))
+    dot = spacing * float(rng.uniform(0.22, 0.32))
+    offset = rng.uniform(0, spacing, size=2)
+    fu = np.mod(u + offset[0], spacing) - spacing / 2
+    fv = np.mod(v + offset[1], spacing) - spacing / 2
+    return (fu * fu + fv * fv < dot * dot).astype(np.float32)
+
+
+def _concentric(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    period = max(3.0, r * float(rng.uniform(0.18, 0.3)))
+    phase = float(rng.uniform(0, 2 * np.pi))
+    return (np.sin(2 * np.pi * np.hypot(dy, dx) / period + phase) > 0).astype(np.float32)
+
+
+def _blobs(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    size = dy.shape[0]
+    cells = max(2, round(size / max(3.0, r * float(rng.uniform(0.25, 0.4)))))
+    field = _smooth_noise(rng, cells, size)
+    return (field > np.median(field)).astype(np.float32)
+
+
+_TEXTURES: dict[int, Texture] = {
+    1: _stripes,
+    2: _checkerboard,
+    3: _dots,
+    4: _concentric,
+    5: _blobs,
+}
+
+
+def _smooth_noise(rng: np.random.Generator, cells: int, size: int, channels: int = 0) -> np.ndarray:
+    """Random values on a ``cells`` grid upsampled bicubically to ``size`` pixels."""
+    from PIL import Image
+
+    shape = (cells, cells, channels) if channels else (cells, cells)
+    coarse = rng.uniform(0, 1, size=shape).astype(np.float32)
+    if not channels:
+        return np.asarray(
+            Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+        )
+    planes = [
+        np.asarray(
+            Image.fromarray(coarse[..., c], mode="F").resize((size, size), Image.Resampling.BICUBIC)
+        )
+        for c in range(channels)
+    ]
+    return np.stack(planes, axis=-1)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth colour noise with plain lines and blobs of object-like colours on top."""
+    from PIL import Image, ImageDraw
+
+    low, high = _random_colour(rng), _random_colour(rng)
+    mix = _smooth_noise(rng, int(rng.integers(2, 6)), size, channels=3)
+    base = low + np.clip(mix, 0, 1) * (high - low)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(1, 5))):
+        radius = size * rng.uniform(0.04, 0.15, size=2)
+        cy, cx = rng.uniform(0, size, size=2)
+        box = (cx - radius[1], cy - radius[0], cx + radius[1], cy + radius[0])
+        draw.ellipse(box, fill=tuple(int(c) for c in _random_colour(rng)))
+    for _ in range(int(rng.integers(2, 7))):
+        ends = [tuple(float(v) for v in rng.uniform(0, size, size=2)) for _ in range(2)]
+        width = max(1, round(size * float(rng.uniform(0.005, 0.02))))
+        draw.line(ends, fill=tuple(int(c) for c in _random_colour(rng)), width=width)
+    return np.asarray(image, dtype=np.float32).copy()

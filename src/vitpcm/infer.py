@@ -1,0 +1,176 @@
+"""``vitpcm test``: inference at the test size, pseudo masks, and the dense CRF.
+
+For each image of the split (METHOD.md, "Evaluation and inference"): the network runs at
+``data.test_size`` (960 px for VOC: a 60 x 60 grid through the interpolated position
+embedding), the class maps are merged with the image labels and upsampled to the image's
+own size; the probability maps of the present classes go to ``probs/<id>.npz`` and the
+arg-max to ``pseudo_masks/<id>.png`` (VOC palette). With ``--crf`` the same probabilities go
+through the dense CRF over the present classes only, spread over all cores and streamed
+(memory does not grow with the split), into ``pseudo_masks_crf/<id>.png``. The PNG folders
+are the pseudo-mask dataset a second-stage segmenter trains on.
+
+Splits without ground truth (VOC ``test``) use the network's own image-level predictions
+(``class_probs >= 0.5``, background always kept) as labels, and report no mIoU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from vitpcm import storage
+from vitpcm.config import Config
+from vitpcm.errors import ConfigError
+from vitpcm.metrics import ConfusionMatrix
+
+log = logging.getLogger(__name__)
+
+PREDICTED_LABEL_THRESHOLD = 0.5
+
+
+def _stem(filename: str) -> str:
+    return os.path.splitext(os.path.basename(filename))[0]
+
+
+def _npz_bytes(probs: Any, classes: Any) -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
+    return buffer.getvalue()
+
+
+def run_test(
+    cfg: Config,
+    model_uri: str,
+    *,
+    data_uri: str | None = None,
+    out_dir: str | None = None,
+    crf: bool = False,
+    split: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run test inference (and optionally the CRF); returns and writes ``metrics.json``."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from vitpcm.crf import crf_map
+    from vitpcm.data.labels import encode_palette_png
+    from vitpcm.data.reader import dataset_from_config, read_split_info
+    from vitpcm.eval import (
+        check_model_matches,
+        iter_samples,
+        load_model,
+        merged_probabilities,
+        predict_batches,
+    )
+    from vitpcm.metrics import write_metrics_json
+
+    data_uri = data_uri or cfg.data.uri
+    if not data_uri:
+        raise ConfigError("no test data: pass --data URI or set data.uri in the config")
+    split = split or cfg.data.test_split
+    info = read_split_info(data_uri, split, cfg.data.num_classes)
+    has_masks = _split_has_masks(info)
+    model = load_model(model_uri)
+    check_model_matches(model, cfg, model_uri)
+    dataset = dataset_from_config(
+        cfg,
+        split,
+        training=False,
+        uri=data_uri,
+        image_size=cfg.data.test_size,
+        with_label=has_masks,
+        include_original=crf,
+    )
+    k = cfg.data.num_classes
+    names = list(info.class_names) if len(info.class_names) == k else None
+    bpm_matrix = ConfusionMatrix(k, class_names=names)
+    crf_matrix = ConfusionMatrix(k, class_names=names)
+    masks: dict[str, Any] = {}
+    out_dir = out_dir or "test-out"
+    counts = {"images": 0}
+
+    with storage.atomic_dir(out_dir) as tmp:
+        bar = tqdm(total=info.num_examples, desc="inference", unit="img", disable=not progress)
+
+        def samples() -> Iterator[tuple[str, Any, Any, Any]]:
+            for sample, patch_probs in iter_samples(predict_batches(model, dataset)):
+                stem = _stem(sample["filename"])
+                labels = sample["labels"] if has_masks else _predicted_labels(patch_probs)
+                merged = merged_probabilities(
+                    patch_probs, labels, sample["height"], sample["width"]
+                )
+                prediction = merged.argmax(axis=-1).astype(np.uint8)
+                present = np.flatnonzero(labels > 0)
+                storage.write_bytes(
+                    storage.join(tmp, "probs", f"{stem}.npz"),
+                    _npz_bytes(merged[..., present], present),
+                )
+                storage.write_bytes(
+                    storage.join(tmp, "pseudo_masks", f"{stem}.png"),
+                    encode_palette_png(prediction),
+                )
+                if has_masks:
+                    bpm_matrix.update(sample["mask"], prediction)
+                    if crf:
+                        masks[stem] = sample["mask"]
+                counts["images"] += 1
+                bar.update(1)
+                if crf:
+                    yield stem, sample["original_image"], merged, labels
+
+        if crf:
+            for stem, labels in crf_map(samples(), cfg.crf, progress=progress):
+                storage.write_bytes(
+                    storage.join(tmp, "pseudo_masks_crf", f"{stem}.png"),
+                    encode_palette_png(labels.astype(np.uint8)),
+                )
+                if has_masks:
+                    crf_matrix.update(masks.pop(stem), labels)
+        else:
+            for _ in samples():
+                pass
+        bar.close()
+
+        metrics: dict[str, Any] = {"split": split, "num_images": counts["images"], "crf": crf}
+        if has_masks:
+            metrics.update(bpm_matrix.compute())
+            if crf:
+                crf_metrics = crf_matrix.compute()
+                metrics["miou_crf"] = crf_metrics["miou"]
+                metrics["class_iou_crf"] = crf_metrics["class_iou"]
+                metrics["pixel_accuracy_crf"] = crf_metrics["pixel_accuracy"]
+        write_metrics_json(storage.join(tmp, "metrics.json"), metrics)
+
+    if has_masks:
+        after = f", after CRF {metrics['miou_crf']:.4f}" if crf else ""
+        log.info(
+            "%s: BPM mIoU %.4f%s on %d images", split, metrics["miou"], after, counts["images"]
+        )
+    return metrics
+
+
+def _split_has_masks(info: Any) -> bool:
+    """Whether the split's records carry ground-truth masks (peeks at the first record)."""
+    import tensorflow as tf
+
+    from vitpcm.data import tfrecord
+
+    for serialized in tf.data.TFRecordDataset(info.files[:1]).take(1):
+        example = tf.train.Example.FromString(serialized.numpy())
+        return tfrecord.LABEL_ENCODED in example.features.feature
+    return False
+
+
+def _predicted_labels(patch_probs: Any) -> Any:
+    """Image labels predicted by the network itself (max-pooled), for splits without masks."""
+    import numpy as np
+
+    pooled = patch_probs.reshape(-1, patch_probs.shape[-1]).max(axis=0)
+    labels = (pooled >= PREDICTED_LABEL_THRESHOLD).astype(np.float32)
+    labels[0] = 1.0  # background is always a candidate
+    return labels

@@ -1,0 +1,488 @@
+"""``vitpcm train``: the ViT-PCM training schedule as a resumable custom loop.
+
+Schedule (METHOD.md, "Schedule"): ``train.warmup_epochs`` with the backbone frozen (only the
+HV-BiLSTM and the patch classifier learn, Adam ``warmup_lr``), then the final LayerNorm and
+the last ``train.unfreeze_blocks`` encoder blocks are unfrozen with a fresh Adam at
+``train.lr`` for ``train.epochs`` more epochs. Loss = BCE + ET + L2 (weights in
+``train.loss_weights``). Validation mIoU is measured on *every* validation sample at the
+label's original resolution (the paper's test protocol, not the reference code's 384-px
+shortcut); the best epoch is kept; early stopping after ``train.patience`` epochs without
+improvement.
+
+Resumability: after every epoch the model, both optimizers, the dropout RNG state and the
+loop state are checkpointed under ``<out>/checkpoints``; a run started again with the same
+``--out`` continues from the last completed epoch. Each epoch's data order is seeded by
+``(train.seed, epoch)``, so a resumed run ends in the same state as an uninterrupted one.
+
+Outputs (``<out>``, local or ``s3://``): ``config.yaml`` (resolved config), ``model.keras``
+(best epoch), ``history.json``, ``tensorboard/``, ``checkpoints/`` and, written last,
+``metrics.json`` (validation metrics of the best epoch plus ``best_epoch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vitpcm import storage
+from vitpcm.config import Config, save_config
+from vitpcm.distribute import WorkerRole, make_strategy, worker_role
+from vitpcm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+STATE_JSON = "state.json"
+HISTORY_JSON = "history.json"
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.yaml"
+METRICS_JSON = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of the schedule: which epochs, which learning rate, how much is unfrozen."""
+
+    name: str
+    first_epoch: int
+    end_epoch: int
+    lr: float
+    unfreeze_blocks: int | None  # None: the whole backbone trains (from-scratch configs)
+
+
+def schedule(cfg: Config) -> list[Phase]:
+    """Warm-up (backbone frozen) then fine-tuning (last blocks + final norm unfrozen)."""
+    t = cfg.train
+    phases = []
+    if t.warmup_epochs > 0:
+        phases.append(Phase("warmup", 0, t.warmup_epochs, t.warmup_lr, 0))
+    phases.append(
+        Phase("finetune", t.warmup_epochs, t.warmup_epochs + t.epochs, t.lr, t.unfreeze_blocks)
+    )
+    return phases
+
+
+def _phase_at(phases: Sequence[Phase], epoch: int) -> Phase:
+    for phase in phases:
+        if phase.first_epoch <= epoch < phase.end_epoch:
+            return phase
+    return phases[-1]
+
+
+@dataclass
+class LoopState:
+    """What the loop must remember across a restart (saved as ``state.json``)."""
+
+    next_epoch: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    checkpoint: str | None = None
+    history: list[dict[str, float]] | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LoopState:
+        return cls(**json.loads(data))
+
+
+def _model_signature(cfg: Config, num_classes: int) -> dict[str, Any]:
+    """The config keys a checkpoint depends on: resuming with others would be wrong."""
+    sig = dict(cfg.to_dict()["model"])
+    sig["num_classes"] = num_classes
+    sig["image_size"] = cfg.data.image_size
+    sig["batch_size"] = cfg.train.batch_size
+    return sig
+
+
+def train(
+    cfg: Config,
+    *,
+    data_uri: str | None = None,
+    out_uri: str | None = None,
+    progress: bool = True,
+    callbacks: Sequence[EpochCallback] = (),
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train ViT-PCM and return the final metrics (also written to ``<out>/metrics.json``).
+
+    Args:
+        cfg: the resolved config.
+        data_uri: TFRecord folder (or ``s3://``); defaults to ``cfg.data.uri``.
+        out_uri: output folder (or ``s3://``); a folder with a checkpoint is resumed.
+        progress: show a progress bar per epoch.
+        callbacks: called as ``cb(epoch, logs)`` after every epoch (MLflow logging hooks).
+        stop_after_epochs: end this call after this many epochs (testing resumption).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from vitpcm.data.convert import read_dataset_info
+    from vitpcm.data.reader import dataset_from_config
+    from vitpcm.eval import evaluate_model
+
+    data_uri = data_uri or cfg.data.uri
+    if not data_uri:
+        raise ConfigError("no training data: pass --data URI or set data.uri in the config")
+    if not out_uri:
+        raise ConfigError("no output folder: pass --out DIR_OR_S3_URI")
+    info = read_dataset_info(data_uri)
+    num_classes = int(info["num_classes"])
+    if num_classes != cfg.data.num_classes:
+        raise ConfigError(
+            f"data.num_classes is {cfg.data.num_classes} but {data_uri} has {num_classes} "
+            f"classes; set --set data.num_classes={num_classes} or use the matching config"
+        )
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if split not in info["splits"]:
+            raise DataError(
+                f"{data_uri} has no split {split!r} (it has {sorted(info['splits'])}); "
+                "set data.train_split / data.val_split"
+            )
+
+    role = worker_role()
+    own_out = out_uri if role.is_chief else storage.join(out_uri, "replicas", role.replica_dir_name)
+    storage.makedirs(own_out)
+
+    tf.config.experimental.enable_op_determinism()
+    import keras
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+    strategy = make_strategy(role)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.train.batch_size * replicas
+    num_train = int(info["splits"][cfg.data.train_split]["num_examples"])
+    steps = cfg.train.steps_per_epoch or num_train // global_batch
+    if steps < 1:
+        raise DataError(
+            f"split {cfg.data.train_split!r} of {data_uri} has {num_train} images, fewer than "
+            f"one global batch ({global_batch} = {cfg.train.batch_size} x {replicas} replicas); "
+            "lower train.batch_size or add data"
+        )
+    log.info(
+        "training on %d replica(s) (%s), global batch %d, %d steps/epoch",
+        replicas,
+        type(strategy).__name__,
+        global_batch,
+        steps,
+    )
+
+    loop = _TrainingLoop(cfg, strategy, num_classes, global_batch)
+    state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes))
+    if role.is_chief:
+        save_config(cfg, storage.join(out_uri, CONFIG_FILE))
+
+    val_ds = dataset_from_config(
+        cfg, cfg.data.val_split, training=False, uri=data_uri, batch_size=cfg.eval.batch_size
+    )
+    writer = tf.summary.create_file_writer(storage.join(own_out, "tensorboard"))
+    phases = schedule(cfg)
+    total_epochs = phases[-1].end_epoch
+    stopped_early = False
+    history = state.history or []
+
+    for epochs_done_here, epoch in enumerate(range(state.next_epoch, total_epochs)):
+        if state.epochs_since_best >= cfg.train.patience:
+            stopped_early = True
+            log.info("early stopping: no improvement for %d epochs", state.epochs_since_best)
+            break
+        if stop_after_epochs is not None and epochs_done_here >= stop_after_epochs:
+            break
+        phase = _phase_at(phases, epoch)
+        loop.enter_phase(phase)
+        train_ds = dataset_from_config(
+            cfg,
+            cfg.data.train_split,
+            training=True,
+            uri=data_uri,
+            batch_size=global_batch,
+            seed=cfg.train.seed * 100_003 + epoch,
+        )
+        started = time.monotonic()
+        logs = loop.run_epoch(train_ds, steps, epoch, total_epochs, progress)
+        logs["train_seconds"] = time.monotonic() - started
+        metrics, _ = evaluate_model(
+            loop.model, val_ds, num_classes, class_names=info.get("class_names"), progress=False
+        )
+        logs.update(
+            {
+                "val_miou": metrics["miou"],
+                "val_pixel_accuracy": metrics["pixel_accuracy"],
+                "lr": phase.lr,
+                "epoch": epoch,
+            }
+        )
+        improved = metrics["miou"] > state.best_miou
+        if improved:
+            state.best_miou, state.best_epoch, state.epochs_since_best = metrics["miou"], epoch, 0
+            best_metrics = metrics
+            _save_model(loop.model, storage.join(own_out, MODEL_FILE))
+            storage.write_bytes(
+                storage.join(own_out, "best_metrics.json"), json.dumps(best_metrics).encode()
+            )
+        else:
+            state.epochs_since_best += 1
+        history.append({k: float(v) for k, v in logs.items()})
+        state.history = history
+        state.next_epoch = epoch + 1
+        loop.checkpoint(own_out, state)
+        with writer.as_default(step=epoch):
+            for key, value in logs.items():
+                tf.summary.scalar(key, value)
+        writer.flush()
+        log.info(
+            "epoch %d/%d %s: loss %.4f (bce %.4f et %.4f l2 %.4f) val mIoU %.4f%s",
+            epoch + 1,
+            total_epochs,
+            phase.name,
+            logs["loss"],
+            logs["bce"],
+            logs["et"],
+            logs["l2"],
+            metrics["miou"],
+            " *" if improved else "",
+        )
+        for callback in callbacks:
+            callback(epoch, logs)
+
+    finished = (
+        state.next_epoch >= total_epochs
+        or stopped_early
+        or (state.epochs_since_best >= cfg.train.patience)
+    )
+    if not finished:
+        return {"finished": False, "next_epoch": state.next_epoch}
+    best = json.loads(storage.read_bytes(storage.join(own_out, "best_metrics.json")))
+    result = {
+        **best,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.next_epoch,
+        "stopped_early": bool(stopped_early),
+        "split": cfg.data.val_split,
+        "finished": True,
+        "weights_digest": _weights_digest(loop.model, np),
+    }
+    storage.write_bytes(storage.join(own_out, HISTORY_JSON), json.dumps(history, indent=2).encode())
+    from vitpcm.metrics import write_metrics_json
+
+    write_metrics_json(storage.join(own_out, METRICS_JSON), result)
+    return result
+
+
+def _weights_digest(model: Any, np: Any) -> str:
+    """A short hash of the last-epoch weights: equal on every worker of a synchronous job."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_model(model: Any, uri: str) -> None:
+    """Save a ``.keras`` file to a local path or ``s3://`` (Keras writes local files only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, MODEL_FILE)
+        model.save(path)
+        with open(path, "rb") as handle:
+            storage.write_bytes(uri, handle.read())
+
+
+class _TrainingLoop:
+    """Model, optimizers and the distributed train step; knows how to checkpoint itself."""
+
+    def __init__(self, cfg: Config, strategy: Any, num_classes: int, global_batch: int) -> None:
+        import keras
+        import tensorflow as tf
+
+        from vitpcm.model.vitpcm import build_vitpcm, set_backbone_trainable
+
+        self.cfg = cfg
+        self.strategy = strategy
+        self.global_batch = global_batch
+        self._set_trainable = set_backbone_trainable
+        self._phase: Phase | None = None
+        self._step_fn: Any = None
+        with strategy.scope():
+            self.model = build_vitpcm(cfg.model, num_classes)
+            if cfg.model.pretrained:
+                from vitpcm.model.vit_weights import load_vit_npz
+                from vitpcm.model.vitpcm import backbone_of
+
+                load_vit_npz(backbone_of(self.model), cfg.model.pretrained)
+            self.optimizers = {}
+            for phase in schedule(cfg):
+                set_backbone_trainable(self.model, phase.unfreeze_blocks)
+                opt = keras.optimizers.Adam(learning_rate=phase.lr)
+                opt.build(self.model.trainable_variables)
+                self.optimizers[phase.name] = opt
+            # Dropout draws from Keras seed generators whose state tf.train.Checkpoint does not
+            # track on its own; checkpoint it explicitly so a resumed run draws the same masks.
+            rng = {
+                f"rng_{i}": v.value
+                for i, v in enumerate(self.model.variables)
+                if "seed_generator_state" in v.path
+            }
+            self._ckpt = tf.train.Checkpoint(model=self.model, rng=rng, **self.optimizers)
+
+    # -- resumption ---------------------------------------------------------------------
+
+    def restore_or_start(self, out: str, signature: dict[str, Any]) -> LoopState:
+        """Restore the last completed epoch from ``out`` or start fresh (recording the config)."""
+        sig_uri = storage.join(out, "checkpoints", "signature.json")
+        state_uri = storage.join(out, STATE_JSON)
+        if not storage.exists(state_uri):
+            storage.write_bytes(sig_uri, json.dumps(signature, sort_keys=True).encode())
+            return LoopState(history=[])
+        saved = json.loads(storage.read_bytes(sig_uri)) if storage.exists(sig_uri) else {}
+        diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {signature.get(k)!r}" for k in diff)
+            raise ConfigError(
+                f"{out} holds a run with a different config ({details}); resume it with the "
+                "same config or choose a new --out"
+            )
+        state = LoopState.from_json(storage.read_bytes(state_uri))
+        if state.checkpoint:
+            self._ckpt.restore(state.checkpoint).assert_existing_objects_matched()
+            log.info("resuming %s at epoch %d", out, state.next_epoch + 1)
+        return state
+
+    def checkpoint(self, out: str, state: LoopState) -> None:
+        """Save the epoch's checkpoint, then the state that points at it (in that order)."""
+        prefix = storage.join(out, "checkpoints", f"epoch-{state.next_epoch:04d}")
+        state.checkpoint = self._ckpt.write(prefix)
+        storage.write_bytes(storage.join(out, STATE_JSON), state.to_json())
+        self._prune_checkpoints(out, keep=state.checkpoint)
+
+    def _prune_checkpoints(self, out: str, keep: str) -> None:
+        keep_name = os.path.basename(keep)
+        for path in storage.glob(storage.join(out, "checkpoints", "epoch-*")):
+            if not os.path.basename(path).startswith(keep_name + "."):
+                try:
+                    import tensorflow as tf
+
+                    tf.io.gfile.remove(path)
+                except Exception:  # a leftover file costs disk, not correctness
+                    log.debug("could not remove old checkpoint file %s", path)
+
+    # -- training -----------------------------------------------------------------------
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Freeze/unfreeze for ``phase`` and (re)build the compiled step when it changes."""
+        if self._phase == phase:
+            return
+        self._phase = phase
+        self._set_trainable(self.model, phase.unfreeze_blocks)
+        self._step_fn = self._make_step(self.optimizers[phase.name])
+        log.info(
+            "phase %s: lr %g, %d trainable weights",
+            phase.name,
+            phase.lr,
+            len(self.model.trainable_variables),
+        )
+
+    def _make_step(self, optimizer: Any) -> Any:
+        import tensorflow as tf
+
+        from vitpcm.model.equivariance import tile_mosaic
+        from vitpcm.model.losses import bce_loss, equivariance_loss, l2_loss
+
+        cfg = self.cfg
+        model = self.model
+        weights = cfg.train.loss_weights
+        use_et = cfg.train.et.enabled
+        replicas = self.strategy.num_replicas_in_sync
+        classifier = model.get_layer("patch_classifier")
+
+        def replica_step(batch: dict[str, Any]) -> dict[str, Any]:
+            images, labels = batch["image"], batch["labels"]
+            with tf.GradientTape() as tape:
+                out = model(images, training=True)
+                bce = bce_loss(labels, out["class_probs"])
+                l2 = l2_loss(classifier.kernel, cfg.model.l2)
+                if use_et:
+                    # The ET target comes from a dropout-free pass with no gradient (METHOD.md).
+                    target = tf.stop_gradient(model(images, training=False)["patch_probs"])
+                    mosaic = model(tile_mosaic(batch["view2"]), training=True)["patch_probs"]
+                    et = equivariance_loss(
+                        target, mosaic, labels, batch["params1"], batch["params2"]
+                    )
+                else:
+                    et = tf.constant(0.0)
+                total = weights.bce * bce + weights.et * et + weights.l2 * l2
+                # Gradients are summed across replicas, so scale each replica's share.
+                scaled = total / replicas
+            variables = model.trainable_variables
+            grads = tape.gradient(scaled, variables)
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+            return {"loss": total, "bce": bce, "et": et, "l2": l2}
+
+        @tf.function
+        def step(batch: dict[str, Any]) -> dict[str, Any]:
+            per_replica = self.strategy.run(replica_step, args=(batch,))
+            return {k: self.strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
+
+        return step
+
+    def run_epoch(
+        self, dataset: Any, steps: int, epoch: int, total_epochs: int, progress: bool
+    ) -> dict[str, float]:
+        """Run ``steps`` train steps; return the epoch's mean loss terms."""
+        from tqdm.auto import tqdm
+
+        dist = self.strategy.experimental_distribute_dataset(dataset)
+        sums: dict[str, float] = {}
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{total_epochs}",
+            unit="step",
+            disable=not progress,
+            leave=False,
+        )
+        done = 0
+        for batch in dist:
+            if done >= steps:
+                break
+            values = {k: float(v) for k, v in self._step_fn(batch).items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise DataError(
+                    f"non-finite loss at epoch {epoch + 1} step {done + 1} ({values}); "
+                    "lower the learning rate or enable fp32 (train.mixed_precision=false)"
+                )
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / done:.4f}")
+        bar.close()
+        if done == 0:
+            raise DataError("the training split yielded no batch; check the dataset")
+        return {k: v / done for k, v in sums.items()}
+
+
+def run_train(
+    cfg: Config,
+    data_uri: str | None,
+    out_uri: str,
+    progress: bool = True,
+    callbacks: Sequence[EpochCallback] = (),
+) -> dict[str, Any]:
+    """CLI/component entry: train and return the final metrics."""
+    return train(cfg, data_uri=data_uri, out_uri=out_uri, progress=progress, callbacks=callbacks)
+
+
+__all__ = ["LoopState", "Phase", "WorkerRole", "run_train", "schedule", "train"]
