@@ -135,6 +135,14 @@ def test_zip_escape_and_symlink_refused(tmp_path: Path, sandbox: tuple[Path, Pat
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(ArchiveError, match=r"symlink member 'ln'"):
         extract_archive(link, target, progress=False)
+
+    device = tmp_path / "device.zip"
+    with zipfile.ZipFile(device, "w") as zf:
+        info = zipfile.ZipInfo("tty")
+        info.external_attr = (stat.S_IFCHR | 0o666) << 16
+        zf.writestr(info, b"")
+    with pytest.raises(ArchiveError, match=r"special member 'tty'"):
+        extract_archive(device, target, progress=False)
     assert _files_under(outer) == set()
     assert not any(p.is_symlink() for p in outer.rglob("*"))
 

@@ -82,8 +82,12 @@ def test_grayscale_probability_one_and_zero() -> None:
     assert grey.shape == (16, 16, 3)
     # Half the seeds turn grey at p = 0.5.
     turned = sum(
-        bool(np.allclose(random_grayscale(image, 0.5, _seed(i)).numpy()[..., 0],
-                         random_grayscale(image, 0.5, _seed(i)).numpy()[..., 1]))
+        bool(
+            np.allclose(
+                random_grayscale(image, 0.5, _seed(i)).numpy()[..., 0],
+                random_grayscale(image, 0.5, _seed(i)).numpy()[..., 1],
+            )
+        )
         for i in range(40)
     )
     assert 8 <= turned <= 32
@@ -93,7 +97,7 @@ def test_resize_image_dtype_shape_range() -> None:
     image = tf.constant(np.random.default_rng(1).integers(0, 256, (30, 50, 3)), tf.uint8)
     out = resize_image(image, 32)
     assert out.dtype == tf.float32 and out.shape == (32, 32, 3)
-    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
+    assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0
     assert resize_image(image, (16, 24)).shape == (16, 24, 3)
     flat = resize_image(tf.fill([10, 10, 3], tf.constant(77, tf.uint8)), 20).numpy()
     np.testing.assert_allclose(flat, 77.0)

@@ -75,6 +75,7 @@ def write_dataset(
     shards: int = 2,
     num_classes: int = NUM_CLASSES,
     write_json: bool = True,
+    split_details: bool = True,
 ) -> Path:
     """Write ``<split>-*.tfrecord`` shards (records split in order) and ``dataset.json``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -96,11 +97,21 @@ def write_dataset(
                         )
                     )
     if write_json:
+        # The converter's layout; without details only the split sizes are known.
         info = {
             "name": "tiny",
             "num_classes": num_classes,
             "class_names": [f"class{i}" for i in range(num_classes)],
-            "splits": {split: len(samples) for split, samples in splits.items()},
+            "splits": {
+                split: {
+                    "num_examples": len(samples),
+                    "num_shards": shards,
+                    "has_masks": samples[0].mask is not None,
+                }
+                if split_details
+                else len(samples)
+                for split, samples in splits.items()
+            },
         }
         (root / tfrecord.DATASET_JSON).write_text(json.dumps(info))
     return root
@@ -155,7 +166,9 @@ def test_eval_returns_every_sample_once_in_order_with_exact_masks(tiny) -> None:
         height, width = sample.mask.shape
         assert (batch["height"][i], batch["width"][i]) == (height, width)
         np.testing.assert_array_equal(batch["mask"][i, :height, :width], sample.mask)
-        assert (batch["mask"][i, height:] == 255).all() and (batch["mask"][i, :, width:] == 255).all()
+        assert (batch["mask"][i, height:] == 255).all() and (
+            batch["mask"][i, :, width:] == 255
+        ).all()
         np.testing.assert_array_equal(batch["original_image"][i, :height, :width], sample.image)
         np.testing.assert_array_equal(batch["labels"][i], sample.labels)
         expected_image = resize_image(sample.image, SIZE).numpy()
@@ -203,6 +216,40 @@ def test_test_split_has_no_labels(tiny) -> None:
         )
 
 
+def test_maskless_split_found_by_peeking_without_details(tmp_path: Path) -> None:
+    splits = {"test": make_samples(2, with_mask=False), "val": make_samples(2)}
+    root = write_dataset(tmp_path / "d", splits, split_details=False, shards=1)
+    args = {"image_size": SIZE, "batch_size": 2, "training": False, "num_classes": NUM_CLASSES}
+    with pytest.raises(DataError, match="'test'.*no segmentation masks"):
+        make_dataset(str(root), "test", **args)
+    (batch,) = _collect(make_dataset(str(root), "val", **args))
+    np.testing.assert_array_equal(batch["labels"], [s.labels for s in splits["val"]])
+
+
+def test_grey_and_jpeg_images_become_three_channels(tmp_path: Path) -> None:
+    grey = np.arange(20 * 24, dtype=np.uint8).reshape(20, 24)
+    mask = np.full((20, 24), 2, np.uint8)
+    samples = [Sample("grey_png", grey, mask), Sample("grey_jpeg", grey, mask, "jpeg")]
+    root = write_dataset(tmp_path / "g", {"val": samples}, shards=1)
+    (batch,) = _collect(
+        make_dataset(
+            str(root),
+            "val",
+            image_size=SIZE,
+            batch_size=2,
+            training=False,
+            num_classes=NUM_CLASSES,
+            include_original=True,
+        )
+    )
+    assert batch["original_image"].shape == (2, 20, 24, 3)
+    np.testing.assert_array_equal(batch["original_image"][0], np.repeat(grey[..., None], 3, -1))
+    np.testing.assert_allclose(
+        batch["original_image"][1], np.repeat(grey[..., None], 3, -1), atol=8
+    )  # JPEG is lossy
+    np.testing.assert_array_equal(batch["labels"], [[0, 0, 1, 0]] * 2)
+
+
 def test_training_elements_shapes_and_labels(tiny) -> None:
     root, splits = tiny
     batches = _collect(_train(root))
@@ -227,11 +274,13 @@ def test_training_is_deterministic_per_seed(tiny) -> None:
     for a, b in zip(first, again, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    pairs = zip(first, other, strict=True)
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in pairs)
     # Iterating the same dataset again is the next epoch: new order and augmentation.
     ds = _train(root, seed=11)
     epoch1, epoch2 = _collect(ds), _collect(ds)
-    assert any(not np.array_equal(a["view2"], b["view2"]) for a, b in zip(epoch1, epoch2))
+    pairs = zip(epoch1, epoch2, strict=True)
+    assert any(not np.array_equal(a["view2"], b["view2"]) for a, b in pairs)
 
 
 def test_views_follow_the_equivariance_geometry(tmp_path: Path) -> None:
@@ -268,8 +317,12 @@ def test_views_get_their_own_colour_jitter(tmp_path: Path) -> None:
         assert not np.allclose(batch["image"][i], plain1, atol=1.0)
         assert not np.allclose(batch["view2"][i], plain2, atol=1.0)
         # Undo each view's geometry: the two jitters differ from each other.
-        back1 = equivariance.invert_flips(tf.constant(batch["image"][i]), batch["params1"][i]).numpy()
-        back2 = equivariance.invert_flips(tf.constant(batch["view2"][i]), batch["params2"][i]).numpy()
+        back1 = equivariance.invert_flips(
+            tf.constant(batch["image"][i]), batch["params1"][i]
+        ).numpy()
+        back2 = equivariance.invert_flips(
+            tf.constant(batch["view2"][i]), batch["params2"][i]
+        ).numpy()
         assert not np.allclose(back1, back2, atol=1.0)
 
 
@@ -285,8 +338,9 @@ def test_training_without_et_keeps_flip_params_only(tiny) -> None:
 def test_missing_dataset_json(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "d", {"val": make_samples(2)}, write_json=False)
     with pytest.raises(DataError, match=r"dataset\.json.*vitpcm data convert"):
-        make_dataset(str(root), "val", image_size=SIZE, batch_size=1, training=False,
-                     num_classes=NUM_CLASSES)
+        make_dataset(
+            str(root), "val", image_size=SIZE, batch_size=1, training=False, num_classes=NUM_CLASSES
+        )
 
 
 def test_unknown_split_lists_available(tiny) -> None:
@@ -299,8 +353,9 @@ def test_incomplete_split_and_class_mismatch(tmp_path: Path, tiny) -> None:
     root = write_dataset(tmp_path / "d", {"val": make_samples(4)}, shards=2)
     (root / tfrecord.shard_name("val", 1, 2)).unlink()
     with pytest.raises(DataError, match="1 of its 2 shards"):
-        make_dataset(str(root), "val", image_size=SIZE, batch_size=1, training=False,
-                     num_classes=NUM_CLASSES)
+        make_dataset(
+            str(root), "val", image_size=SIZE, batch_size=1, training=False, num_classes=NUM_CLASSES
+        )
     with pytest.raises(DataError, match="has 4 classes but 21"):
         _train(tiny[0], num_classes=21)
 
@@ -319,8 +374,12 @@ def test_dataset_from_config_and_throughput(tiny) -> None:
     root, splits = tiny
     cfg = SimpleNamespace(
         data=SimpleNamespace(
-            uri=str(root), num_classes=NUM_CLASSES, image_size=SIZE, test_split="test",
-            shuffle_buffer=8, augment=SimpleNamespace(**JITTER),
+            uri=str(root),
+            num_classes=NUM_CLASSES,
+            image_size=SIZE,
+            test_split="train",
+            shuffle_buffer=8,
+            augment=SimpleNamespace(**JITTER),
         ),
         model=SimpleNamespace(patch_size=16),
         train=SimpleNamespace(batch_size=4, seed=1, et=SimpleNamespace(**ET)),
@@ -330,11 +389,51 @@ def test_dataset_from_config_and_throughput(tiny) -> None:
     again = _collect(dataset_from_config(cfg, "train", training=True))
     np.testing.assert_array_equal(train[0]["view2"], again[0]["view2"])  # seed from train.seed
     assert len(train) == 2 and train[0]["view2"].shape == (4, 16, 16, 3)
+    # with_label follows the split: the test split has no masks, val has.
     test = _collect(dataset_from_config(cfg, "test", training=False, batch_size=5))
     assert "labels" not in test[0] and len(test[0]["filename"]) == 5
+    assert "mask" in next(iter(dataset_from_config(cfg, "val", training=False)))
     val = dataset_from_config(cfg, "val", training=False, image_size=48)
     assert next(iter(val))["image"].shape == (3, 48, 48, 3)
     assert measure_throughput(val, num_batches=2) > 0
     cfg.data.uri = None
     with pytest.raises(ConfigError, match="data.uri"):
         dataset_from_config(cfg, "val", training=False)
+
+
+def test_reads_what_the_converter_writes(tmp_path: Path) -> None:
+    from vitpcm.data.convert import convert_dataset
+    from vitpcm.data.labels import decode_label_png
+    from vitpcm.data.synth import make_synthetic
+
+    make_synthetic(str(tmp_path / "src"), train=8, val=3, test=2, size=64, seed=0, progress=False)
+    out = str(tmp_path / "tf")
+    info = convert_dataset("voc12", str(tmp_path / "src"), out, shards=2, workers=1, progress=False)
+    num_classes = info["num_classes"]
+    args = {"image_size": SIZE, "batch_size": 2, "training": False, "num_classes": num_classes}
+    batches = _collect(make_dataset(out, "val", **args))
+    names = [n.decode() for b in batches for n in b["filename"]]
+    masks = [b["mask"][i] for b in batches for i in range(len(b["filename"]))]
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert len(names) == info["splits"]["val"]["num_examples"] == 3
+    folder = tmp_path / "src" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    for name, mask, row in zip(names, masks, labels, strict=True):
+        # Palette PNG indices in the source must come back as the same class ids.
+        source = decode_label_png((folder / f"{Path(name).stem}.png").read_bytes(), name)
+        np.testing.assert_array_equal(mask, source)
+        expected = np.zeros(num_classes, np.float32)
+        expected[[v for v in np.unique(source) if v != 255]] = 1.0
+        np.testing.assert_array_equal(row, expected)
+    train_args = {**args, "training": True, "batch_size": 4, "et": ET}
+    train = _collect(make_dataset(out, "train", **train_args))
+    assert len(train) == 2 and train[0]["view2"].shape == (4, 16, 16, 3)
+    test = _collect(make_dataset(out, "test", **{**args, "with_label": False}))
+    assert sum(len(b["filename"]) for b in test) == 2
+
+    # The shipped synthetic config drives the same data through dataset_from_config.
+    from vitpcm.config import load_config
+
+    cfg = load_config("synthetic", [f"data.uri={out}", "train.batch_size=4"])
+    (batch, _) = _collect(dataset_from_config(cfg, cfg.data.train_split, training=True))
+    assert batch["image"].shape == (4, cfg.data.image_size, cfg.data.image_size, 3)
+    assert batch["view2"].shape == (4, cfg.train.et.view_size, cfg.train.et.view_size, 3)

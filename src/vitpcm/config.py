@@ -433,7 +433,7 @@ def _build(cls: type, raw: Mapping[Any, Any], prefix: str, sources: _Sources) ->
 
 
 def config_from_dict(
-    raw: Mapping[str, Any], overrides: Sequence[str] = (), source: str | None = None
+    raw: Mapping[str, Any], overrides: Sequence[str] | None = (), source: str | None = None
 ) -> Config:
     """Build, resolve and validate a config from nested dicts (e.g. ``Config.to_dict()``).
 
@@ -444,7 +444,7 @@ def config_from_dict(
     """
     sources = _Sources(source)
     tree = _deep_copy_dicts(raw)
-    for item in overrides:
+    for item in overrides or ():  # argparse leaves None when --set is never given
         _apply_override(tree, item, sources)
     cfg = _build(Config, tree, "", sources)
     return _resolve(cfg, sources)
@@ -454,7 +454,9 @@ def _deep_copy_dicts(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy_dicts(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
-def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path_or_name: str | os.PathLike[str], overrides: Sequence[str] | None = ()
+) -> Config:
     """Load a YAML config, apply ``--set`` overrides, fill presets and validate.
 
     Args:

@@ -18,6 +18,7 @@ Two choices here keep it fast without changing the answer:
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -155,11 +156,25 @@ def _refine_subset(
     return class_ids.astype(np.int32)[local]
 
 
-def _limit_threads() -> None:
-    # Each worker is one CRF at a time; letting BLAS/OpenMP spawn more threads per process
-    # would oversubscribe the cores the pool already fills.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    # Each worker runs one CRF at a time; native thread pools inside every worker would
+    # oversubscribe the cores the pool already fills. The variables must be in the
+    # environment when a child starts (numpy reads them on import), so they are set while
+    # the pool spawns its workers and restored afterwards.
+    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def _task(item: tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfParams]) -> tuple[Any, Any]:
@@ -250,7 +265,9 @@ def _pooled(
     # process can deadlock the child.
     context = multiprocessing.get_context("spawn")
     pending: collections.deque[Any] = collections.deque()
-    with context.Pool(processes=workers, initializer=_limit_threads) as pool:
+    with _single_threaded_children():
+        pool = context.Pool(processes=workers)
+    with pool:
         for task in tasks:
             pending.append(pool.apply_async(_task, (task,)))
             if len(pending) >= max_in_flight:

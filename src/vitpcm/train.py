@@ -186,7 +186,12 @@ def train(
         save_config(cfg, storage.join(out_uri, CONFIG_FILE))
 
     val_ds = dataset_from_config(
-        cfg, cfg.data.val_split, training=False, uri=data_uri, batch_size=cfg.eval.batch_size
+        cfg,
+        cfg.data.val_split,
+        training=False,
+        uri=data_uri,
+        batch_size=cfg.eval.batch_size,
+        with_label=True,
     )
     writer = tf.summary.create_file_writer(storage.join(own_out, "tensorboard"))
     phases = schedule(cfg)

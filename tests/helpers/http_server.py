@@ -2,7 +2,8 @@
 
 API (kept stable; other test modules rely on it)::
 
-    from helpers.http_server import http_server  # noqa: F401  (pytest fixture)
+    pytest_plugins = ("helpers.http_server",)   # in the test module: gives the fixture
+    from helpers.http_server import LocalHTTPServer  # for type hints (TYPE_CHECKING block)
 
     def test_something(http_server):             # function-scoped, fresh root folder
         (http_server.root / "a.bin").write_bytes(b"...")
@@ -88,8 +89,12 @@ class LocalHTTPServer:
         handler = _make_handler(self)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
+        # A short poll keeps stop() (and so every test's teardown) quick.
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="test-http-server", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="test-http-server",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -30,13 +30,14 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.data import tfrecord
-from vitpcm.data.imageinfo import image_info
+from vitpcm.data.imageinfo import image_info, palette_png_as_grey
 from vitpcm.errors import BadSampleError, DataError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 IMAGES_PER_SHARD = 1000
+IMAGES_PER_WORKER = 1000
 VOC_SPLITS = ("train", "val", "trainval", "trainaug", "test")
 COCO_SPLITS = ("train", "val")
 DATASETS = ("voc12", "coco14")
@@ -125,7 +126,7 @@ def _voc_plans(root: Path, splits: Sequence[str]) -> list[SplitPlan]:
     for split in splits:
         list_file = lists / f"{split}.txt"
         if not list_file.is_file():
-            logger.warning("split %s skipped: %s not found", split, list_file)
+            logger.info("split %s skipped: %s not found", split, list_file)
             continue
         ids = _read_ids(list_file)
         images = [_voc_image(root, i) for i in ids]
@@ -178,8 +179,9 @@ def _coco_plans(root: Path, splits: Sequence[str]) -> tuple[list[SplitPlan], lis
     for split in splits:
         annotations = root / "annotations" / f"instances_{split}2014.json"
         if not annotations.is_file():
-            logger.warning("split %s skipped: %s not found", split, annotations)
+            logger.info("split %s skipped: %s not found", split, annotations)
             continue
+        logger.info("reading %s", annotations)
         masks = CocoMasks(annotations)
         names = list(masks.class_names)
         images = root / f"{split}2014"
@@ -231,6 +233,29 @@ def _grey_png(label: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _check_values(label: Any, num_classes: int, where: str) -> None:
+    import numpy as np
+
+    from vitpcm.data.labels import IGNORE_LABEL, check_label_values
+
+    # A histogram is far cheaper than np.unique's sort; the full check (and its message)
+    # only runs when some value is out of range.
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[IGNORE_LABEL] = 0
+    if counts[num_classes:].any():
+        check_label_values(label, num_classes, where)
+
+
+def _stored_mask(mask_bytes: bytes | None, label: Any, where: str) -> bytes:
+    """The mask as a single-channel 8-bit PNG, reusing the file's bytes where possible."""
+    if mask_bytes is None:
+        return _grey_png(label)
+    header = image_info(mask_bytes, where)
+    if (header.png_color_type, header.png_bit_depth) == (0, 8):
+        return mask_bytes
+    return palette_png_as_grey(mask_bytes) or _grey_png(label)
+
+
 def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
     """Check one sample and serialize it as a ``tf.train.Example``.
 
@@ -238,7 +263,7 @@ def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
         BadSampleError: Missing or corrupt file, mask size unlike the image's, or label
             values outside ``0..K-1`` and 255.
     """
-    from vitpcm.data.labels import check_label_values, decode_label_png
+    from vitpcm.data.labels import decode_label_png
 
     image = _read_file(sample.image)
     info = image_info(image, sample.image)
@@ -256,10 +281,8 @@ def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
                 f"mask is {label.shape[1]}x{label.shape[0]} but the image {sample.image} is "
                 f"{info.width}x{info.height}; the pair does not belong together",
             )
-        check_label_values(label, num_classes, where)
-        header = image_info(mask_bytes, where) if mask_bytes is not None else None
-        keep = header is not None and (header.png_color_type, header.png_bit_depth) == (0, 8)
-        label_png = mask_bytes if keep else _grey_png(label)
+        _check_values(label, num_classes, where)
+        label_png = _stored_mask(mask_bytes, label, where)
     return example_bytes(
         image=image,
         filename=os.path.basename(sample.image),
@@ -504,7 +527,7 @@ def convert_dataset(
             ``VOC2012``/``coco2014`` folder itself; local.
         out: Output folder or ``s3://`` prefix; replaced atomically when complete.
         shards: Shards per split (default: one per ~1000 images).
-        workers: Worker processes (default: all CPU cores).
+        workers: Worker processes (default: all CPU cores, fewer for small datasets).
         skip_bad: Skip bad samples and list them in ``dataset.json`` instead of failing.
         progress: Show a progress bar.
         splits: Only these splits (default: every split whose list file exists).
@@ -574,7 +597,10 @@ def convert_dataset(
         from tqdm import tqdm
 
         total = sum(len(p.samples) for p in plans)
-        count = min(workers or os.cpu_count() or 1, len(tasks))
+        if workers is None:
+            # Starting a worker costs about a second (numpy, PIL), worth ~1000 images.
+            workers = min(os.cpu_count() or 1, -(-total // IMAGES_PER_WORKER))
+        count = min(workers, len(tasks))
         with tqdm(total=total, desc=f"convert {dataset}", unit="img", disable=not progress) as bar:
             _run_tasks(tasks, count, bar, on_done)
         info = _dataset_info(dataset, root, class_names, plans, by_split, results)

@@ -31,11 +31,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from vitpcm.data.archives import extract_archive, staging_dir, unpack
-from vitpcm.errors import ArchiveError, ChecksumError, ConfigError, DataError, DownloadError
-from vitpcm.errors import StorageError
+from vitpcm.errors import (
+    ArchiveError,
+    ChecksumError,
+    ConfigError,
+    DataError,
+    DownloadError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +207,10 @@ def download_dataset(
 
     root = Path(out)
     downloads = root / DOWNLOADS_DIR
-    downloads.mkdir(parents=True, exist_ok=True)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot create {downloads}: {err}; choose another --out") from err
     marker = _load_marker(root)
     with requests.Session() as session:
         # identity: a transparently gzipped body would break byte offsets for Range resume.
@@ -335,7 +345,7 @@ def fetch(
             raise DownloadError(
                 f"cannot fetch {url}: only http:// and https:// URLs are supported ({err})"
             ) from err
-        except requests.RequestException as err:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
             reason = f"{type(err).__name__}: {err}"
         if _size(part) > before:
             # The connection works, it is just flaky: keep going as long as we advance.
@@ -404,7 +414,10 @@ def _attempt(session: requests.Session, url: str, part: Path, progress: bool) ->
                 disable=not progress,
             ) as bar,
         ):
-            for chunk in resp.iter_content(_CHUNK):
+            # The raw stream, undecoded: requests' iter_content keeps reading to fill a
+            # chunk and drops what it holds when the connection breaks, which would lose
+            # the bytes a resume should keep. Undecoded bytes are also what Range counts.
+            for chunk in resp.raw.stream(_CHUNK, decode_content=False):
                 f.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))

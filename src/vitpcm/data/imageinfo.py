@@ -109,6 +109,37 @@ def _jpeg_info(data: bytes, name: str) -> ImageInfo:
     raise BadSampleError(name, "JPEG has no readable frame header (SOF); the file is corrupt")
 
 
+def palette_png_as_grey(data: bytes) -> bytes | None:
+    """Turn an 8-bit palette PNG into the 8-bit grey PNG of its indices, without decoding.
+
+    Both store one byte per pixel with identical filtering and compression, so relabelling
+    the IHDR colour type (and dropping the palette chunks) keeps every index as the grey
+    value. Readers such as ``tf.io.decode_png`` map palette indices to colours, whereas
+    they read grey values as they are.
+
+    Returns:
+        The grey PNG, or ``None`` when ``data`` is not an 8-bit palette PNG.
+    """
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x03":
+        return None
+    out = [_PNG_SIGNATURE]
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if kind == b"IHDR":
+            body = bytearray(data[pos + 4 : end - 4])
+            body[4 + 9] = 0  # colour type: grey
+            out.append(data[pos : pos + 4] + bytes(body) + struct.pack(">I", zlib.crc32(body)))
+        elif kind not in (b"PLTE", b"tRNS", b"bKGD", b"hIST", b"sPLT"):  # palette-bound
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
 def _png_info(data: bytes, name: str) -> ImageInfo:
     pos, size = len(_PNG_SIGNATURE), len(data)
     header: ImageInfo | None = None

@@ -25,7 +25,6 @@ epoch) draws a new order and new augmentations.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import time
@@ -54,6 +53,7 @@ class SplitInfo:
     split: str
     files: tuple[str, ...]
     num_examples: int | None
+    has_masks: bool | None  # None when dataset.json does not say
     num_classes: int
     class_names: tuple[str, ...]
 
@@ -63,34 +63,28 @@ def _convert_hint(uri: str) -> str:
 
 
 def _load_dataset_json(uri: str) -> dict[str, Any]:
-    json_uri = storage.join(uri, tfrecord.DATASET_JSON)
-    if not storage.exists(json_uri):
+    from vitpcm.data.convert import read_dataset_info
+
+    info = read_dataset_info(uri)
+    if not isinstance(info.get("num_classes"), int):
         raise DataError(
-            f"{json_uri} not found: {uri} is not a complete converted dataset "
-            f"(or the conversion was interrupted); {_convert_hint(uri)}"
+            f"{storage.join(uri, tfrecord.DATASET_JSON)} has no integer 'num_classes'; "
+            f"{_convert_hint(uri)}"
         )
-    try:
-        info = json.loads(storage.read_bytes(json_uri).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{json_uri} is not valid JSON ({exc}); {_convert_hint(uri)}") from exc
-    if not isinstance(info, dict) or not isinstance(info.get("num_classes"), int):
-        raise DataError(f"{json_uri} has no integer 'num_classes'; {_convert_hint(uri)}")
     return info
 
 
-def _split_sizes(info: dict[str, Any]) -> dict[str, int | None]:
-    """Split name -> size from ``dataset.json`` ("splits" as a dict or list, or "split_sizes")."""
-    splits = info.get("splits", info.get("split_sizes", {}))
+def _split_entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Split name -> its ``dataset.json`` entry (``num_examples``, ``has_masks``, ...)."""
+    splits = info.get("splits", {})
     if isinstance(splits, list):
-        return {str(name): None for name in splits}
+        return {str(name): {} for name in splits}
     if not isinstance(splits, dict):
         return {}
-    sizes: dict[str, int | None] = {}
-    for name, value in splits.items():
-        if isinstance(value, dict):  # {"train": {"size"|"num_examples": n, ...}}
-            value = value.get("num_examples", value.get("size"))
-        sizes[str(name)] = value if isinstance(value, int) else None
-    return sizes
+    return {
+        str(name): value if isinstance(value, dict) else {"num_examples": value}
+        for name, value in splits.items()
+    }
 
 
 def read_split_info(uri: str, split: str, num_classes: int | None = None) -> SplitInfo:
@@ -102,10 +96,10 @@ def read_split_info(uri: str, split: str, num_classes: int | None = None) -> Spl
     """
     uri = storage.local_path(uri).rstrip("/")
     info = _load_dataset_json(uri)
-    sizes = _split_sizes(info)
+    entries = _split_entries(info)
     files = storage.glob(storage.join(uri, tfrecord.shard_pattern(split)))
     if not files:
-        available = set(sizes)
+        available = set(entries)
         for name in storage.listdir(uri):
             match = _SHARD_COUNT.search(name)
             if match:
@@ -125,29 +119,30 @@ def read_split_info(uri: str, split: str, num_classes: int | None = None) -> Spl
             f"{uri} has {info['num_classes']} classes but {num_classes} were asked for; "
             "set data.num_classes to match the dataset or point data.uri at the right one"
         )
-    names = info.get("class_names", info.get("classes", []))
+    names = info.get("class_names", [])
+    entry = entries.get(split, {})
+    size, has_masks = entry.get("num_examples"), entry.get("has_masks")
     return SplitInfo(
         uri=uri,
         split=split,
         files=tuple(files),
-        num_examples=sizes.get(split),
+        num_examples=size if isinstance(size, int) else None,
+        has_masks=has_masks if isinstance(has_masks, bool) else None,
         num_classes=int(info["num_classes"]),
         class_names=tuple(str(n) for n in names) if isinstance(names, list) else (),
     )
 
 
-def _check_masks_present(split_info: SplitInfo) -> None:
-    """Fail early, by peeking at one record, when a split that must have masks has none."""
+def split_has_masks(split_info: SplitInfo) -> bool:
+    """Whether a split's records carry masks (``dataset.json`` says, or peek at one record)."""
     import tensorflow as tf
 
+    if split_info.has_masks is not None:
+        return split_info.has_masks
     for record in tf.data.TFRecordDataset(split_info.files[0]).take(1):
         example = tf.train.Example.FromString(record.numpy())
-        if tfrecord.LABEL_ENCODED not in example.features.feature:
-            raise DataError(
-                f"split {split_info.split!r} in {split_info.uri} has no segmentation masks "
-                "(like a test split): training and evaluation need masks for the image "
-                "labels; read it with with_label=False for inference only"
-            )
+        return tfrecord.LABEL_ENCODED in example.features.feature
+    return True  # an empty first shard: nothing to decode, so nothing can fail
 
 
 def _decode(serialized: Any, with_label: bool, num_classes: int) -> dict[str, Any]:
@@ -280,7 +275,7 @@ def make_dataset(
     patch_size: int = 16,
     seed: int | None = None,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    with_label: bool = True,
+    with_label: bool | None = True,
     include_original: bool = False,
     drop_remainder: bool | None = None,
 ) -> Any:
@@ -300,7 +295,8 @@ def make_dataset(
         patch_size: ViT patch side in pixels (views are built on its grid).
         seed: makes the pipeline reproducible; ``None`` draws fresh randomness.
         shuffle_buffer: records held by the training shuffle.
-        with_label: the split has masks (False for the test split: no labels, no mask).
+        with_label: read masks and labels (False for a split without masks, like VOC's
+            test split); ``None`` decides from the split itself.
         include_original: evaluation only: also return the original uint8 image (CRF).
         drop_remainder: defaults to True for training and False for evaluation.
 
@@ -317,15 +313,23 @@ def make_dataset(
         )
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
-    if training and not with_label:
+    if training and with_label is False:
         raise DataError(
             f"cannot train on split {split!r} without labels: training needs the masks' "
             "image-level labels; pick a split with masks (train, trainaug)"
         )
     views = _train_views(image_size, patch_size, batch_size, augment, et) if training else None
     info = read_split_info(uri, split, num_classes)
-    if with_label:
-        _check_masks_present(info)
+    if with_label is not False:
+        has_masks = split_has_masks(info)
+        if with_label is None:
+            with_label = has_masks or training
+        if with_label and not has_masks:
+            raise DataError(
+                f"split {split!r} in {info.uri} has no segmentation masks (like a test "
+                "split): training and evaluation need masks for the image labels; read it "
+                "with with_label=False for inference only"
+            )
     if drop_remainder is None:
         drop_remainder = training
     deterministic = seed is not None or not training
@@ -405,7 +409,7 @@ def dataset_from_config(
         uri: overrides ``data.uri`` (the CLI's ``--data``).
         image_size: overrides ``data.image_size`` (e.g. ``data.test_size`` for test inference).
         seed: defaults to ``train.seed`` when training, so runs are reproducible.
-        with_label: defaults to False for ``data.test_split`` and True otherwise.
+        with_label: defaults to whether the split has masks.
         include_original: also return the original image (for CRF).
     """
     data = cfg.data
@@ -414,8 +418,6 @@ def dataset_from_config(
         raise ConfigError("no dataset location: set data.uri in the config or pass --data URI")
     if batch_size is None:
         batch_size = cfg.train.batch_size if training else cfg.eval.batch_size
-    if with_label is None:
-        with_label = split != setting(data, "test_split", "test")
     if seed is None and training:
         seed = setting(cfg.train, "seed", None)
     return make_dataset(

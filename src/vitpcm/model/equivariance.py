@@ -56,10 +56,7 @@ def view_params(
     Returns:
         float32 tensor of shape (7,).
     """
-    if crop is None:
-        crop_values = [0.0, 0.0, 0.0, float(grid)]
-    else:
-        crop_values = [1.0, *(float(v) for v in crop)]
+    crop_values = [0.0, 0.0, 0.0, float(grid)] if crop is None else [1.0, *map(float, crop)]
     flags = [float(flip_lr), float(flip_ud), float(transpose)]
     return tf.constant(flags + crop_values, dtype=tf.float32)
 

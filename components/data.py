@@ -1,0 +1,104 @@
+"""Data steps: fetch (or synthesise) a dataset, then convert it to sharded TFRecords.
+
+Component bodies are copied verbatim into the compiled pipeline and run in a fresh
+interpreter, so each imports what it needs inside the function.
+"""
+
+# No `from __future__ import annotations`: kfp reads the real annotation objects.
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from pipeline.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image(), install_kfp_package=False)
+def download_data(
+    raw: Output[Dataset],
+    dataset: str = "synthetic",
+    mirror: str = "",
+    skip_checksum: bool = False,
+    keep_archives: bool = False,
+    synthetic_train: int = 200,
+    synthetic_val: int = 50,
+    synthetic_test: int = 50,
+    synthetic_size: int = 128,
+    seed: int = 0,
+):
+    """Download and unpack a dataset, or generate the synthetic one, into ``raw``.
+
+    Args:
+        raw: Output folder: ``VOCdevkit/`` (voc12, synthetic) or ``coco2014/`` (coco14).
+        dataset: ``voc12`` (VOC 2012 + SBD trainaug), ``coco14`` or ``synthetic``.
+        mirror: Base URL serving the official archive names; empty for the official hosts.
+        skip_checksum: Warn instead of failing when an archive does not match its MD5.
+        keep_archives: Keep the downloaded archives next to the unpacked data.
+        synthetic_train: Synthetic training images.
+        synthetic_val: Synthetic validation images.
+        synthetic_test: Synthetic test images (unlabelled).
+        synthetic_size: Synthetic image side in pixels.
+        seed: Seed of the synthetic generator.
+    """
+    import os
+    import shutil
+
+    if dataset == "synthetic":
+        from vitpcm.data.synth import make_synthetic
+
+        make_synthetic(
+            raw.path,
+            train=synthetic_train,
+            val=synthetic_val,
+            test=synthetic_test,
+            size=synthetic_size,
+            seed=seed,
+            progress=False,
+        )
+    else:
+        from vitpcm.data.download import DOWNLOADS_DIR, download_dataset
+
+        download_dataset(
+            dataset, raw.path, mirror=mirror or None, skip_checksum=skip_checksum, progress=False
+        )
+        if not keep_archives:
+            # The archives double the artifact's size in the object store and are not read
+            # again: a repeated run is served from the step cache.
+            shutil.rmtree(os.path.join(raw.path, DOWNLOADS_DIR), ignore_errors=True)
+    raw.metadata["dataset"] = dataset
+
+
+@dsl.component(base_image=cpu_image(), install_kfp_package=False)
+def convert_data(
+    raw: Input[Dataset],
+    tfrecords: Output[Dataset],
+    dataset: str = "synthetic",
+    shards: int = 0,
+    workers: int = 0,
+    skip_bad: bool = False,
+):
+    """Convert a downloaded dataset to sharded TFRecords plus ``dataset.json``.
+
+    Args:
+        raw: Folder written by download_data.
+        tfrecords: Output folder of ``<split>-<shard>-of-<n>.tfrecord`` files.
+        dataset: ``voc12``, ``coco14`` or ``synthetic`` (converted as VOC, its layout).
+        shards: Shards per split; 0 for about 1000 images per shard.
+        workers: Encoding processes; 0 for all CPU cores.
+        skip_bad: Skip unreadable samples (listed in dataset.json) instead of failing.
+    """
+    from vitpcm.data.convert import convert_dataset
+
+    info = convert_dataset(
+        "voc12" if dataset == "synthetic" else dataset,
+        raw.path,
+        tfrecords.path,
+        shards=shards or None,
+        workers=workers or None,
+        skip_bad=skip_bad,
+        progress=False,
+    )
+    # Shown next to the artifact in the Kubeflow UI.
+    tfrecords.metadata["dataset"] = dataset
+    tfrecords.metadata["num_classes"] = int(info["num_classes"])
+    for split, entry in info["splits"].items():
+        tfrecords.metadata[f"{split}_examples"] = int(entry["num_examples"])
+    tfrecords.metadata["skipped"] = len(info.get("skipped") or [])

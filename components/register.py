@@ -1,0 +1,76 @@
+"""Registration step: record the run in MLflow and register the model.
+
+``vitpcm.tracking.log_pipeline_run`` does the MLflow work (parameters, per-epoch curves from
+history.json, metrics, plots, model, champion promotion); this step gathers the artifacts
+of the run for it and writes a summary JSON that the Kubeflow UI and ``run_local`` show.
+"""
+
+# No `from __future__ import annotations`: kfp reads the real annotation objects.
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from pipeline.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image(), install_kfp_package=False)
+def register_model(
+    model: Input[Model],
+    eval_metrics: Input[Metrics],
+    test_metrics: Input[Metrics],
+    eval_report: Input[Artifact],
+    pseudo_masks: Input[Dataset],
+    summary: Output[Artifact],
+    tracking_uri: str = "",
+    experiment: str = "vitpcm",
+    model_name: str = "vitpcm",
+    kfp_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+):
+    """Log the run to MLflow, register the model, and write a summary of the run.
+
+    Args:
+        model: Training output folder (model.keras, config.yaml, metrics.json, history.json).
+        eval_metrics: Validation metrics of the baseline pseudo masks.
+        test_metrics: Test metrics before and after the CRF.
+        eval_report: Evaluation folder (metrics.json, confusion matrix, IoU plot).
+        pseudo_masks: Inference folder (pseudo masks, metrics.json).
+        summary: JSON summary of the run (metrics, artifact URIs, MLflow outcome).
+        tracking_uri: MLflow tracking URI; empty skips MLflow.
+        experiment: MLflow experiment name.
+        model_name: Registered model name in the MLflow model registry.
+        kfp_run_id: Kubeflow run id, recorded as an MLflow tag.
+    """
+    import importlib.util
+    import json
+    import logging
+
+    record = {
+        "kfp_run_id": kfp_run_id,
+        "model_uri": model.uri,
+        "eval_report_uri": eval_report.uri,
+        "pseudo_masks_uri": pseudo_masks.uri,
+        "model": dict(model.metadata),
+        "eval": dict(eval_metrics.metadata),
+        "test": dict(test_metrics.metadata),
+        "mlflow": None,
+    }
+    log_run = None
+    if tracking_uri and importlib.util.find_spec("vitpcm.tracking") is not None:
+        from vitpcm import tracking
+
+        log_run = getattr(tracking, "log_pipeline_run", None)
+    if log_run is None:
+        logging.warning("MLflow logging skipped (no tracking_uri or no vitpcm.tracking)")
+    else:
+        record["mlflow"] = log_run(
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            model_name=model_name,
+            model_dir=model.path,
+            eval_dir=eval_report.path,
+            test_dir=pseudo_masks.path,
+            kfp_run_id=kfp_run_id,
+        )
+    with open(summary.path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+    summary.metadata["tracked"] = record["mlflow"] is not None
