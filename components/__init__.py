@@ -3,19 +3,31 @@
 Each component is a lightweight Python component whose body imports the ``vitpcm`` library
 and calls one function, so the same code runs in the cluster (in the images named by
 :mod:`pipeline.images`) and on one machine under ``kfp.local``.
+
+Components are loaded on first use: inside a running step (``_KFP_RUNTIME``) kfp offers no
+``dsl.component``, yet the TFJob launcher step imports :mod:`components.tfjob` from here.
 """
 
-from components.data import convert_data, download_data
-from components.evaluate import evaluate_model, infer_crf
-from components.register import register_model
-from components.train import train_model, train_model_tfjob
+from __future__ import annotations
 
-__all__ = [
-    "convert_data",
-    "download_data",
-    "evaluate_model",
-    "infer_crf",
-    "register_model",
-    "train_model",
-    "train_model_tfjob",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "download_data": "components.data",
+    "convert_data": "components.data",
+    "train_model": "components.train",
+    "train_model_tfjob": "components.train",
+    "evaluate_model": "components.evaluate",
+    "infer_crf": "components.evaluate",
+    "register_model": "components.register",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'components' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

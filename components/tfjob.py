@@ -330,7 +330,8 @@ def run_training_tfjob(
         env_secrets=env_secrets,
         owner={"name": pod_name, "uid": pod_uid} if pod_name and pod_uid else None,
     )
-    log.info("starting TFJob %s/%s with %d workers", namespace, manifest["metadata"]["name"], workers)
+    name = manifest["metadata"]["name"]
+    log.info("starting TFJob %s/%s with %d workers", namespace, name, workers)
     create_or_attach(api, manifest)
-    wait_for_tfjob(api, namespace, manifest["metadata"]["name"], timeout_s=timeout_s, poll_s=poll_s)
+    wait_for_tfjob(api, namespace, name, timeout_s=timeout_s, poll_s=poll_s)
     return collect_outputs(out_uri, model_dir)

@@ -31,7 +31,7 @@ def train_model(
         metrics: Validation mIoU and pixel accuracy of the best epoch.
         config: Config name from configs/ (voc12_vit_s16, voc12_vit_b16, coco14_vit_b16,
             synthetic) or a YAML path inside the image.
-        overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4 train.batch_size=8".
+        overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
         epochs: Fine-tuning epochs; 0 keeps the config's train.epochs.
         checkpoint_root: s3:// prefix for checkpoints, so a retried or restarted step resumes
             from its last epoch; empty keeps them inside the model artifact (no resume).

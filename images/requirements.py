@@ -40,7 +40,9 @@ def project_dependencies(pyproject: Path) -> list[str]:
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(f"error: {pyproject} not found; pass the repository's pyproject.toml")
+        raise SystemExit(
+            f"error: {pyproject} not found; pass the repository's pyproject.toml"
+        ) from None
     deps = data.get("project", {}).get("dependencies")
     if not isinstance(deps, list) or not deps:
         raise SystemExit(f"error: {pyproject} has no [project].dependencies list")

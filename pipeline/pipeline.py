@@ -15,11 +15,6 @@ attached to the steps here; ``kfp.local`` ignores them.
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 from typing import NamedTuple
 
-from kfp import dsl, kubernetes
-from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
-from kfp.dsl.graph_component import GraphComponent
-from kfp.dsl.pipeline_channel import PipelineChannel
-
 from components import (
     convert_data,
     download_data,
@@ -29,6 +24,11 @@ from components import (
     train_model,
     train_model_tfjob,
 )
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
+from kfp.dsl.graph_component import GraphComponent
+from kfp.dsl.pipeline_channel import PipelineChannel
+
 from pipeline import cluster, images
 
 PIPELINE_NAME = "vitpcm-wsss"

@@ -10,7 +10,11 @@ import tensorflow as tf
 
 from vitpcm.data.augment import (
     ColorJitter,
+    TrainingViews,
+    apply_color_matrix,
+    chroma_matrix,
     color_jitter,
+    grayscale_matrix,
     random_contrast,
     random_grayscale,
     random_hue,
@@ -74,6 +78,35 @@ def test_saturation_and_hue_change_colour_not_grey() -> None:
     assert not np.allclose(shifted, red.numpy(), atol=1.0)
 
 
+def test_colour_matrices() -> None:
+    np.testing.assert_allclose(chroma_matrix().numpy(), np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(chroma_matrix(hue=1.0).numpy(), np.eye(3), atol=1e-5)  # full turn
+    np.testing.assert_allclose(grayscale_matrix().numpy(), [[0.299, 0.587, 0.114]] * 3, atol=1e-4)
+    # Hue and saturation keep the luma; a half turn then another half turn is the identity.
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    turned = chroma_matrix(saturation=1.3, hue=0.2).numpy()
+    np.testing.assert_allclose(luma @ turned, luma, atol=1e-4)
+    half = chroma_matrix(hue=0.5)
+    np.testing.assert_allclose((half @ half).numpy(), np.eye(3), atol=1e-4)
+    image = tf.constant([[[200.0, 20.0, 20.0]]])
+    assert apply_color_matrix(image, chroma_matrix(hue=1 / 3)).numpy()[0, 0].argmax() != 0
+
+
+def test_fused_jitter_equals_the_ops_in_turn() -> None:
+    # Mid-range pixels and mild strengths: nothing clips, so fusing changes nothing.
+    image = tf.constant(np.random.default_rng(3).uniform(90, 160, (8, 8, 3)), tf.float32)
+    jitter = ColorJitter(contrast=0.2, saturation=0.2, hue=0.05, grayscale_prob=0.5)
+    fold = tf.random.experimental.stateless_fold_in
+    for i in range(6):
+        seed = _seed(i)
+        step = random_contrast(image, jitter.contrast, fold(seed, 1))
+        step = random_saturation(step, jitter.saturation, fold(seed, 2))
+        step = random_hue(step, jitter.hue, fold(seed, 3))
+        step = random_grayscale(step, jitter.grayscale_prob, fold(seed, 4))
+        fused = color_jitter(image, seed, jitter)
+        np.testing.assert_allclose(fused.numpy(), step.numpy(), atol=1e-3)
+
+
 def test_grayscale_probability_one_and_zero() -> None:
     image = _image()
     grey = random_grayscale(image, 1.0, _seed(1)).numpy()
@@ -121,3 +154,33 @@ def test_settings_from_object_dict_or_none() -> None:
 def test_bad_strengths_are_config_errors(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="data.augment"):
         ColorJitter(**kwargs)
+
+
+def test_training_views_are_reproducible_per_seed() -> None:
+    et = {"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5}
+    views = TrainingViews.from_settings(32, 16, {"flip": True, "hue": 0.1}, et)
+    image = tf.constant(np.random.default_rng(2).integers(0, 256, (20, 30, 3)), tf.uint8)
+    first, again = views(image, _seed(1)), views(image, _seed(1))
+    assert set(first) == {"image", "params1", "view2", "params2"}
+    assert first["image"].shape == (32, 32, 3) and first["view2"].shape == (16, 16, 3)
+    for key in first:
+        np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())
+    assert not np.array_equal(views(image, _seed(2))["view2"].numpy(), first["view2"].numpy())
+    no_et = TrainingViews.from_settings(32, 16, None, None)(image, _seed(1))
+    assert set(no_et) == {"image", "params1"}
+    np.testing.assert_array_equal(no_et["params1"].numpy()[:4], [0, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    ("et", "match"),
+    [
+        ({"view_size": 20}, "view_size"),
+        ({"crop_size": 48}, "crop_size"),
+        ({"crop_size": 24}, "crop_size"),
+        ({"crop_prob": 1.5}, "crop_prob"),
+    ],
+)
+def test_training_views_reject_sizes_off_the_patch_grid(et: dict, match: str) -> None:
+    settings = {"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5, **et}
+    with pytest.raises(ConfigError, match=match):
+        TrainingViews.from_settings(32, 16, None, settings)

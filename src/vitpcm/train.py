@@ -369,7 +369,7 @@ class _TrainingLoop:
     def checkpoint(self, out: str, state: LoopState) -> None:
         """Save the epoch's checkpoint, then the state that points at it (in that order)."""
         prefix = storage.join(out, "checkpoints", f"epoch-{state.next_epoch:04d}")
-        state.checkpoint = self._ckpt.write(prefix)
+        state.checkpoint = self._ckpt.save(prefix)
         storage.write_bytes(storage.join(out, STATE_JSON), state.to_json())
         self._prune_checkpoints(out, keep=state.checkpoint)
 

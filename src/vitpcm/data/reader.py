@@ -33,7 +33,7 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.data import tfrecord
-from vitpcm.data.augment import ColorJitter, color_jitter, resize_image, setting
+from vitpcm.data.augment import TrainingViews, resize_image, setting
 from vitpcm.errors import ConfigError, DataError
 
 IGNORE_LABEL = 255
@@ -175,93 +175,6 @@ def _decode(serialized: Any, with_label: bool, num_classes: int) -> dict[str, An
     return sample
 
 
-@dataclass(frozen=True)
-class _TrainViews:
-    """Resolved augmentation and ET settings for the training map function."""
-
-    image_size: int
-    patch_size: int
-    jitter: ColorJitter
-    allow_flip: bool
-    allow_transpose: bool
-    et_enabled: bool
-    view_size: int
-    crop_cells: int
-    crop_prob: float
-
-    def __call__(self, sample: dict[str, Any], key: Any) -> dict[str, Any]:
-        import tensorflow as tf
-
-        from vitpcm.model import equivariance
-
-        grid = self.image_size // self.patch_size
-        keys = tf.random.experimental.stateless_split(key, num=4)
-        canonical = resize_image(sample["original_image"], self.image_size)
-        params1 = equivariance.sample_view_params(
-            keys[0], grid, self.crop_cells, 0.0, self.allow_flip, self.allow_transpose
-        )
-        image = equivariance.apply_flips(color_jitter(canonical, keys[1], self.jitter), params1)
-        image.set_shape([self.image_size, self.image_size, 3])
-        out = {"image": image, "labels": sample["labels"], "params1": params1}
-        if self.et_enabled:
-            params2 = equivariance.sample_view_params(
-                keys[2],
-                grid,
-                self.crop_cells,
-                self.crop_prob,
-                self.allow_flip,
-                self.allow_transpose,
-            )
-            view2 = equivariance.make_second_view(
-                color_jitter(canonical, keys[3], self.jitter),
-                params2,
-                self.patch_size,
-                self.view_size,
-            )
-            view2.set_shape([self.view_size, self.view_size, 3])
-            out["view2"] = view2
-            out["params2"] = params2
-        return out
-
-
-def _train_views(
-    image_size: int, patch_size: int, batch_size: int, augment: Any, et: Any
-) -> _TrainViews:
-    et_enabled = bool(setting(et, "enabled", False))
-    view_size = int(setting(et, "view_size", image_size // 2))
-    crop_size = int(setting(et, "crop_size", min(128, image_size)))
-    crop_prob = float(setting(et, "crop_prob", 0.0))
-    if et_enabled:
-        if view_size % patch_size:
-            raise ConfigError(
-                f"train.et.view_size={view_size} must be a multiple of the patch size "
-                f"{patch_size}"
-            )
-        if crop_size % patch_size or not patch_size <= crop_size <= image_size:
-            raise ConfigError(
-                f"train.et.crop_size={crop_size} must be a multiple of the patch size "
-                f"{patch_size} between {patch_size} and data.image_size={image_size}"
-            )
-        if not 0.0 <= crop_prob <= 1.0:
-            raise ConfigError(f"train.et.crop_prob must be in [0, 1], got {crop_prob}")
-        if batch_size % 4:
-            raise ConfigError(
-                f"batch size {batch_size} is not a multiple of 4, which the equivariance "
-                "mosaic needs (four second views per 2x2 mosaic): set train.batch_size"
-            )
-    return _TrainViews(
-        image_size=image_size,
-        patch_size=patch_size,
-        jitter=ColorJitter.from_settings(augment),
-        allow_flip=bool(setting(augment, "flip", False)),
-        allow_transpose=bool(setting(augment, "transpose", False)),
-        et_enabled=et_enabled,
-        view_size=view_size,
-        crop_cells=max(1, crop_size // patch_size),
-        crop_prob=crop_prob,
-    )
-
-
 def make_dataset(
     uri: str,
     split: str,
@@ -318,7 +231,12 @@ def make_dataset(
             f"cannot train on split {split!r} without labels: training needs the masks' "
             "image-level labels; pick a split with masks (train, trainaug)"
         )
-    views = _train_views(image_size, patch_size, batch_size, augment, et) if training else None
+    views = TrainingViews.from_settings(image_size, patch_size, augment, et) if training else None
+    if views is not None and views.et_enabled and batch_size % 4:
+        raise ConfigError(
+            f"batch size {batch_size} is not a multiple of 4, which the equivariance "
+            "mosaic needs (four second views per 2x2 mosaic): set train.batch_size"
+        )
     info = read_split_info(uri, split, num_classes)
     if with_label is not False:
         has_masks = split_has_masks(info)
@@ -359,7 +277,9 @@ def make_dataset(
         def train_map(index: Any, pair: Any) -> dict[str, Any]:
             record, draw = pair
             sample = _decode(record, True, num_classes)
-            return views(sample, tf.stack([draw, index]))
+            out = views(sample["original_image"], tf.stack([draw, index]))
+            out["labels"] = sample["labels"]
+            return out
 
         ds = keyed.map(train_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -4,6 +4,10 @@ Each patch token is conditioned on its row and its column: one bidirectional LST
 every row of the grid and another along every column. Rows share one set of weights (they are
 folded into the batch), and so do columns. The two outputs are concatenated, giving
 ``4 * units`` channels (768 with the paper's 192 units per direction).
+
+Under a bfloat16 policy the LSTMs run in float32: cuDNN's LSTM kernels take float16/32/64
+only, and Keras' TensorFlow backend raises on a bfloat16 input on GPU instead of falling back.
+The LSTMs are small next to the ViT, so this costs little.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ class HVBiLSTM(keras.layers.Layer):
         self.units = int(units)
         self.dropout = float(dropout)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.horizontal = _bidirectional_lstm(self.units, "horizontal", self.dtype_policy)
-        self.vertical = _bidirectional_lstm(self.units, "vertical", self.dtype_policy)
+        lstm_policy = "float32" if self.compute_dtype == "bfloat16" else self.dtype_policy
+        self.horizontal = _bidirectional_lstm(self.units, "horizontal", lstm_policy)
+        self.vertical = _bidirectional_lstm(self.units, "vertical", lstm_policy)
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         _, grid_h, grid_w, channels = input_shape
@@ -52,6 +57,7 @@ class HVBiLSTM(keras.layers.Layer):
 
     def call(self, grid: Any, training: bool | None = None) -> Any:
         grid = self.dropout_layer(grid, training=training)
+        grid = ops.cast(grid, self.horizontal.compute_dtype)
         shape = ops.shape(grid)
         batch, grid_h, grid_w, channels = shape[0], shape[1], shape[2], shape[3]
         rows = ops.reshape(grid, (batch * grid_h, grid_w, channels))
@@ -59,7 +65,7 @@ class HVBiLSTM(keras.layers.Layer):
         columns = ops.reshape(ops.transpose(grid, (0, 2, 1, 3)), (batch * grid_w, grid_h, channels))
         columns = ops.reshape(self.vertical(columns), (batch, grid_w, grid_h, 2 * self.units))
         columns = ops.transpose(columns, (0, 2, 1, 3))
-        return ops.concatenate([rows, columns], axis=-1)
+        return ops.cast(ops.concatenate([rows, columns], axis=-1), self.compute_dtype)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (*input_shape[:-1], 4 * self.units)

@@ -36,7 +36,7 @@ from vitpcm.tracking.registry import (
     promote_if_better,
     register_version,
 )
-from vitpcm.tracking.spool import Record, Spool, SpoolState, now_ms, resolve_spool_dir
+from vitpcm.tracking.spool import Record, Spool, SpoolState, resolve_spool_dir
 
 log = logging.getLogger("vitpcm.tracking")
 
@@ -65,14 +65,11 @@ _TRANSIENT_CODES = {
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed MLflow call may succeed later (outage) or never will (refusal)."""
-    try:
-        import requests
-        import urllib3
+    import requests
+    import urllib3
 
-        network = (requests.RequestException, urllib3.exceptions.HTTPError)
-    except ImportError:  # pragma: no cover - both come with mlflow
-        network = ()
-    if isinstance(exc, network) or isinstance(exc, ConnectionError | TimeoutError):
+    network = (requests.RequestException, urllib3.exceptions.HTTPError)
+    if isinstance(exc, (*network, ConnectionError, TimeoutError)):
         return True
     code = getattr(exc, "error_code", None)
     if code is not None:
@@ -97,9 +94,10 @@ def client_timeouts(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     try:
         for key, value in wanted.items():
             current = saved[key]
-            if current is None:
-                os.environ[key] = value
-            elif key == "MLFLOW_HTTP_REQUEST_TIMEOUT" and float(current) < timeout_s:
+            longer = key == "MLFLOW_HTTP_REQUEST_TIMEOUT" and (
+                current is not None and float(current) < timeout_s
+            )
+            if current is None or longer:
                 os.environ[key] = value
         yield
     finally:
@@ -251,8 +249,12 @@ class SpoolSender:
     def _send_start_run(self, record: Record, state: SpoolState) -> None:
         client = self.client
         data = record.data
-        if state.run_id:  # a resumed run: reopen it
+        if state.run_id:  # a resumed run (a restarted job): reopen it, refresh its tags
+            from mlflow.entities import RunTag
+
             client.update_run(state.run_id, status="RUNNING")
+            tags = [RunTag(k, str(v)) for k, v in data.get("tags", {}).items()]
+            client.log_batch(state.run_id, tags=tags, synchronous=True)
             return
         if data.get("attach_run_id"):
             run = client.get_run(data["attach_run_id"])
@@ -413,8 +415,8 @@ def replay_spool(
 
     Args:
         directory: a tracked run's output folder, or its ``mlflow-spool/`` folder.
-        tracking_uri: where to send; defaults to the URI the spool was written for, then
-            ``$MLFLOW_TRACKING_URI``.
+        tracking_uri: where to send; defaults to the server already holding the spool's
+            run, then the URI the spool was written for, then ``$MLFLOW_TRACKING_URI``.
         progress: show a progress bar.
 
     Returns:
@@ -425,7 +427,12 @@ def replay_spool(
             (the records stay pending; run it again later).
     """
     spool = Spool(resolve_spool_dir(directory))
-    uri = tracking_uri or spool.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = (
+        tracking_uri
+        or spool.load_state().tracking_uri
+        or spool.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    )
     if not uri:
         raise TrackingError(
             f"no MLflow tracking URI for {spool.path}: pass --tracking-uri or set "

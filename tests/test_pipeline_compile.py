@@ -1,0 +1,254 @@
+"""The compiled pipelines: every step, GPU request, Secrets, scheduling, retries, caching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import cluster, images
+from pipeline.compile import compile_pipeline, main
+
+STEPS = {
+    "download-data",
+    "convert-data",
+    "train-model",
+    "evaluate-model",
+    "infer-crf",
+    "register-model",
+}
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline spec, kubernetes platform spec) of a compiled package."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec = docs[0]
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if docs[1:] else {}
+    return spec, platform
+
+
+def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every task in the root DAG and in the condition sub-DAGs, by task name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def cluster_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    return _load(compile_pipeline(tmp_path_factory.mktemp("c") / "p.yaml", "cluster"))
+
+
+@pytest.fixture(scope="module")
+def single_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    return _load(compile_pipeline(tmp_path_factory.mktemp("s") / "p.yaml", "single-node"))
+
+
+def test_cluster_pipeline_has_every_step_and_the_multi_worker_branch(cluster_package) -> None:
+    spec, _ = cluster_package
+    assert spec["pipelineInfo"]["name"] == "vitpcm-wsss"
+    tasks = _all_tasks(spec)
+    assert {*STEPS, "train-model-tfjob"} <= set(tasks)
+    conditions = {t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t}
+    assert "inputs.parameter_values['pipelinechannel--multi_worker'] == true" in conditions
+    assert "!(inputs.parameter_values['pipelinechannel--multi_worker'] == true)" in conditions
+    # Downstream steps take whichever branch's model ran (dsl.OneOf).
+    evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]["model"]
+    assert evaluate["taskOutputArtifact"]["producerTask"] == "condition-branches-1"
+
+
+def test_single_node_pipeline_has_no_condition(single_package) -> None:
+    spec, _ = single_package
+    tasks = _all_tasks(spec)
+    assert set(tasks) == STEPS
+    assert not any("triggerPolicy" in t for t in tasks.values())
+    # The DAG order: each step consumes the previous one's artifact.
+    producer = {
+        step: {
+            a["taskOutputArtifact"]["producerTask"]
+            for a in tasks[step]["inputs"].get("artifacts", {}).values()
+        }
+        for step in STEPS
+    }
+    assert producer["convert-data"] == {"download-data"}
+    assert producer["train-model"] == {"convert-data"}
+    assert producer["evaluate-model"] == {"train-model", "convert-data"}
+    assert producer["infer-crf"] == {"train-model", "convert-data"}
+    assert producer["register-model"] == {"train-model", "evaluate-model", "infer-crf"}
+
+
+def test_pipeline_form_parameters(cluster_package) -> None:
+    spec, _ = cluster_package
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {
+        "dataset": "STRING",
+        "config": "STRING",
+        "epochs": "NUMBER_INTEGER",
+        "gpus": "NUMBER_INTEGER",
+        "multi_worker": "BOOLEAN",
+        "workers": "NUMBER_INTEGER",
+        "mlflow_tracking_uri": "STRING",
+        "experiment": "STRING",
+        "mirror": "STRING",
+        "crf": "BOOLEAN",
+    }
+    assert {k: params[k]["parameterType"] for k in expected} == expected
+    assert params["multi_worker"]["defaultValue"] is False
+    # The docstring becomes the form's help text.
+    assert all(p.get("description") for p in params.values())
+
+
+def test_training_requests_gpus_from_the_gpus_parameter(cluster_package) -> None:
+    spec, _ = cluster_package
+    executors = spec["deploymentSpec"]["executors"]
+    accel = executors["exec-train-model"]["container"]["resources"]["accelerator"]
+    assert accel["resourceType"] == cluster.GPU_RESOURCE
+    assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    train_inputs = _all_tasks(spec)["train-model"]["inputs"]["parameters"]
+    assert train_inputs["pipelinechannel--gpus"]["componentInputParameter"] == (
+        "pipelinechannel--gpus"
+    )
+    # The TFJob launcher itself needs no GPU: its workers get them.
+    assert "accelerator" not in executors["exec-train-model-tfjob"]["container"].get(
+        "resources", {}
+    )
+
+
+def test_images_come_from_the_images_module(cluster_package) -> None:
+    spec, _ = cluster_package
+    executors = spec["deploymentSpec"]["executors"]
+    used = {name: e["container"]["image"] for name, e in executors.items()}
+    assert used.pop("exec-train-model") == images.gpu_image()
+    assert set(used.values()) == {images.cpu_image()}
+    # The workers' image is passed to the launcher as a constant.
+    tfjob = _all_tasks(spec)["train-model-tfjob"]["inputs"]["parameters"]["image"]
+    assert tfjob["runtimeValue"]["constant"] == images.gpu_image()
+
+
+def test_secrets_reach_the_steps_as_environment(cluster_package) -> None:
+    _, platform = cluster_package
+
+    def env_from(executor: str) -> dict[str, tuple[str, str]]:
+        return {
+            m["envVar"]: (s["secretName"], m["secretKey"])
+            for s in platform[executor].get("secretAsEnv", [])
+            for m in s["keyToEnv"]
+        }
+
+    s3 = {k: (cluster.S3_SECRET, k) for k in cluster.S3_SECRET_KEYS}
+    assert env_from("exec-train-model") == s3
+    assert env_from("exec-train-model-tfjob") == s3
+    register = env_from("exec-register-model")
+    assert register["AWS_SECRET_ACCESS_KEY"] == (cluster.S3_SECRET, "AWS_SECRET_ACCESS_KEY")
+    assert register["MLFLOW_S3_ENDPOINT_URL"] == (cluster.S3_SECRET, "S3_ENDPOINT")
+    assert register["MLFLOW_TRACKING_PASSWORD"] == (
+        cluster.MLFLOW_SECRET,
+        "MLFLOW_TRACKING_PASSWORD",
+    )
+    # Data and scoring steps touch no credentials.
+    for executor in ("exec-download-data", "exec-convert-data", "exec-evaluate-model"):
+        assert "secretAsEnv" not in platform.get(executor, {})
+
+
+def test_training_is_scheduled_on_gpu_nodes(cluster_package) -> None:
+    spec, platform = cluster_package
+    train = platform["exec-train-model"]
+    assert train["nodeSelector"]["labels"] == cluster.GPU_NODE_SELECTOR
+    assert train["tolerations"] == [dict(t) for t in cluster.GPU_TOLERATIONS]
+    # The TFJob workers get the same placement through the launcher's parameters.
+    params = _all_tasks(spec)["train-model-tfjob"]["inputs"]["parameters"]
+    assert params["node_selector"]["runtimeValue"]["constant"] == cluster.GPU_NODE_SELECTOR
+    assert params["tolerations"]["runtimeValue"]["constant"] == list(
+        map(dict, cluster.GPU_TOLERATIONS)
+    )
+    assert params["env_secrets"]["runtimeValue"]["constant"] == [cluster.S3_SECRET]
+
+
+def test_retries_and_caching(cluster_package) -> None:
+    spec, _ = cluster_package
+    tasks = _all_tasks(spec)
+    for step in ("download-data", "convert-data"):
+        assert tasks[step]["cachingOptions"] == {"enableCache": True}
+        retry = tasks[step]["retryPolicy"]
+        assert retry["maxRetryCount"] == cluster.DATA_RETRIES
+        assert retry["backoffDuration"] == cluster.RETRY_BACKOFF
+        assert retry["backoffFactor"] == cluster.RETRY_BACKOFF_FACTOR
+    for step in ("train-model", "train-model-tfjob", "evaluate-model", "infer-crf"):
+        assert not tasks[step]["cachingOptions"].get("enableCache", False), step
+    assert not tasks["register-model"]["cachingOptions"].get("enableCache", False)
+    assert tasks["train-model"]["retryPolicy"]["maxRetryCount"] == cluster.TRAIN_RETRIES
+
+
+def test_pod_sizes(cluster_package) -> None:
+    spec, _ = cluster_package
+    executors = spec["deploymentSpec"]["executors"]
+    for executor, step in [
+        ("exec-download-data", "download"),
+        ("exec-convert-data", "convert"),
+        ("exec-train-model", "train"),
+        ("exec-evaluate-model", "evaluate"),
+        ("exec-infer-crf", "infer"),
+        ("exec-register-model", "register"),
+    ]:
+        resources = executors[executor]["container"]["resources"]
+        size = cluster.POD_SIZES[step]
+        assert resources["resourceCpuRequest"] == size.cpu_request
+        assert resources["resourceMemoryRequest"] == size.memory_request
+        assert resources["resourceCpuLimit"] == size.cpu_limit
+
+
+def test_components_need_no_package_install_at_start(cluster_package) -> None:
+    spec, _ = cluster_package
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        command = " ".join(executor["container"]["command"])
+        assert "pip install" not in command, name  # the images carry kfp and vitpcm
+        assert "kfp.dsl.executor_main" in command
+
+
+def test_compile_cli_writes_the_package(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "build" / "vitpcm_pipeline.yaml"
+    assert main(["--out", str(out)]) == 0
+    assert out.is_file()
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    spec, _ = _load(out)
+    assert spec["pipelineInfo"]["name"] == "vitpcm-wsss"
+
+
+def test_image_registry_and_tag_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(images.REGISTRY_ENV, "registry.example.com/ml/")
+    monkeypatch.setenv(images.TAG_ENV, "2026.11")
+    assert images.image("gpu") == "registry.example.com/ml/vitpcm-gpu:2026.11"
+    monkeypatch.delenv(images.TAG_ENV)
+    from vitpcm import __version__
+
+    assert images.image("cpu") == f"registry.example.com/ml/vitpcm-cpu:{__version__}"
+    with pytest.raises(ValueError, match="unknown image kind"):
+        images.image("tpu")
+
+
+def test_images_cli_prints_one_reference(capsys: pytest.CaptureFixture) -> None:
+    assert images.main(["--print", "gpu"]) == 0
+    assert capsys.readouterr().out.strip() == images.gpu_image()
+
+
+def test_prepared_data_pipeline_imports_the_folder_instead_of_downloading(
+    tmp_path: Path,
+) -> None:
+    from kfp import compiler
+
+    from pipeline.pipeline import prepared_data_pipeline
+
+    out = tmp_path / "prepared.yaml"
+    compiler.Compiler().compile(prepared_data_pipeline("/data/voc"), str(out))
+    spec, _ = _load(out)
+    tasks = _all_tasks(spec)
+    assert "download-data" not in tasks
+    assert {"importer", "convert-data", "train-model", "register-model"} <= set(tasks)
+    importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert importer["artifactUri"] == {"constant": "/data/voc"}
+    convert_input = tasks["convert-data"]["inputs"]["artifacts"]["raw"]
+    assert convert_input["taskOutputArtifact"]["producerTask"] == "importer"

@@ -1,0 +1,360 @@
+"""MLflow tracking: names, spool, overlays, and a whole tracked run on a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa: F401
+from helpers.tiny import make_tiny_dataset, tiny_config
+from vitpcm.errors import TrackingError
+from vitpcm.tracking import (
+    CHAMPION_ALIAS,
+    RunTracker,
+    final_metrics,
+    flatten_params,
+    kfp_run_url,
+    plot_sample_overlays,
+    promote_if_better,
+)
+from vitpcm.tracking.figures import overlay_labels
+from vitpcm.tracking.spool import JOURNAL_FILE, Spool, resolve_spool_dir
+
+CLASSES = ["background", "square", "disc", "traffic light"]
+
+# ----------------------------------------------------------------------------- naming
+
+
+def test_config_becomes_dotted_params() -> None:
+    cfg = tiny_config()
+    params = flatten_params(cfg.to_dict())
+    assert params["train.lr"] == str(cfg.train.lr)
+    assert params["model.pretrained"] == "null"
+    assert params["train.et.enabled"] == "true"
+    assert params["data.augment.hue"] == str(cfg.data.augment.hue)
+    assert params["name"] == "synthetic"
+    assert all(isinstance(v, str) for v in params.values())
+
+
+def test_final_metrics_names_split_and_classes() -> None:
+    metrics = {
+        "miou": 0.5,
+        "miou_crf": 0.55,
+        "pixel_accuracy": 0.9,
+        "class_iou": [0.8, None, 0.2, float("nan")],
+        "class_iou_crf": [0.85, 0.1, 0.3, 0.4],
+        "class_names": CLASSES,
+        "num_images": 3,
+    }
+    flat = final_metrics(metrics, "val")
+    assert flat["miou_val"] == 0.5
+    assert flat["miou_crf_val"] == 0.55
+    assert flat["pixel_accuracy_val"] == 0.9
+    assert flat["iou_background_val"] == 0.8
+    assert flat["iou_disc_val"] == 0.2
+    assert flat["iou_crf_traffic_light_val"] == 0.4
+    # Undefined IoUs (class absent from ground truth and prediction) are not logged.
+    assert "iou_square_val" not in flat
+    assert "iou_traffic_light_val" not in flat
+    assert "num_images_val" not in flat
+
+
+def test_kfp_run_url_from_base_or_template() -> None:
+    assert kfp_run_url("https://kf.example/pipeline/", "abc") == (
+        "https://kf.example/pipeline/#/runs/details/abc"
+    )
+    assert kfp_run_url("https://kf/runs/{run_id}/x", "r1") == "https://kf/runs/r1/x"
+
+
+# ----------------------------------------------------------------------------- spool
+
+
+def test_spool_appends_in_order_and_copies_files(tmp_path: Path) -> None:
+    source = tmp_path / "plot.png"
+    source.write_bytes(b"png bytes")
+    spool = Spool(tmp_path / "spool", tracking_uri="http://mlflow:5000")
+    first = spool.append("params", {"params": {"a": "1"}})
+    second = spool.append("artifact", {"artifact_path": "val"}, files={"file": source})
+    source.write_bytes(b"changed later")  # the spool holds its own copy
+
+    records = spool.records()
+    assert [r.seq for r in records] == [0, 1]
+    assert [r.kind for r in records] == ["params", "artifact"]
+    assert first.id != second.id
+    assert spool.file_path(records[1].data["file"]).read_bytes() == b"png bytes"
+    assert records[1].data["file"].endswith("/plot.png")
+    assert [r.seq for r in spool.pending()] == [0, 1]
+
+    state = spool.load_state()
+    state.acked = 0
+    spool.save_state(state)
+    assert [r.seq for r in Spool(tmp_path / "spool").pending()] == [1]
+    assert Spool(tmp_path / "spool").tracking_uri == "http://mlflow:5000"
+    assert resolve_spool_dir(tmp_path / "spool") == tmp_path / "spool"
+
+
+def test_spool_ignores_and_repairs_a_torn_last_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append("tags", {"tags": {"a": "1"}})
+    with open(tmp_path / JOURNAL_FILE, "a") as handle:
+        handle.write('{"seq": 1, "id": "x", "ki')  # killed mid-write
+    assert [r.seq for r in spool.records()] == [0]
+    spool.append("tags", {"tags": {"b": "2"}})
+    assert [(r.seq, r.data["tags"]) for r in spool.records()] == [(0, {"a": "1"}), (1, {"b": "2"})]
+
+
+def test_spool_refuses_object_storage_and_missing_folders(tmp_path: Path) -> None:
+    with pytest.raises(TrackingError, match="local disk"):
+        Spool("s3://bucket/run/mlflow-spool")
+    with pytest.raises(TrackingError, match="no MLflow spool"):
+        resolve_spool_dir(tmp_path)
+    with pytest.raises(TrackingError, match="local spool_dir"):
+        RunTracker(tiny_config(), "s3://bucket/run")
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+def _sample(seed: int, size: int = 32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gt = np.zeros((size, size), np.uint8)
+    gt[4:20, 6:22] = 1 + seed % 3
+    gt[0, :] = 255
+    return {
+        "image": rng.uniform(0, 255, (size, size, 3)).astype(np.float32),
+        "ground_truth": gt,
+        "bpm": gt[::2, ::2].copy(),  # label maps of another size are resized to the image
+        "crf": gt,
+        "name": f"img{seed}",
+    }
+
+
+def test_overlay_tints_only_foreground() -> None:
+    image = np.full((4, 4, 3), 100, np.uint8)
+    label = np.zeros((4, 4), np.uint8)
+    label[0, 0] = 1  # VOC colour of class 1 is (128, 0, 0)
+    out = overlay_labels(image, label, alpha=0.5)
+    assert out[1, 1].tolist() == [100, 100, 100]
+    assert out[0, 0].tolist() == [114, 50, 50]
+
+
+def test_plot_sample_overlays_writes_a_grid(tmp_path: Path) -> None:
+    path = tmp_path / "overlays.png"
+    samples = [_sample(0), _sample(1)]
+    samples[1]["crf"] = None  # missing cells are drawn as n/a
+    plot_sample_overlays(samples, CLASSES, path)
+    with Image.open(path) as image:
+        width, height = image.size
+    assert width > 3 * height / 2  # four columns, two rows
+    with pytest.raises(ValueError, match="at least one"):
+        plot_sample_overlays([], CLASSES, path)
+    with pytest.raises(ValueError, match="label map"):
+        plot_sample_overlays([{"image": np.zeros((8, 8, 3)), "bpm": np.zeros(8)}], None, path)
+
+
+# ----------------------------------------------------------------------------- without a server
+
+
+def test_tracker_without_uri_keeps_everything_in_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config()
+    with caplog.at_level(logging.WARNING, "vitpcm.tracking"), RunTracker(cfg, tmp_path) as tracker:
+        for epoch in range(3):
+            tracker.epoch_callback(epoch, {"loss": 1.0 / (epoch + 1), "epoch": epoch})
+        assert tracker.run_id is None
+    spool = Spool(tmp_path / "mlflow-spool")
+    kinds = [r.kind for r in spool.records()]
+    assert kinds[:3] == ["start_run", "params", "artifact"]
+    assert kinds.count("metrics") == 3
+    assert kinds[-1] == "end_run"
+    assert len(spool.pending()) == len(kinds)
+    assert "vitpcm mlflow replay" in caplog.text
+    epochs = [r.data["metrics"] for r in spool.records() if r.kind == "metrics"]
+    assert [m[0]["step"] for m in epochs] == [0, 1, 2]
+    assert all(m[0]["key"] == "loss" for m in epochs)
+
+
+# ----------------------------------------------------------------------------- real server
+
+
+def _run_data(server: MlflowServer, run_id: str) -> tuple[object, list[str]]:
+    client = server.client()
+    run = client.get_run(run_id)
+    paths: list[str] = []
+    pending = [""]
+    while pending:
+        for item in client.list_artifacts(run_id, pending.pop() or None):
+            (pending if item.is_dir else paths).append(item.path)
+    return run, sorted(paths)
+
+
+@pytest.mark.slow
+def test_tracked_training_run_logs_everything(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.tensorflow
+
+    from vitpcm.train import train
+
+    data = make_tiny_dataset(tmp_path / "data", train=8, val=4, test=2)
+    cfg = tiny_config(
+        "mlflow.experiment=test-full-run",
+        "mlflow.registered_model=test-full-model",
+        "train.epochs=2",
+    )
+    out = tmp_path / "train-out"
+    with RunTracker(
+        cfg,
+        out,
+        tracking_uri=mlflow_server.uri,
+        kfp_run_id="kfp-123",
+        kfp_ui_url="https://kf.example/pipeline",
+    ) as tracker:
+        result = train(
+            cfg,
+            data_uri=str(data),
+            out_uri=str(out),
+            progress=False,
+            callbacks=[tracker.epoch_callback],
+        )
+        matrix = np.array([[50, 5, 0, 0], [4, 30, 0, 0], [1, 0, 9, 0], [0, 0, 0, 0]])
+        results = {**result, "class_names": CLASSES, "class_iou": [0.8, 0.6, 0.9, None]}
+        results["miou_crf"] = 0.7
+        flat = tracker.log_results(
+            results, "val", confusion_matrix=matrix, samples=[_sample(0), _sample(1)]
+        )
+        from vitpcm.eval import load_model
+
+        model = load_model(str(out))
+        logged = tracker.log_model(model, miou=result["miou"], split="val")
+        run_id = tracker.run_id
+    assert tracker.spool is None and run_id
+
+    run, artifacts = _run_data(mlflow_server, run_id)
+    client = mlflow_server.client()
+    # tags, with the link back to the Kubeflow run
+    assert run.data.tags["dataset"] == "synthetic"
+    assert run.data.tags["backbone"] == "custom"
+    assert run.data.tags["kfp.run_id"] == "kfp-123"
+    assert run.data.tags["kfp.run_url"] == "https://kf.example/pipeline/#/runs/details/kfp-123"
+    assert "kfp-123" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["vitpcm.version"]
+    assert run.data.tags["promoted"] == "true"
+    assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "test-full-run"
+    # the resolved config as dotted params
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.params["model.hidden_dim"] == "32"
+    assert run.data.params["data.dataset"] == "synthetic"
+    # per-epoch curves, one point per epoch
+    for key in ("loss", "bce", "et", "l2", "val_miou", "lr"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [0, 1], key
+    assert "epoch" not in run.data.metrics
+    # final metrics
+    assert math.isclose(run.data.metrics["miou_val"], result["miou"])
+    assert run.data.metrics["miou_crf_val"] == 0.7
+    assert run.data.metrics["iou_square_val"] == 0.6
+    assert "iou_traffic_light_val" not in run.data.metrics
+    assert set(flat) <= set(run.data.metrics)
+    # artifacts: plots, overlays, config, metrics.json
+    for expected in (
+        "config.yaml",
+        "metrics.json",
+        "val/class_iou.png",
+        "val/confusion_matrix.png",
+        "val/sample_overlays.png",
+        "val/metrics.json",
+    ):
+        assert expected in artifacts, artifacts
+    local = Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path)))
+    assert json.loads(local.read_text())["val"]["miou_crf"] == 0.7
+    png = Path(client.download_artifacts(run_id, "val/sample_overlays.png", str(tmp_path)))
+    assert png.read_bytes().startswith(b"\x89PNG")
+    # the model: logged, registered, champion (first version), loadable with its signature
+    assert not logged.pending
+    assert logged.model_name == "test-full-model"
+    assert logged.decision is not None and logged.decision.promoted
+    version = client.get_model_version("test-full-model", logged.version)
+    assert version.run_id == run_id
+    assert version.tags["miou_split"] == "val"
+    champion = client.get_model_version_by_alias("test-full-model", CHAMPION_ALIAS)
+    assert champion.version == logged.version
+    logged_model = client.get_logged_model(logged.model_id)
+    assert logged_model.source_run_id == run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # for models:/ URIs
+    loaded = mlflow.tensorflow.load_model(f"models:/test-full-model@{CHAMPION_ALIAS}")
+    images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    outputs = loaded(images)
+    assert outputs["class_probs"].shape == (1, cfg.data.num_classes)
+    np.testing.assert_allclose(
+        outputs["class_probs"], model(images)["class_probs"], rtol=1e-5, atol=1e-6
+    )
+    signature = mlflow.models.get_model_info(f"models:/{logged.model_id}").signature
+    assert [s.name for s in signature.outputs.inputs] == ["patch_probs", "class_probs"]
+    assert signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
+    # nothing left in the spool
+    assert Spool(out / "mlflow-spool").pending() == []
+
+
+def _new_version(client: object, name: str, experiment_id: str) -> str:
+    model = client.create_logged_model(experiment_id, name="gate-test")
+    source = f"models:/{model.model_id}"
+    return client.create_model_version(name, source=source, model_id=model.model_id).version
+
+
+@pytest.mark.slow
+def test_champion_gate_promotes_only_a_better_model(
+    mlflow_server: MlflowServer,  # noqa: F811
+) -> None:
+    client = mlflow_server.client()
+    name = "test-gate-model"
+    experiment_id = client.create_experiment("test-gate")
+    client.create_registered_model(name)
+
+    v1 = _new_version(client, name, experiment_id)
+    first = promote_if_better(client, name, v1, 0.58, "val")
+    assert first.promoted and first.previous_version is None
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == v1
+
+    v2 = _new_version(client, name, experiment_id)
+    better = promote_if_better(client, name, v2, 0.612, "val")
+    assert better.promoted
+    assert better.comparison == "0.612 > 0.580 (val)"
+    tags = client.get_model_version(name, v2).tags
+    assert tags["champion_comparison"] == "0.612 > 0.580 (val)"
+    assert tags["promoted"] == "true"
+    assert tags["previous_champion"] == v1
+    assert tags["miou"].startswith("0.612")
+
+    v3 = _new_version(client, name, experiment_id)
+    worse = promote_if_better(client, name, v3, 0.6, "val")
+    assert not worse.promoted
+    assert worse.previous_version == v2 and worse.previous_miou == pytest.approx(0.612)
+    assert client.get_model_version(name, v3).tags["promoted"] == "false"
+    assert client.get_model_version(name, v3).tags["champion_comparison"] == (
+        "0.600 <= 0.612 (val)"
+    )
+
+    tie = promote_if_better(client, name, _new_version(client, name, experiment_id), 0.612, "val")
+    assert not tie.promoted
+    other_split = promote_if_better(
+        client, name, _new_version(client, name, experiment_id), 0.9, "train"
+    )
+    assert not other_split.promoted
+    assert "not comparable" in other_split.comparison
+
+    again = promote_if_better(client, name, v2, 0.612, "val")  # a replay: no change
+    assert again.promoted
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == v2
