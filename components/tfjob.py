@@ -154,7 +154,7 @@ def tfjob_manifest(
         "kind": "TFJob",
         "metadata": metadata,
         "spec": {
-            # Finished pods are removed; their logs stay in the launcher's summary.
+            # Pods still running when the job ends are removed; finished ones stay for logs.
             "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": backoff_limit},
             "tfReplicaSpecs": {
                 "Worker": {

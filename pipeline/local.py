@@ -107,16 +107,16 @@ def run_local(
         ConfigError: A bad combination of arguments (e.g. a missing ``source_dir``).
         RuntimeError: A step failed (its log is printed above the error by kfp).
     """
-    from kfp import local
-
-    from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
-
     if source_dir is not None:
         source = Path(source_dir).resolve()
         if not source.is_dir():
             raise ConfigError(f"source_dir {source} is not a folder; pass a downloaded dataset")
         if dataset == "synthetic":
             raise ConfigError("source_dir holds real data: set dataset to voc12 or coco14")
+    from kfp import local
+
+    from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
+
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # Steps inherit this environment; TensorFlow's C++ start-up chatter drowns the step logs.
@@ -131,6 +131,10 @@ def run_local(
         "overrides": _overrides_text(overrides),
         # No accelerator request locally; TensorFlow uses the GPUs it can see.
         "gpus": 0,
+        # The cluster's per-pod process counts do not fit this machine: 0 = every core for
+        # the conversion, and the config's crf.workers (an override of it still applies).
+        "convert_workers": 0,
+        "crf_workers": 0,
         "crf": crf,
         "mlflow_tracking_uri": mlflow_tracking_uri,
         "experiment": experiment,
@@ -147,7 +151,7 @@ def run_local(
             synthetic_size=synthetic.size,
         )
     else:
-        pipeline_func = prepared_data_pipeline(str(Path(source_dir).resolve()))
+        pipeline_func = prepared_data_pipeline(str(source))
     with warnings.catch_warnings():
         # kfp warns that image names without "python" may not run in a local interpreter;
         # they are our images, and locally the installed package stands in for them.

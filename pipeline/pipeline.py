@@ -1,178 +1,32 @@
 """The ViT-PCM DAG: download -> convert -> train -> evaluate -> infer + CRF -> register.
 
-Two pipelines share every step through the ``add_*`` helpers below:
+Three pipelines share every step through :mod:`pipeline.steps`:
 
 * :func:`vitpcm_pipeline` (``vitpcm-wsss``), the one to upload: training runs in the step's
   own GPU pod, or, with ``multi_worker``, as a Training Operator TFJob (a ``dsl.If``).
 * :func:`vitpcm_single_node_pipeline` (``vitpcm-wsss-single-node``): no branch, so
   ``kfp.local`` can run it (``make run-local``); it also suits a cluster without the
   Training Operator. It returns every step's outputs.
-
-Kubernetes settings (GPU request, node selector, tolerations, Secrets, pod sizes) are
-attached to the steps here; ``kfp.local`` ignores them.
+* :func:`prepared_data_pipeline`: the single-node DAG starting from a dataset folder on disk.
 """
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 from typing import NamedTuple
 
-from components import (
-    convert_data,
-    download_data,
-    evaluate_model,
-    infer_crf,
-    register_model,
-    train_model,
-    train_model_tfjob,
-)
-from kfp import dsl, kubernetes
+from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
 from kfp.dsl.graph_component import GraphComponent
-from kfp.dsl.pipeline_channel import PipelineChannel
 
-from pipeline import cluster, images
+from pipeline import cluster
+from pipeline.steps import (
+    add_data_steps,
+    add_scoring_steps,
+    add_tfjob_train_step,
+    add_train_step,
+)
 
 PIPELINE_NAME = "vitpcm-wsss"
 SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
-
-
-def _size(task: PipelineTask, step: str) -> PipelineTask:
-    size = cluster.POD_SIZES[step]
-    return (
-        task.set_cpu_request(size.cpu_request)
-        .set_memory_request(size.memory_request)
-        .set_cpu_limit(size.cpu_limit)
-        .set_memory_limit(size.memory_limit)
-    )
-
-
-def _use_s3_secret(task: PipelineTask, for_mlflow: bool = False) -> None:
-    keys = {key: key for key in cluster.S3_SECRET_KEYS}
-    kubernetes.use_secret_as_env(task, cluster.S3_SECRET, keys)
-    if for_mlflow:
-        kubernetes.use_secret_as_env(task, cluster.S3_SECRET, cluster.S3_ENDPOINT_FOR_MLFLOW)
-
-
-def _on_gpu_nodes(task: PipelineTask) -> None:
-    for key, value in cluster.GPU_NODE_SELECTOR.items():
-        kubernetes.add_node_selector(task, key, value)
-    for toleration in cluster.GPU_TOLERATIONS:
-        kubernetes.add_toleration(task, **toleration)
-
-
-def _data_retries(task: PipelineTask) -> PipelineTask:
-    return task.set_retry(
-        num_retries=cluster.DATA_RETRIES,
-        backoff_duration=cluster.RETRY_BACKOFF,
-        backoff_factor=cluster.RETRY_BACKOFF_FACTOR,
-        backoff_max_duration=cluster.RETRY_BACKOFF_MAX,
-    )
-
-
-def add_data_steps(
-    dataset: str, mirror: str, shards: int, raw: PipelineChannel | None = None, **synthetic
-) -> PipelineTask:
-    """Download (or synthesise) and convert; returns the convert task (``tfrecords``).
-
-    ``raw``, when given, is an already downloaded dataset (an importer's output) and the
-    download step is left out.
-    """
-    if raw is None:
-        download = download_data(dataset=dataset, mirror=mirror, **synthetic)
-        download.set_display_name("download data")
-        _size(_data_retries(download), "download").set_caching_options(True)
-        raw = download.outputs["raw"]
-    convert = convert_data(
-        raw=raw, dataset=dataset, shards=shards, workers=cluster.CONVERT_WORKERS
-    ).set_display_name("convert to TFRecords")
-    _size(_data_retries(convert), "convert").set_caching_options(True)
-    return convert
-
-
-def add_train_step(
-    tfrecords: PipelineChannel,
-    config: str,
-    overrides: str,
-    epochs: int,
-    gpus: int,
-    checkpoint_root: str,
-) -> PipelineTask:
-    """Single-node training on ``gpus`` GPUs of one GPU node."""
-    train = train_model(
-        tfrecords=tfrecords,
-        config=config,
-        overrides=overrides,
-        epochs=epochs,
-        checkpoint_root=checkpoint_root,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("train ViT-PCM")
-    train.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpus)
-    _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
-    _on_gpu_nodes(train)
-    _use_s3_secret(train)
-    return train
-
-
-def add_tfjob_train_step(
-    tfrecords: PipelineChannel,
-    config: str,
-    overrides: str,
-    epochs: int,
-    gpus: int,
-    workers: int,
-    checkpoint_root: str,
-) -> PipelineTask:
-    """Multi-worker training: a launcher pod creates a TFJob and waits for it."""
-    launch = train_model_tfjob(
-        tfrecords=tfrecords,
-        image=images.gpu_image(),
-        work_root=checkpoint_root,
-        config=config,
-        overrides=overrides,
-        epochs=epochs,
-        workers=workers,
-        gpus_per_worker=gpus,
-        node_selector=dict(cluster.GPU_NODE_SELECTOR),
-        tolerations=[dict(t) for t in cluster.GPU_TOLERATIONS],
-        env_secrets=[cluster.S3_SECRET],
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("train ViT-PCM (TFJob)")
-    _size(launch, "tfjob").set_caching_options(False)
-    _use_s3_secret(launch)
-    return launch
-
-
-def add_scoring_steps(
-    model: PipelineChannel,
-    tfrecords: PipelineChannel,
-    crf: bool,
-    experiment: str,
-    registered_model: str,
-    mlflow_tracking_uri: str,
-) -> tuple[PipelineTask, PipelineTask, PipelineTask]:
-    """Evaluate, infer + CRF, register; returns the three tasks."""
-    evaluate = evaluate_model(model=model, tfrecords=tfrecords).set_display_name("evaluate")
-    _size(evaluate, "evaluate").set_caching_options(False)
-    infer = infer_crf(
-        model=model, tfrecords=tfrecords, crf=crf, workers=cluster.CRF_WORKERS
-    ).set_display_name("infer pseudo masks + CRF")
-    _size(infer, "infer").set_caching_options(False)
-    register = register_model(
-        model=model,
-        eval_metrics=evaluate.outputs["metrics"],
-        test_metrics=infer.outputs["metrics"],
-        eval_report=evaluate.outputs["report"],
-        pseudo_masks=infer.outputs["pseudo_masks"],
-        tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        model_name=registered_model,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("register in MLflow")
-    _size(register, "register").set_caching_options(False)
-    _use_s3_secret(register, for_mlflow=True)
-    kubernetes.use_secret_as_env(
-        register, cluster.MLFLOW_SECRET, {key: key for key in cluster.MLFLOW_SECRET_KEYS}
-    )
-    return evaluate, infer, register
 
 
 @dsl.pipeline(
@@ -245,11 +99,13 @@ class SingleNodeOutputs(NamedTuple):
 
 def _single_node_dag(
     convert: PipelineTask,
+    *,
     config: str,
     epochs: int,
     overrides: str,
     gpus: int,
     crf: bool,
+    crf_workers: int,
     mlflow_tracking_uri: str,
     experiment: str,
     registered_model: str,
@@ -259,7 +115,13 @@ def _single_node_dag(
     tfrecords = convert.outputs["tfrecords"]
     train = add_train_step(tfrecords, config, overrides, epochs, gpus, checkpoint_root)
     evaluate, infer, register = add_scoring_steps(
-        train.outputs["model"], tfrecords, crf, experiment, registered_model, mlflow_tracking_uri
+        train.outputs["model"],
+        tfrecords,
+        crf,
+        experiment,
+        registered_model,
+        mlflow_tracking_uri,
+        crf_workers=crf_workers,
     )
     return SingleNodeOutputs(
         tfrecords=tfrecords,
@@ -291,6 +153,8 @@ def vitpcm_single_node_pipeline(
     registered_model: str = "vitpcm",
     checkpoint_root: str = "",
     shards: int = 0,
+    convert_workers: int = cluster.CONVERT_WORKERS,
+    crf_workers: int = cluster.CRF_WORKERS,
     synthetic_train: int = 200,
     synthetic_val: int = 50,
     synthetic_test: int = 50,
@@ -311,6 +175,8 @@ def vitpcm_single_node_pipeline(
         registered_model: MLflow registered model name.
         checkpoint_root: s3:// prefix for training checkpoints (resume after a restart).
         shards: TFRecord shards per split; 0 for about 1000 images per shard.
+        convert_workers: TFRecord encoding processes; 0 for every core of the machine.
+        crf_workers: CRF processes; 0 keeps the config's crf.workers.
         synthetic_train: Synthetic training images (dataset=synthetic).
         synthetic_val: Synthetic validation images.
         synthetic_test: Synthetic test images.
@@ -320,6 +186,7 @@ def vitpcm_single_node_pipeline(
         dataset,
         mirror,
         shards,
+        workers=convert_workers,
         synthetic_train=synthetic_train,
         synthetic_val=synthetic_val,
         synthetic_test=synthetic_test,
@@ -327,15 +194,16 @@ def vitpcm_single_node_pipeline(
     )
     return _single_node_dag(
         convert,
-        config,
-        epochs,
-        overrides,
-        gpus,
-        crf,
-        mlflow_tracking_uri,
-        experiment,
-        registered_model,
-        checkpoint_root,
+        config=config,
+        epochs=epochs,
+        overrides=overrides,
+        gpus=gpus,
+        crf=crf,
+        crf_workers=crf_workers,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        experiment=experiment,
+        registered_model=registered_model,
+        checkpoint_root=checkpoint_root,
     )
 
 
@@ -362,21 +230,24 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
         registered_model: str = "vitpcm",
         checkpoint_root: str = "",
         shards: int = 0,
+        convert_workers: int = cluster.CONVERT_WORKERS,
+        crf_workers: int = cluster.CRF_WORKERS,
     ) -> SingleNodeOutputs:
         raw = dsl.importer(artifact_uri=source_dir, artifact_class=Dataset, reimport=False)
         raw.set_display_name("dataset folder")
-        convert = add_data_steps(dataset, "", shards, raw=raw.output)
+        convert = add_data_steps(dataset, "", shards, workers=convert_workers, raw=raw.output)
         return _single_node_dag(
             convert,
-            config,
-            epochs,
-            overrides,
-            gpus,
-            crf,
-            mlflow_tracking_uri,
-            experiment,
-            registered_model,
-            checkpoint_root,
+            config=config,
+            epochs=epochs,
+            overrides=overrides,
+            gpus=gpus,
+            crf=crf,
+            crf_workers=crf_workers,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            experiment=experiment,
+            registered_model=registered_model,
+            checkpoint_root=checkpoint_root,
         )
 
     return pipeline

@@ -78,6 +78,11 @@ def test_single_node_pipeline_has_no_condition(single_package) -> None:
     assert producer["evaluate-model"] == {"train-model", "convert-data"}
     assert producer["infer-crf"] == {"train-model", "convert-data"}
     assert producer["register-model"] == {"train-model", "evaluate-model", "infer-crf"}
+    # Process counts are parameters here (kfp.local sets them for the machine it runs on).
+    workers = tasks["infer-crf"]["inputs"]["parameters"]["workers"]
+    assert workers["componentInputParameter"] == "crf_workers"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["crf_workers"]["defaultValue"] == cluster.CRF_WORKERS
 
 
 def test_pipeline_form_parameters(cluster_package) -> None:

@@ -23,7 +23,7 @@ from vitpcm.tracking import (
     plot_sample_overlays,
     promote_if_better,
 )
-from vitpcm.tracking.figures import overlay_labels
+from vitpcm.tracking.figures import overlay_labels, write_split_figures
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool, resolve_spool_dir
 
 CLASSES = ["background", "square", "disc", "traffic light"]
@@ -156,6 +156,27 @@ def test_plot_sample_overlays_writes_a_grid(tmp_path: Path) -> None:
         plot_sample_overlays([], CLASSES, path)
     with pytest.raises(ValueError, match="label map"):
         plot_sample_overlays([{"image": np.zeros((8, 8, 3)), "bpm": np.zeros(8)}], None, path)
+
+
+def test_split_figures_follow_what_is_known(tmp_path: Path) -> None:
+    metrics = {"miou": 0.5, "class_iou": [0.9, 0.1, None, 0.5], "class_iou_crf": [1, 0, 0, 0]}
+    names = write_split_figures(
+        tmp_path / "val",
+        metrics,
+        "val",
+        confusion_matrix=np.eye(4, dtype=int),
+        class_names=CLASSES,
+        samples=[_sample(2)],
+    )
+    assert names == [
+        "class_iou.png",
+        "class_iou_crf.png",
+        "confusion_matrix.png",
+        "metrics.json",
+        "sample_overlays.png",
+    ]
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["class_iou"][2] is None
+    assert write_split_figures(tmp_path / "train", {"miou": 0.2}, "train") == ["metrics.json"]
 
 
 # ----------------------------------------------------------------------------- without a server

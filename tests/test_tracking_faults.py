@@ -16,7 +16,8 @@ from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa
 from helpers.tiny import tiny_config
 from vitpcm.errors import TrackingError
 from vitpcm.tracking import RunTracker, replay_spool
-from vitpcm.tracking.sender import SPOOL_TAG, client_timeouts, is_transient
+from vitpcm.tracking.connection import client_timeouts, is_transient
+from vitpcm.tracking.sender import SPOOL_TAG
 from vitpcm.tracking.spool import STATE_FILE, Spool
 
 
@@ -28,7 +29,7 @@ def _closed_port_uri() -> str:
 
 
 def _outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if " is unreachable (" in r.getMessage()]
 
 
 def _log_epochs(tracker: RunTracker, epochs: range) -> None:
@@ -42,13 +43,19 @@ def _log_epochs(tracker: RunTracker, epochs: range) -> None:
 
 
 def test_error_classes() -> None:
+    from mlflow.exceptions import RestException
+    from mlflow.protos import databricks_pb2 as codes
+
     assert is_transient(requests.ConnectionError("refused"))
     assert is_transient(requests.Timeout("slow"))
     assert is_transient(ConnectionResetError())
-    assert is_transient(MlflowException("API request failed", error_code="INTERNAL_ERROR"))
-    assert is_transient(MlflowException("down", error_code="TEMPORARILY_UNAVAILABLE"))
-    assert not is_transient(MlflowException("bad", error_code="INVALID_PARAMETER_VALUE"))
-    assert not is_transient(MlflowException("gone", error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert is_transient(MlflowException("API request failed", error_code=codes.INTERNAL_ERROR))
+    assert is_transient(MlflowException("down", error_code=codes.TEMPORARILY_UNAVAILABLE))
+    assert is_transient(RestException({"error_code": "PERMISSION_DENIED", "message": "token"}))
+    assert not is_transient(MlflowException.invalid_parameter_value("changed param"))
+    assert not is_transient(
+        RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"})
+    )
     assert not is_transient(FileNotFoundError("spool file"))
 
 
@@ -69,12 +76,12 @@ def test_unreachable_server_costs_seconds_and_one_warning(
 ) -> None:
     uri = _closed_port_uri()
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, "vitpcm.tracking"):
-        # retry_interval_s=0: every epoch tries again, the worst case for the training loop.
-        with RunTracker(tiny_config(), tmp_path, tracking_uri=uri, retry_interval_s=0) as tracker:
-            _log_epochs(tracker, range(5))
-            tracker.set_tags({"note": "offline"})
-            assert tracker.run_id is None
+    caplog.set_level(logging.INFO, "vitpcm.tracking")
+    # retry_interval_s=0: every epoch tries again, the worst case for the training loop.
+    with RunTracker(tiny_config(), tmp_path, tracking_uri=uri, retry_interval_s=0) as tracker:
+        _log_epochs(tracker, range(5))
+        tracker.set_tags({"note": "offline"})
+        assert tracker.run_id is None
     assert time.monotonic() - started < 20
     assert len(_outage_warnings(caplog)) == 1, caplog.text
     assert f"vitpcm mlflow replay {tmp_path / 'mlflow-spool'}" in caplog.text
@@ -93,7 +100,9 @@ def test_replay_errors_name_what_to_do(tmp_path: Path, monkeypatch: pytest.Monke
         replay_spool(tmp_path)
     with pytest.raises(TrackingError, match=r"still pending: run the replay again"):
         replay_spool(tmp_path, tracking_uri=_closed_port_uri(), progress=False)
-    assert len(Spool(tmp_path / "mlflow-spool").pending()) == 7
+    assert (
+        len(Spool(tmp_path / "mlflow-spool").pending()) == 6
+    )  # start, params, config, 2x epoch, end
 
 
 # ----------------------------------------------------------------------------- real server

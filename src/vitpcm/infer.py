@@ -59,7 +59,7 @@ def run_test(
 
     from vitpcm.crf import crf_map
     from vitpcm.data.labels import encode_palette_png
-    from vitpcm.data.reader import dataset_from_config, read_split_info
+    from vitpcm.data.reader import dataset_from_config, read_split_info, split_has_masks
     from vitpcm.eval import (
         check_model_matches,
         iter_samples,
@@ -74,7 +74,7 @@ def run_test(
         raise ConfigError("no test data: pass --data URI or set data.uri in the config")
     split = split or cfg.data.test_split
     info = read_split_info(data_uri, split, cfg.data.num_classes)
-    has_masks = _split_has_masks(info)
+    has_masks = split_has_masks(info)
     model = load_model(model_uri)
     check_model_matches(model, cfg, model_uri)
     dataset = dataset_from_config(
@@ -152,18 +152,6 @@ def run_test(
             "%s: BPM mIoU %.4f%s on %d images", split, metrics["miou"], after, counts["images"]
         )
     return metrics
-
-
-def _split_has_masks(info: Any) -> bool:
-    """Whether the split's records carry ground-truth masks (peeks at the first record)."""
-    import tensorflow as tf
-
-    from vitpcm.data import tfrecord
-
-    for serialized in tf.data.TFRecordDataset(info.files[:1]).take(1):
-        example = tf.train.Example.FromString(serialized.numpy())
-        return tfrecord.LABEL_ENCODED in example.features.feature
-    return False
 
 
 def _predicted_labels(patch_probs: Any) -> Any:

@@ -1,16 +1,19 @@
-"""Sample overlays for the MLflow run page: image, ground truth, BPM and CRF side by side.
+"""Figures for the MLflow run page: sample overlays and a split's result plots.
 
-One row per sample; label maps are tinted over the image in the VOC palette (background
-left untinted so the object shapes stand out; 255 = ignore/boundary keeps its palette
-colour), with a legend of the classes that appear. Rendering goes through the Agg canvas
+Sample overlays put image, ground truth, BPM and CRF side by side, one row per sample;
+label maps are tinted over the image in the VOC palette (background left untinted so the
+object shapes stand out; 255 = ignore/boundary keeps its palette colour), with a legend of
+the classes that appear. Rendering goes through the Agg canvas
 only, so it works headless and never touches pyplot's global state.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,3 +148,44 @@ def plot_sample_overlays(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     storage.write_bytes(path, buffer.getvalue())
+
+
+def write_split_figures(
+    folder: str | os.PathLike[str],
+    metrics: Mapping[str, Any],
+    split: str,
+    *,
+    confusion_matrix: Any = None,
+    class_names: Sequence[str] | None = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
+) -> list[str]:
+    """Write a split's result files into a new local ``folder``; returns their names.
+
+    ``confusion_matrix.png`` (when the matrix is given), ``class_iou.png`` (BPM) and
+    ``class_iou_crf.png`` (when CRF results are in ``metrics``), ``sample_overlays.png``
+    (when samples are given) and ``metrics.json``.
+    """
+    from vitpcm.metrics import json_safe, plot_class_iou, plot_confusion_matrix
+
+    out = Path(folder)
+    out.mkdir(parents=True)
+    if confusion_matrix is not None:
+        plot_confusion_matrix(
+            confusion_matrix,
+            class_names,
+            out / "confusion_matrix.png",
+            title=f"Confusion matrix, {split} (rows normalised)",
+        )
+    for key, stage, file in (
+        ("class_iou", "BPM", "class_iou.png"),
+        ("class_iou_crf", "after CRF", "class_iou_crf.png"),
+    ):
+        if metrics.get(key):
+            title = f"Per-class IoU, {split} ({stage})"
+            plot_class_iou(metrics[key], class_names, out / file, title=title)
+    if samples:
+        plot_sample_overlays(
+            samples, class_names, out / "sample_overlays.png", title=f"Samples, {split}"
+        )
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+    return sorted(p.name for p in out.iterdir())

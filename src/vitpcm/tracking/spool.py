@@ -206,6 +206,8 @@ class Spool:
         kind: str,
         data: Mapping[str, Any],
         files: Mapping[str, str | os.PathLike[str]] | None = None,
+        *,
+        move: bool = False,
     ) -> Record:
         """Append one record, first copying ``files`` into the spool.
 
@@ -214,6 +216,8 @@ class Spool:
             data: its payload; must be JSON-serialisable.
             files: ``{data key: local file or folder}``; each is copied to
                 ``files/<seq>/<name>`` and ``data[key]`` is set to that spool-relative path.
+            move: move the files in instead of copying (the caller's temporary files: a
+                saved model can be hundreds of MB).
 
         Returns:
             The record as written.
@@ -223,7 +227,7 @@ class Spool:
             journal = self.path / JOURNAL_FILE
             seq = self._repair_and_next_seq(journal)
             for key, source in (files or {}).items():
-                payload[key] = self._copy_in(seq, Path(source))
+                payload[key] = self._copy_in(seq, Path(source), move)
             record = Record(seq, uuid.uuid4().hex, kind, now_ms(), payload)
             line = record.to_line().encode("utf-8")
             try:
@@ -248,7 +252,7 @@ class Spool:
         last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         return int(json.loads(last)["seq"]) + 1 if last else 0
 
-    def _copy_in(self, seq: int, source: Path) -> str:
+    def _copy_in(self, seq: int, source: Path, move: bool) -> str:
         if not source.exists():
             raise TrackingError(f"cannot log {source}: no such file or folder")
         folder = self.files_dir / f"{seq:06d}"
@@ -256,7 +260,9 @@ class Spool:
         staging = self.files_dir / f".{seq:06d}-{source.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             folder.mkdir(exist_ok=True)
-            if source.is_dir():
+            if move:
+                shutil.move(source, staging)
+            elif source.is_dir():
                 shutil.copytree(source, staging)
             else:
                 shutil.copyfile(source, staging)

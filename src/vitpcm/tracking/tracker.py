@@ -34,8 +34,9 @@ from types import TracebackType
 from typing import Any
 
 from vitpcm import __version__, storage
-from vitpcm.config import Config
+from vitpcm.config import Config, save_config
 from vitpcm.errors import TrackingError
+from vitpcm.tracking.figures import write_split_figures
 from vitpcm.tracking.model_files import save_mlflow_model
 from vitpcm.tracking.naming import (
     default_experiment,
@@ -203,7 +204,9 @@ class RunTracker:
             },
         )
         self.log_params(flatten_params(self.cfg.to_dict()))
-        self.log_text(self.cfg.to_yaml(), "config.yaml")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+            self.log_artifact(os.path.join(tmp, "config.yaml"), move=True)
         self.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -307,12 +310,20 @@ class RunTracker:
         """
         self.log_metrics({k: v for k, v in logs.items() if k not in _NOT_CURVES}, step=epoch)
 
-    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Log a local file, or a folder (kept under its own name), as run artifacts."""
+    def log_artifact(
+        self, path: str | os.PathLike[str], artifact_path: str | None = None, *, move: bool = False
+    ) -> None:
+        """Log a local file, or a folder (kept under its own name), as run artifacts.
+
+        The spool keeps its own copy (``move=True``: takes the file itself), so the
+        original may change or vanish before MLflow has it.
+        """
         source = Path(path)
         if source.is_dir():
             artifact_path = "/".join(p for p in (artifact_path, source.name) if p)
-        self._spool().append("artifact", {"artifact_path": artifact_path}, files={"file": source})
+        self._spool().append(
+            "artifact", {"artifact_path": artifact_path}, files={"file": source}, move=move
+        )
         self.flush()
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -331,7 +342,7 @@ class RunTracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(data)
-            self.log_artifact(path, folder or None)
+            self.log_artifact(path, folder or None, move=True)
 
     def log_results(
         self,
@@ -355,45 +366,21 @@ class RunTracker:
         Returns:
             The flat metrics logged (see :func:`final_metrics`).
         """
-        from vitpcm.metrics import plot_class_iou, plot_confusion_matrix
-        from vitpcm.tracking.figures import plot_sample_overlays
-
         names = list(class_names or metrics.get("class_names") or []) or None
         flat = final_metrics(metrics, split, names)
         self.log_metrics(flat)
         self._final[split] = dict(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / split
-            folder.mkdir()
-            if confusion_matrix is not None:
-                plot_confusion_matrix(
-                    confusion_matrix,
-                    names,
-                    folder / "confusion_matrix.png",
-                    title=f"Confusion matrix, {split} (rows normalised)",
-                )
-            if metrics.get("class_iou"):
-                plot_class_iou(
-                    metrics["class_iou"],
-                    names,
-                    folder / "class_iou.png",
-                    title=f"Per-class IoU, {split} (BPM)",
-                )
-            if metrics.get("class_iou_crf"):
-                plot_class_iou(
-                    metrics["class_iou_crf"],
-                    names,
-                    folder / "class_iou_crf.png",
-                    title=f"Per-class IoU, {split} (after CRF)",
-                )
-            if samples:
-                plot_sample_overlays(
-                    samples, names, folder / "sample_overlays.png", title=f"Samples, {split}"
-                )
-            from vitpcm.metrics import json_safe
-
-            (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-            self.log_artifact(folder)
+            write_split_figures(
+                folder,
+                metrics,
+                split,
+                confusion_matrix=confusion_matrix,
+                class_names=names,
+                samples=samples,
+            )
+            self.log_artifact(folder, move=True)
         self.log_dict(self._final, "metrics.json")
         return flat
 
@@ -438,6 +425,7 @@ class RunTracker:
                 "model",
                 {"name": name, "step": int(step), "params": params, "tags": {}},
                 files={"dir": model_dir},
+                move=True,
             )
         model_name = None
         register_record = None

@@ -1,0 +1,168 @@
+"""The steps of the ViT-PCM DAG, with what each asks of the cluster.
+
+Each ``add_*`` function creates its tasks inside the pipeline being defined and attaches
+the Kubernetes settings (pod sizes, GPU request and placement, Secrets as environment,
+retries, caching), so every pipeline in :mod:`pipeline.pipeline` gets the same steps.
+``kfp.local`` ignores these settings.
+"""
+
+from components import (
+    convert_data,
+    download_data,
+    evaluate_model,
+    infer_crf,
+    register_model,
+    train_model,
+    train_model_tfjob,
+)
+from kfp import dsl, kubernetes
+from kfp.dsl import PipelineTask
+from kfp.dsl.pipeline_channel import PipelineChannel
+
+from pipeline import cluster, images
+
+
+def _size(task: PipelineTask, step: str) -> PipelineTask:
+    size = cluster.POD_SIZES[step]
+    return (
+        task.set_cpu_request(size.cpu_request)
+        .set_memory_request(size.memory_request)
+        .set_cpu_limit(size.cpu_limit)
+        .set_memory_limit(size.memory_limit)
+    )
+
+
+def _use_s3_secret(task: PipelineTask, for_mlflow: bool = False) -> None:
+    keys = {key: key for key in cluster.S3_SECRET_KEYS}
+    kubernetes.use_secret_as_env(task, cluster.S3_SECRET, keys)
+    if for_mlflow:
+        kubernetes.use_secret_as_env(task, cluster.S3_SECRET, cluster.S3_ENDPOINT_FOR_MLFLOW)
+
+
+def _on_gpu_nodes(task: PipelineTask) -> None:
+    for key, value in cluster.GPU_NODE_SELECTOR.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in cluster.GPU_TOLERATIONS:
+        kubernetes.add_toleration(task, **toleration)
+
+
+def _data_retries(task: PipelineTask) -> PipelineTask:
+    return task.set_retry(
+        num_retries=cluster.DATA_RETRIES,
+        backoff_duration=cluster.RETRY_BACKOFF,
+        backoff_factor=cluster.RETRY_BACKOFF_FACTOR,
+        backoff_max_duration=cluster.RETRY_BACKOFF_MAX,
+    )
+
+
+def add_data_steps(
+    dataset: str,
+    mirror: str,
+    shards: int,
+    workers: int = cluster.CONVERT_WORKERS,
+    raw: PipelineChannel | None = None,
+    **synthetic: int,
+) -> PipelineTask:
+    """Download (or synthesise) and convert; returns the convert task (``tfrecords``).
+
+    ``raw``, when given, is an already downloaded dataset (an importer's output) and the
+    download step is left out.
+    """
+    if raw is None:
+        download = download_data(dataset=dataset, mirror=mirror, **synthetic)
+        download.set_display_name("download data")
+        _size(_data_retries(download), "download").set_caching_options(True)
+        raw = download.outputs["raw"]
+    convert = convert_data(
+        raw=raw, dataset=dataset, shards=shards, workers=workers
+    ).set_display_name("convert to TFRecords")
+    _size(_data_retries(convert), "convert").set_caching_options(True)
+    return convert
+
+
+def add_train_step(
+    tfrecords: PipelineChannel,
+    config: str,
+    overrides: str,
+    epochs: int,
+    gpus: int,
+    checkpoint_root: str,
+) -> PipelineTask:
+    """Single-node training on ``gpus`` GPUs of one GPU node."""
+    train = train_model(
+        tfrecords=tfrecords,
+        config=config,
+        overrides=overrides,
+        epochs=epochs,
+        checkpoint_root=checkpoint_root,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_display_name("train ViT-PCM")
+    train.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpus)
+    _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
+    _on_gpu_nodes(train)
+    _use_s3_secret(train)
+    return train
+
+
+def add_tfjob_train_step(
+    tfrecords: PipelineChannel,
+    config: str,
+    overrides: str,
+    epochs: int,
+    gpus: int,
+    workers: int,
+    checkpoint_root: str,
+) -> PipelineTask:
+    """Multi-worker training: a launcher pod creates a TFJob and waits for it."""
+    launch = train_model_tfjob(
+        tfrecords=tfrecords,
+        image=images.gpu_image(),
+        work_root=checkpoint_root,
+        config=config,
+        overrides=overrides,
+        epochs=epochs,
+        workers=workers,
+        gpus_per_worker=gpus,
+        node_selector=dict(cluster.GPU_NODE_SELECTOR),
+        tolerations=[dict(t) for t in cluster.GPU_TOLERATIONS],
+        env_secrets=[cluster.S3_SECRET],
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_display_name("train ViT-PCM (TFJob)")
+    _size(launch, "tfjob").set_caching_options(False)
+    _use_s3_secret(launch)
+    return launch
+
+
+def add_scoring_steps(
+    model: PipelineChannel,
+    tfrecords: PipelineChannel,
+    crf: bool,
+    experiment: str,
+    registered_model: str,
+    mlflow_tracking_uri: str,
+    crf_workers: int = cluster.CRF_WORKERS,
+) -> tuple[PipelineTask, PipelineTask, PipelineTask]:
+    """Evaluate, infer + CRF, register; returns the three tasks."""
+    evaluate = evaluate_model(model=model, tfrecords=tfrecords).set_display_name("evaluate")
+    _size(evaluate, "evaluate").set_caching_options(False)
+    infer = infer_crf(
+        model=model, tfrecords=tfrecords, crf=crf, workers=crf_workers
+    ).set_display_name("infer pseudo masks + CRF")
+    _size(infer, "infer").set_caching_options(False)
+    register = register_model(
+        model=model,
+        eval_metrics=evaluate.outputs["metrics"],
+        test_metrics=infer.outputs["metrics"],
+        eval_report=evaluate.outputs["report"],
+        pseudo_masks=infer.outputs["pseudo_masks"],
+        tracking_uri=mlflow_tracking_uri,
+        experiment=experiment,
+        model_name=registered_model,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    ).set_display_name("register in MLflow")
+    _size(register, "register").set_caching_options(False)
+    _use_s3_secret(register, for_mlflow=True)
+    kubernetes.use_secret_as_env(
+        register, cluster.MLFLOW_SECRET, {key: key for key in cluster.MLFLOW_SECRET_KEYS}
+    )
+    return evaluate, infer, register
