@@ -7,7 +7,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test test-fast lint format run-local clean
+PIPELINE_YAML ?= build/vitpcm_pipeline.yaml
+CRON ?= 0 0 3 * * 1
+PARAMS ?=
+ARGS ?=
+
+.PHONY: help setup test test-fast lint format run-local compile-pipeline submit schedule clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Targets:\n"} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,10 +39,18 @@ format: setup ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-run-local: setup ## Run the whole pipeline locally on synthetic data (not yet available)
-	@echo "make run-local: not yet available: the Kubeflow pipeline has not landed."
-	@echo "Meanwhile run single steps with: $(BIN)/vitpcm --help"
-	@exit 1
+run-local: setup ## Run the whole DAG locally with kfp.local on synthetic data (ARGS="--help")
+	$(BIN)/python -m pipeline.local $(ARGS)
+
+compile-pipeline: setup ## Compile the Kubeflow pipeline to build/vitpcm_pipeline.yaml (upload it in the UI)
+	$(BIN)/python -m pipeline.compile --out $(PIPELINE_YAML)
+	$(BIN)/python -m pipeline.compile --variant single-node --out build/vitpcm_pipeline_single_node.yaml
+
+submit: compile-pipeline ## Upload a pipeline version and start a run (needs KFP_HOST; PARAMS="epochs=5 gpus=2")
+	$(BIN)/python -m pipeline.submit --package $(PIPELINE_YAML) $(addprefix --param ,$(PARAMS))
+
+schedule: compile-pipeline ## Create a recurring retraining run (CRON="0 0 3 * * 1": 6 fields, seconds first)
+	$(BIN)/python -m pipeline.schedule --package $(PIPELINE_YAML) --cron "$(CRON)" $(addprefix --param ,$(PARAMS))
 
 clean: ## Remove caches and local run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs build dist

@@ -6,6 +6,10 @@ retries, caching), so every pipeline in :mod:`pipeline.pipeline` gets the same s
 ``kfp.local`` ignores these settings.
 """
 
+from kfp import dsl, kubernetes
+from kfp.dsl import PipelineTask
+from kfp.dsl.pipeline_channel import PipelineChannel
+
 from components import (
     convert_data,
     download_data,
@@ -15,10 +19,6 @@ from components import (
     train_model,
     train_model_tfjob,
 )
-from kfp import dsl, kubernetes
-from kfp.dsl import PipelineTask
-from kfp.dsl.pipeline_channel import PipelineChannel
-
 from pipeline import cluster, images
 
 

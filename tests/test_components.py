@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kfp import dsl
+
 from components import (
     convert_data,
     download_data,
@@ -18,8 +20,6 @@ from components import (
     register_model,
     train_model,
 )
-from kfp import dsl
-
 from helpers.tiny import TINY_OVERRIDES
 
 pytest_plugins = ("helpers.http_server",)

@@ -262,7 +262,10 @@ def _run(image_name: str, *command: str, network: str = "none", timeout: float =
 @pytest.mark.slow
 def test_image_runs_as_uid_1000_with_python_pip_and_vitpcm_on_path(cpu_image: str) -> None:
     out = _run(
-        cpu_image, "sh", "-c", 'id -u; command -v python3 pip vitpcm; echo "$VITPCM_CONFIG_DIR"'
+        cpu_image,
+        "sh",
+        "-c",
+        'id -u; for t in python3 pip vitpcm; do command -v "$t"; done; echo "$VITPCM_CONFIG_DIR"',
     )
     assert out.split() == [
         "1000",

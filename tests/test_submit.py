@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import kfp
 import pytest
-from components import tfjob
 
+from components import tfjob
 from pipeline import schedule as schedule_mod
 from pipeline import submit as submit_mod
 from pipeline.compile import compile_pipeline

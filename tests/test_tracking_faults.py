@@ -90,6 +90,24 @@ def test_unreachable_server_costs_seconds_and_one_warning(
     assert spool.tracking_uri == uri
 
 
+def test_hanging_server_costs_one_probe_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "vitpcm.tracking")
+    with socket.socket() as hung:  # accepts connections (backlog) but never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        started = time.monotonic()
+        with RunTracker(tiny_config(), tmp_path, tracking_uri=uri) as tracker:
+            _log_epochs(tracker, range(4))  # within the retry interval: no new attempt
+            assert time.monotonic() - started < 8
+        # start + end of run: two probes of 3 s each, whatever the number of records
+        assert time.monotonic() - started < 12
+    assert len(_outage_warnings(caplog)) == 1
+    assert "ReadTimeout" in _outage_warnings(caplog)[0]
+
+
 def test_replay_errors_name_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrackingError, match="no MLflow spool"):
@@ -197,6 +215,35 @@ def test_offline_run_replayed_later_and_resumed_in_the_same_run(
         replay_spool(tmp_path, tracking_uri=_closed_port_uri(), progress=False)
     assert replay_spool(tmp_path, progress=False) == 1
     assert mlflow_server.client().get_run(run_id).data.tags["late"] == "yes"
+
+
+@pytest.mark.slow
+def test_refused_record_is_skipped_and_the_rest_goes_on(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = tiny_config("mlflow.experiment=test-refused")
+    with RunTracker(cfg, tmp_path, tracking_uri=mlflow_server.uri) as tracker:
+        _log_epochs(tracker, range(1))
+        run_id = tracker.run_id
+    # Resumed with another learning rate: MLflow refuses to change a logged param.
+    changed = tiny_config("mlflow.experiment=test-refused", "train.lr=0.5")
+    caplog.set_level(logging.WARNING, "vitpcm.tracking")
+    with RunTracker(changed, tmp_path, tracking_uri=mlflow_server.uri) as tracker:
+        _log_epochs(tracker, range(1, 3))
+        assert tracker.pending == 0
+    state = Spool(tmp_path / "mlflow-spool").load_state()
+    assert len(state.rejected) == 1
+    assert "MLflow refused params record" in caplog.text
+    assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1, 2]
+    assert mlflow_server.client().get_run(run_id).data.params["train.lr"] == str(cfg.train.lr)
+
+    # Another job (say, evaluation) can add to the same run from its own folder.
+    with RunTracker(cfg, tmp_path / "eval", tracking_uri=mlflow_server.uri, run_id=run_id) as t:
+        t.log_results({"miou": 0.25}, "train")
+        assert t.run_id == run_id
+    assert mlflow_server.client().get_run(run_id).data.metrics["miou_train"] == 0.25
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.tiny import TINY_OVERRIDES, make_tiny_dataset, tiny_config
 
+from helpers.tiny import TINY_OVERRIDES, make_tiny_dataset, tiny_config
 from vitpcm.errors import ConfigError, DataError
 from vitpcm.train import schedule, train
 

@@ -8,7 +8,7 @@ API::
 
     from helpers.mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 
-    def test_something(mlflow_server):      # session-scoped, started once
+    def test_something(mlflow_server):      # started once per test process
         mlflow_server.uri                   # "http://127.0.0.1:<port>"
         mlflow_server.client()              # MlflowClient bound to it
         with mlflow_server.outage():        # killed inside the block, restarted after it
@@ -174,16 +174,22 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.uri)
 
 
+# Test modules each import the fixture, and pytest would then start one server per module;
+# one per process is enough (start-up is the slow part), so the first request starts it.
+_SHARED: MlflowServer | None = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(
     s3_server: S3Server,  # noqa: F811  (the imported fixture)
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[MlflowServer]:
+    pytestconfig: pytest.Config,
+) -> MlflowServer:
     """One MLflow server (SQLite + S3 artifacts on moto) for the whole test session."""
-    bucket = s3_server.new_bucket("mlflow-artifacts")
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), bucket)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    global _SHARED
+    if _SHARED is None:
+        bucket = s3_server.new_bucket("mlflow-artifacts")
+        _SHARED = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), bucket)
+        pytestconfig.add_cleanup(_SHARED.stop)
+    _SHARED.start()  # no-op while running; brings it back if a test left it down
+    return _SHARED

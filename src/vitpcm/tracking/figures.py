@@ -27,6 +27,7 @@ OVERLAY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("crf", "BPM + CRF"),
 )
 _IGNORE = 255
+_LEGEND_IN = 0.45  # figure height (inches) kept free for the legend row
 
 
 def _as_rgb(image: Any) -> np.ndarray:
@@ -101,7 +102,8 @@ def plot_sample_overlays(
     columns = [(k, t) for k, t in OVERLAY_COLUMNS if any(s.get(k) is not None for s in samples)]
     ncols = 1 + len(columns)
     nrows = len(samples)
-    fig = Figure(figsize=(2.6 * ncols, 2.6 * nrows + 0.9))
+    height = 2.6 * nrows + _LEGEND_IN
+    fig = Figure(figsize=(2.6 * ncols, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     present: set[int] = set()
@@ -126,7 +128,7 @@ def plot_sample_overlays(
         ax.set_yticks([])
     palette = voc_palette() / 255.0
     handles = []
-    for value in sorted(present):
+    for value in sorted(present - {0}):  # background is left untinted
         if value == _IGNORE:
             name = "ignore"
         elif class_names is not None and value < len(class_names):
@@ -144,9 +146,9 @@ def plot_sample_overlays(
         )
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.9 / (2.6 * nrows + 0.9) if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, _LEGEND_IN / height if handles else 0, 1, 1))
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     storage.write_bytes(path, buffer.getvalue())
 
 
