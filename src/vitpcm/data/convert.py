@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -283,7 +282,7 @@ def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
             )
         _check_values(label, num_classes, where)
         label_png = _stored_mask(mask_bytes, label, where)
-    return example_bytes(
+    return tfrecord.encode_example(
         image=image,
         filename=os.path.basename(sample.image),
         image_format=info.format,
@@ -314,7 +313,7 @@ def write_shard(task: ShardTask, report: Callable[[int], None] | None = None) ->
                     return result
                 result.skipped.append((exc.path, exc.reason))
             else:
-                out.write(tfrecord_frame(record))
+                out.write(tfrecord.tfrecord_frame(record))
                 result.written += 1
             if report is not None:
                 report(1)
@@ -336,104 +335,6 @@ def _stop_requested() -> bool:
 
 def _pool_write_shard(task: ShardTask) -> ShardResult:
     return write_shard(task, report=_worker_progress.put)
-
-
-# --- TFRecord without TensorFlow ------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # int64 on the wire is two's complement
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def example_bytes(
-    *,
-    image: bytes,
-    filename: str,
-    image_format: str,
-    height: int,
-    width: int,
-    channels: int = 3,
-    label: bytes | None = None,
-    label_format: str = "png",
-) -> bytes:
-    """The same ``tf.train.Example`` as :func:`vitpcm.data.tfrecord.encode_example`, without TF.
-
-    Example{features=1: Features{feature=1: map<string, Feature>}}; Feature has
-    bytes_list=1 and int64_list=3, each a repeated ``value=1`` (int64 packed).
-    """
-
-    def as_bytes(value: bytes) -> bytes:
-        return _field(1, _field(1, value))
-
-    def as_int(value: int) -> bytes:
-        return _field(3, _field(1, _varint(int(value))))
-
-    features = [
-        (tfrecord.IMAGE_ENCODED, as_bytes(image)),
-        (tfrecord.IMAGE_FILENAME, as_bytes(filename.encode("utf-8"))),
-        (tfrecord.IMAGE_FORMAT, as_bytes(image_format.encode("utf-8"))),
-        (tfrecord.IMAGE_HEIGHT, as_int(height)),
-        (tfrecord.IMAGE_WIDTH, as_int(width)),
-        (tfrecord.IMAGE_CHANNELS, as_int(channels)),
-    ]
-    if label is not None:
-        features.append((tfrecord.LABEL_ENCODED, as_bytes(label)))
-        features.append((tfrecord.LABEL_FORMAT, as_bytes(label_format.encode("utf-8"))))
-    entries = b"".join(
-        _field(1, _field(1, key.encode("utf-8")) + _field(2, value)) for key, value in features
-    )
-    return _field(1, entries)
-
-
-def _crc32c(data: bytes) -> int:
-    try:
-        import google_crc32c
-    except ImportError:  # a slow pure-Python fallback keeps conversion possible
-        return _crc32c_python(data)
-    return int(google_crc32c.value(data))
-
-
-_CRC32C_TABLE: list[int] = []
-
-
-def _crc32c_python(data: bytes) -> int:
-    if not _CRC32C_TABLE:
-        for byte in range(256):
-            crc = byte
-            for _ in range(8):
-                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-            _CRC32C_TABLE.append(crc)
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(record: bytes) -> bytes:
-    """One TFRecord entry: length, masked CRC32C of the length, data, masked CRC32C of it."""
-    length = struct.pack("<Q", len(record))
-    return (
-        length
-        + struct.pack("<I", _masked_crc(length))
-        + record
-        + struct.pack("<I", _masked_crc(record))
-    )
 
 
 # --- orchestration --------------------------------------------------------------------------
