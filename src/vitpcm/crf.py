@@ -27,21 +27,27 @@ from typing import Any
 
 import numpy as np
 
+from vitpcm.config import CrfConfig
+
 # Probabilities are clipped to this floor before -log: exact zeros would give infinite
 # unaries, and the floor keeps an absent-class channel irrelevant but finite.
 PROB_FLOOR = 1e-8
+
+
+_PAPER = CrfConfig()
 
 
 @dataclass(frozen=True)
 class CrfParams:
     """Dense CRF parameters (defaults: the paper's); mirrors the ``crf`` config section."""
 
-    iterations: int = 10
-    gaussian_sxy: float = 1.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 67.0
-    bilateral_srgb: float = 3.0
-    bilateral_compat: float = 4.0
+    # The paper's values live once, in the config schema.
+    iterations: int = _PAPER.iterations
+    gaussian_sxy: float = _PAPER.gaussian_sxy
+    gaussian_compat: float = _PAPER.gaussian_compat
+    bilateral_sxy: float = _PAPER.bilateral_sxy
+    bilateral_srgb: float = _PAPER.bilateral_srgb
+    bilateral_compat: float = _PAPER.bilateral_compat
 
     @classmethod
     def from_any(cls, params: Any = None) -> CrfParams:
