@@ -63,12 +63,13 @@ if [[ -z $python ]]; then
     if [[ -x $repo/.venv/bin/python ]]; then python=$repo/.venv/bin/python; else python=python3; fi
 fi
 
-# A small build context: the Dockerfiles COPY only these, and sending the whole checkout
+# A small build context: the Dockerfiles COPY only these (the package is vitpcm plus the KFP
+# components and pipeline, which the TFJob launcher imports), and sending the whole checkout
 # (.venv/, data, runs) would cost minutes for nothing.
 context=$(mktemp -d "${TMPDIR:-/tmp}/vitpcm-image-context.XXXXXX")
 trap 'rm -rf "$context"' EXIT
 (cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' -cf - \
-    pyproject.toml README.md src configs images/requirements.py) | tar -xf - -C "$context"
+    pyproject.toml README.md src components pipeline configs images/requirements.py) | tar -xf - -C "$context"
 
 for variant in "${variants[@]}"; do
     image=$(cd "$repo" && "$python" -m pipeline.images --print "$variant") ||

@@ -176,6 +176,8 @@ def test_build_script_uses_pipeline_image_names_and_a_small_context(
     assert {"./pyproject.toml", "./README.md", "./images/requirements.py"} <= set(context)
     assert "./src/vitpcm/cli.py" in context
     assert "./configs/synthetic.yaml" in context
+    # The package also holds the KFP components and pipeline (the TFJob launcher imports them).
+    assert {"./components/tfjob.py", "./pipeline/images.py"} <= set(context)
     assert not [f for f in context if f.startswith(("./.venv", "./tests", "./.git"))]
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]
 
@@ -283,6 +285,13 @@ def test_vitpcm_help_and_bare_config_names(cpu_image: str) -> None:
     # The configs baked into the image are found by bare name through VITPCM_CONFIG_DIR.
     shown = yaml.safe_load(_run(cpu_image, "vitpcm", "config", "show", "-c", "synthetic"))
     assert shown["name"] == "synthetic"
+
+
+@needs_image_build
+@pytest.mark.slow
+def test_image_carries_the_kfp_components_and_names_itself(cpu_image: str) -> None:
+    script = "import components.tfjob, pipeline.images as i; print(i.image('cpu', environ={}))"
+    assert _run(cpu_image, "python3", "-c", script).strip() == image("cpu", environ={})
 
 
 @needs_image_build

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 
 from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa: F401
 from helpers.tiny import make_tiny_dataset, tiny_config
+from vitpcm.config import Config
 from vitpcm.errors import TrackingError
 from vitpcm.tracking import (
     CHAMPION_ALIAS,
@@ -20,6 +23,7 @@ from vitpcm.tracking import (
     final_metrics,
     flatten_params,
     kfp_run_url,
+    log_pipeline_run,
     plot_sample_overlays,
     promote_if_better,
 )
@@ -217,23 +221,27 @@ def _run_data(server: MlflowServer, run_id: str) -> tuple[object, list[str]]:
     return run, sorted(paths)
 
 
-@pytest.mark.slow
-def test_tracked_training_run_logs_everything(
-    mlflow_server: MlflowServer,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import mlflow.tensorflow
+@dataclass(frozen=True)
+class TinyTraining:
+    cfg: Config
+    data: Path
+    out: Path
+    result: dict
+    run_id: str
 
+
+@pytest.fixture(scope="module")
+def tiny_training(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> TinyTraining:
+    """A 2-epoch tiny training run, tracked live through the epoch callback."""
     from vitpcm.train import train
 
-    data = make_tiny_dataset(tmp_path / "data", train=8, val=4, test=2)
-    cfg = tiny_config(
-        "mlflow.experiment=test-full-run",
-        "mlflow.registered_model=test-full-model",
-        "train.epochs=2",
-    )
-    out = tmp_path / "train-out"
+    root = tmp_path_factory.mktemp("tiny-training")
+    data = make_tiny_dataset(root / "data", train=8, val=4, test=2)
+    cfg = tiny_config("mlflow.experiment=test-full-run", "mlflow.registered_model=test-full-model")
+    out = root / "train-out"
     with RunTracker(
         cfg,
         out,
@@ -248,14 +256,32 @@ def test_tracked_training_run_logs_everything(
             progress=False,
             callbacks=[tracker.epoch_callback],
         )
+        run_id = tracker.run_id
+    assert run_id
+    return TinyTraining(cfg, data, out, result, run_id)
+
+
+@pytest.mark.slow
+def test_tracked_training_run_logs_everything(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tiny_training: TinyTraining,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.tensorflow
+
+    from vitpcm.eval import load_model
+
+    cfg, out, result = tiny_training.cfg, tiny_training.out, tiny_training.result
+    # A later step of the same job reopens the run from the spool in the output folder.
+    with RunTracker(cfg, out, tracking_uri=mlflow_server.uri) as tracker:
+        assert tracker.run_id == tiny_training.run_id
         matrix = np.array([[50, 5, 0, 0], [4, 30, 0, 0], [1, 0, 9, 0], [0, 0, 0, 0]])
         results = {**result, "class_names": CLASSES, "class_iou": [0.8, 0.6, 0.9, None]}
         results["miou_crf"] = 0.7
         flat = tracker.log_results(
             results, "val", confusion_matrix=matrix, samples=[_sample(0), _sample(1)]
         )
-        from vitpcm.eval import load_model
-
         model = load_model(str(out))
         logged = tracker.log_model(model, miou=result["miou"], split="val")
         run_id = tracker.run_id
@@ -327,6 +353,62 @@ def test_tracked_training_run_logs_everything(
     assert signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
     # nothing left in the spool
     assert Spool(out / "mlflow-spool").pending() == []
+
+
+@pytest.mark.slow
+def test_pipeline_run_logged_from_step_outputs_and_gated(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tiny_training: TinyTraining,
+    tmp_path: Path,
+) -> None:
+    from vitpcm.eval import run_eval
+    from vitpcm.infer import run_test
+
+    cfg, out, data = tiny_training.cfg, tiny_training.out, tiny_training.data
+    eval_dir, test_dir = tmp_path / "eval", tmp_path / "test"
+    run_eval(cfg, str(out), data_uri=str(data), out_dir=str(eval_dir), progress=False)
+    run_test(cfg, str(out), data_uri=str(data), out_dir=str(test_dir), crf=True, progress=False)
+    common = {
+        "tracking_uri": mlflow_server.uri,
+        "model_dir": out,
+        "test_dir": test_dir,
+        "experiment": "test-pipeline-run",
+        "model_name": "test-pipeline-model",
+        "kfp_ui_url": "https://kf.example/pipeline",
+        "data_dir": data,
+    }
+    first = log_pipeline_run(
+        eval_dir=eval_dir, kfp_run_id="kfp-1", spool_dir=tmp_path / "spool-1", **common
+    )
+    assert first["pending"] == 0 and first["promoted"] is True
+    assert first["split"] == "val" and first["version"] == "1"
+
+    run, artifacts = _run_data(mlflow_server, first["run_id"])
+    client = mlflow_server.client()
+    assert run.data.tags["kfp.run_id"] == "kfp-1"
+    assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [0, 1]
+    assert math.isclose(run.data.metrics["miou_val"], first["miou"])
+    assert "miou_crf_val" in run.data.metrics
+    assert run.data.metrics["best_epoch"] == tiny_training.result["best_epoch"]
+    assert {"val/confusion_matrix.png", "val/class_iou_crf.png", "val/sample_overlays.png"} <= (
+        set(artifacts)
+    )
+
+    # The next scheduled run scores lower: registered, but the champion stays.
+    worse_eval = tmp_path / "eval-worse"
+    shutil.copytree(eval_dir, worse_eval)
+    metrics = json.loads((worse_eval / "metrics.json").read_text())
+    metrics["miou"] = first["miou"] - 0.05
+    (worse_eval / "metrics.json").write_text(json.dumps(metrics))
+    second = log_pipeline_run(
+        eval_dir=worse_eval, kfp_run_id="kfp-2", spool_dir=tmp_path / "spool-2", **common
+    )
+    assert second["version"] == "2" and second["promoted"] is False
+    assert " <= " in second["champion_comparison"]
+    assert second["run_id"] != first["run_id"]
+    champion = client.get_model_version_by_alias("test-pipeline-model", CHAMPION_ALIAS)
+    assert champion.version == "1"
+    assert client.get_model_version("test-pipeline-model", "2").tags["promoted"] == "false"
 
 
 def _new_version(client: object, name: str, experiment_id: str) -> str:

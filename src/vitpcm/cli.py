@@ -170,6 +170,14 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mlflow_replay(args: argparse.Namespace) -> int:
+    from vitpcm.tracking import replay_spool
+
+    sent = replay_spool(args.dir, tracking_uri=args.tracking_uri, progress=not args.no_progress)
+    print(f"sent {sent} pending MLflow record(s) from {args.dir}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -316,6 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg_sub.add_parser("show", help="print the config with defaults and overrides applied")
     _add_config_args(p)
     p.set_defaults(handler=_config_show)
+
+    ml = sub.add_parser("mlflow", help="MLflow helpers (replay records spooled during an outage)")
+    ml_sub = ml.add_subparsers(dest="mlflow_command", metavar="ACTION", required=True)
+    p = ml_sub.add_parser(
+        "replay",
+        help="send MLflow records left pending by an outage",
+        description=(
+            "Send the records a tracked run spooled while MLflow was unreachable, in order "
+            "and exactly once, to the same MLflow run."
+        ),
+    )
+    p.add_argument("dir", metavar="DIR", help="a tracked run's output folder or its mlflow-spool/")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow server (default: the one holding the run, then $MLFLOW_TRACKING_URI)",
+    )
+    _add_common(p)
+    p.set_defaults(handler=_mlflow_replay)
 
     return parser
 

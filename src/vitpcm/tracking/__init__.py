@@ -4,6 +4,8 @@
   curves, final metrics, plots, config, the Keras model, registration.
 * ``spool.py`` / ``sender.py`` -- every record is journaled locally before it is sent, so
   an MLflow outage loses nothing; :func:`replay_spool` sends what is left.
+* :func:`log_pipeline_run` (``pipeline_run.py``) -- the same run, logged after the fact
+  from a pipeline's step outputs (the Kubeflow register step).
 * :func:`promote_if_better` (``registry.py``) -- the ``champion`` alias gate.
 * :func:`plot_sample_overlays` (``figures.py``) -- image / ground truth / BPM / CRF grids.
 * ``naming.py`` (experiment, param and metric names) and ``model_files.py`` (the logged
@@ -21,6 +23,7 @@ from vitpcm.tracking.naming import (
     flatten_params,
     kfp_run_url,
 )
+from vitpcm.tracking.pipeline_run import log_pipeline_run
 from vitpcm.tracking.registry import CHAMPION_ALIAS, ChampionDecision, promote_if_better
 from vitpcm.tracking.sender import replay_spool
 from vitpcm.tracking.spool import SPOOL_DIRNAME
@@ -37,6 +40,7 @@ __all__ = [
     "final_metrics",
     "flatten_params",
     "kfp_run_url",
+    "log_pipeline_run",
     "plot_sample_overlays",
     "promote_if_better",
     "replay_spool",
