@@ -33,7 +33,7 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.config import Config, save_config
-from vitpcm.distribute import WorkerRole, make_strategy, worker_role
+from vitpcm.distribute import make_strategy, worker_role
 from vitpcm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,9 @@ def train(
         improved = metrics["miou"] > state.best_miou
         if improved:
             state.best_miou, state.best_epoch, state.epochs_since_best = metrics["miou"], epoch, 0
-            best_metrics = metrics
             _save_model(loop.model, storage.join(own_out, MODEL_FILE))
             storage.write_bytes(
-                storage.join(own_out, "best_metrics.json"), json.dumps(best_metrics).encode()
+                storage.join(own_out, "best_metrics.json"), json.dumps(metrics).encode()
             )
         else:
             state.epochs_since_best += 1
@@ -477,17 +476,3 @@ class _TrainingLoop:
         if done == 0:
             raise DataError("the training split yielded no batch; check the dataset")
         return {k: v / done for k, v in sums.items()}
-
-
-def run_train(
-    cfg: Config,
-    data_uri: str | None,
-    out_uri: str,
-    progress: bool = True,
-    callbacks: Sequence[EpochCallback] = (),
-) -> dict[str, Any]:
-    """CLI/component entry: train and return the final metrics."""
-    return train(cfg, data_uri=data_uri, out_uri=out_uri, progress=progress, callbacks=callbacks)
-
-
-__all__ = ["LoopState", "Phase", "WorkerRole", "run_train", "schedule", "train"]
