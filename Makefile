@@ -11,8 +11,9 @@ PIPELINE_YAML ?= build/vitpcm_pipeline.yaml
 CRON ?= 0 0 3 * * 1
 PARAMS ?=
 ARGS ?=
+K8S_VERSION ?= 1.31.0
 
-.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule clean
+.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images validate-manifests mlflow-ui clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Targets:\n"} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,8 +47,11 @@ format: setup ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-run-local: setup ## Run the whole DAG locally with kfp.local on synthetic data (ARGS="--help")
+run-local: setup ## Run the whole DAG locally (kfp.local, synthetic data, local MLflow + S3); ARGS="--help"
 	$(BIN)/python -m pipeline.local $(ARGS)
+
+mlflow-ui: setup ## Browse the runs of run-local in MLflow at http://127.0.0.1:5000 (ARGS="--root DIR --port N")
+	$(BIN)/python -m pipeline.local_mlflow ui $(ARGS)
 
 compile-pipeline: setup ## Compile the Kubeflow pipeline to build/vitpcm_pipeline.yaml (upload it in the UI)
 	$(BIN)/python -m pipeline.compile --out $(PIPELINE_YAML)
@@ -58,6 +62,19 @@ submit: compile-pipeline ## Upload a pipeline version and start a run (needs KFP
 
 schedule: compile-pipeline ## Create a recurring retraining run (CRON="0 0 3 * * 1": 6 fields, seconds first)
 	$(BIN)/python -m pipeline.schedule --package $(PIPELINE_YAML) --cron "$(CRON)" $(addprefix --param ,$(PARAMS))
+
+images: setup ## Build the CPU and GPU images with podman or docker (names from pipeline/images.py; BASE_IMAGE=...)
+	PYTHON=$(BIN)/python images/build.sh cpu gpu
+
+test-images: setup ## Build the CPU image with podman on a debootstrapped Debian base and test it in a container (root; 5-15 min)
+	images/setup-podman.sh
+	images/make-base.sh
+	VITPCM_TEST_IMAGES=1 $(BIN)/pytest -q tests/test_images.py
+
+validate-manifests: setup ## Render manifests/ with kubectl kustomize, validate every object (strict), hadolint the Dockerfiles
+	set -o pipefail; kubectl kustomize manifests/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
+	set -o pipefail; kubectl kustomize manifests/secrets/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
+	$(BIN)/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
 
 clean: ## Remove caches and local run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs build dist

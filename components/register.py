@@ -20,6 +20,8 @@ def register_model(
     eval_report: Input[Artifact],
     pseudo_masks: Input[Dataset],
     summary: Output[Artifact],
+    mlflow_spool: Output[Artifact],
+    tfrecords: Input[Dataset] = None,
     tracking_uri: str = "",
     experiment: str = "vitpcm",
     model_name: str = "vitpcm",
@@ -34,6 +36,11 @@ def register_model(
         eval_report: Evaluation folder (metrics.json, confusion matrix, IoU plot).
         pseudo_masks: Inference folder (pseudo masks, metrics.json).
         summary: JSON summary of the run (metrics, artifact URIs, MLflow outcome).
+        mlflow_spool: Folder: the MLflow records of this run, journaled before sending;
+            what MLflow did not acknowledge (it was down) is replayed from here with
+            ``vitpcm mlflow replay``.
+        tfrecords: Converted dataset; when given, test images with ground truth and
+            pseudo masks are logged as sample overlays.
         tracking_uri: MLflow tracking URI; empty skips MLflow.
         experiment: MLflow experiment name.
         model_name: Registered model name in the MLflow model registry.
@@ -42,12 +49,16 @@ def register_model(
     import importlib.util
     import json
     import logging
+    import os
 
+    # Always there, even empty: a declared output folder that is missing fails the upload.
+    os.makedirs(mlflow_spool.path, exist_ok=True)
     record = {
         "kfp_run_id": kfp_run_id,
         "model_uri": model.uri,
         "eval_report_uri": eval_report.uri,
         "pseudo_masks_uri": pseudo_masks.uri,
+        "mlflow_spool_uri": mlflow_spool.uri,
         "model": dict(model.metadata),
         "eval": dict(eval_metrics.metadata),
         "test": dict(test_metrics.metadata),
@@ -69,6 +80,8 @@ def register_model(
             eval_dir=eval_report.path,
             test_dir=pseudo_masks.path,
             kfp_run_id=kfp_run_id,
+            data_dir=None if tfrecords is None else tfrecords.path,
+            spool_dir=mlflow_spool.path,
         )
     with open(summary.path, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, sort_keys=True, default=str)

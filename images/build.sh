@@ -38,7 +38,7 @@ while (($#)); do
         --ca-bundle) ca_bundle="${2:?--ca-bundle needs a value}"; shift 2 ;;
         --push) push=1; shift ;;
         cpu | gpu) variants+=("$1"); shift ;;
-        -h | --help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown argument '$1' (see images/build.sh --help)" ;;
     esac
 done

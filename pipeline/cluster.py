@@ -25,7 +25,7 @@ S3_ENDPOINT_FOR_MLFLOW = {"S3_ENDPOINT": "MLFLOW_S3_ENDPOINT_URL"}
 # MLflow server credentials (basic auth; the keys may hold empty strings for an open server).
 MLFLOW_SECRET = "vitpcm-mlflow"
 MLFLOW_SECRET_KEYS: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-DEFAULT_MLFLOW_URI = "http://mlflow.vitpcm.svc.cluster.local:5000"
+DEFAULT_MLFLOW_URI = "http://mlflow.kubeflow-user-example-com.svc.cluster.local:5000"
 
 # GPU nodes: the resource name and node label of the NVIDIA GPU operator / device plugin, and
 # the taint GPU node pools commonly carry so that CPU-only pods stay off them.

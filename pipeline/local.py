@@ -3,32 +3,54 @@
 The same components as in the cluster run as subprocesses of this interpreter
 (``SubprocessRunner(use_venv=False)``: the installed ``vitpcm`` is used, images are not).
 Kubernetes settings (GPUs, Secrets, node selectors, retries) are ignored locally; the
-environment of this process (S3 endpoint, MLflow credentials) is inherited by every step.
+environment of this process is inherited by every step.
 
 By default the built-in synthetic dataset is generated; ``mirror`` downloads VOC/COCO from
 a mirror, and ``source_dir`` starts from a dataset folder already on disk.
+
+``python -m pipeline.local`` is the newcomer's first command. Around :func:`run_local` it
+starts a local MLflow server and S3 endpoint (:mod:`pipeline.local_mlflow`, set up like
+the cluster's) and stops them at the end, shows one line per step (:mod:`pipeline.progress`;
+the steps' full logs go to ``<root>/logs/``), and ends with a summary
+(:mod:`pipeline.summary`; also ``<root>/summary.json``). ``make mlflow-ui`` browses the
+runs afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.progress import (
+    KfpLogSink,
+    StepDisplay,
+    capture_kfp_output,
+    isolated_step_processes,
+    open_log,
+    real_stdout,
+)
 from vitpcm.errors import ConfigError, VitpcmError
 
 DEFAULT_ROOT = "runs/local"
+SUMMARY_FILE = "summary.json"
 # Outputs of the single-node pipeline that are artifacts with a local path.
 _FOLDERS = ("tfrecords", "model", "eval_report", "pseudo_masks")
 _FILES = ("class_iou", "summary")
 _METRICS = {"train": "train_metrics", "eval": "eval_metrics", "test": "test_metrics"}
+# download (or the dataset folder's importer), convert, train, evaluate, infer, register.
+_DAG_STEPS = 6
+_FAILURE_TAIL_LINES = 25
 
 
 @dataclass(frozen=True)
@@ -52,18 +74,57 @@ class LocalRun:
         metrics: Scalar metrics per stage: ``train`` (best validation epoch), ``eval``
             (baseline pseudo masks), ``test`` (before/after the CRF).
         summary: The registration step's summary (metrics, artifact URIs, MLflow outcome).
+        log_path: The steps' full logs.
     """
 
     pipeline_root: Path
     artifacts: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    log_path: Path | None = None
+
+
+class StepFailedError(RuntimeError):
+    """A pipeline step exited with an error.
+
+    Attributes:
+        step: the failed task's name (``train-model``...), when known.
+        tail: the last lines of its log.
+        log_path: the full log of the run.
+    """
+
+    def __init__(self, step: str | None, tail: Sequence[str], log_path: Path) -> None:
+        self.step = step
+        self.tail = list(tail)
+        self.log_path = log_path
+        name = f"step {step!r}" if step else "a step"
+        super().__init__(f"{name} failed; its full log is in {log_path}")
 
 
 def _overrides_text(overrides: Sequence[str] | str) -> str:
     if isinstance(overrides, str):
         return overrides
     return shlex.join(overrides)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def check_source(source_dir: str | os.PathLike[str] | None, dataset: str) -> Path | None:
+    """The resolved dataset folder, or None to download/synthesise.
+
+    Raises:
+        ConfigError: ``source_dir`` is not a folder, or is given with the synthetic dataset.
+    """
+    if source_dir is None:
+        return None
+    source = Path(source_dir).resolve()
+    if not source.is_dir():
+        raise ConfigError(f"source_dir {source} is not a folder; pass a downloaded dataset")
+    if dataset == "synthetic":
+        raise ConfigError("source_dir holds real data: set dataset to voc12 or coco14")
+    return source
 
 
 def run_local(
@@ -81,6 +142,9 @@ def run_local(
     registered_model: str = "vitpcm-local",
     checkpoint_root: str = "",
     synthetic: SyntheticData = SyntheticData(),  # noqa: B008  (frozen, so a safe default)
+    display: StepDisplay | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    echo_logs: bool = False,
 ) -> LocalRun:
     """Run download/synth -> convert -> train -> evaluate -> infer + CRF -> register locally.
 
@@ -99,26 +163,25 @@ def run_local(
         registered_model: MLflow registered model name.
         checkpoint_root: Checkpoint folder or ``s3://`` prefix (resumable training).
         synthetic: Size of the generated dataset when ``dataset`` is ``synthetic``.
+        display: Shows one line per step (None: nothing is shown).
+        log_path: Where the steps' logs go (default ``<root>/logs/run-<time>.log``).
+        echo_logs: Also print the steps' logs as they come.
 
     Returns:
         The run's artifact paths, metrics and registration summary.
 
     Raises:
         ConfigError: A bad combination of arguments (e.g. a missing ``source_dir``).
-        RuntimeError: A step failed (its log is printed above the error by kfp).
+        StepFailedError: A step failed (the end of its log is in the error).
     """
-    if source_dir is not None:
-        source = Path(source_dir).resolve()
-        if not source.is_dir():
-            raise ConfigError(f"source_dir {source} is not a folder; pass a downloaded dataset")
-        if dataset == "synthetic":
-            raise ConfigError("source_dir holds real data: set dataset to voc12 or coco14")
+    source = check_source(source_dir, dataset)
     from kfp import local
 
     from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
 
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    log_file = Path(log_path) if log_path else root / "logs" / f"run-{_stamp()}.log"
     # Steps inherit this environment; TensorFlow's C++ start-up chatter drowns the step logs.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     local.init(
@@ -141,7 +204,7 @@ def run_local(
         "registered_model": registered_model,
         "checkpoint_root": checkpoint_root,
     }
-    if source_dir is None:
+    if source is None:
         pipeline_func = vitpcm_single_node_pipeline
         arguments.update(
             mirror=mirror,
@@ -152,12 +215,19 @@ def run_local(
         )
     else:
         pipeline_func = prepared_data_pipeline(str(source))
-    with warnings.catch_warnings():
-        # kfp warns that image names without "python" may not run in a local interpreter;
-        # they are our images, and locally the installed package stands in for them.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        task = pipeline_func(**arguments)
-    return _collect(root, task.outputs)
+    with open_log(log_file) as log:
+        sink = KfpLogSink(log, display, echo=real_stdout() if echo_logs else None)
+        try:
+            with capture_kfp_output(sink), isolated_step_processes(), warnings.catch_warnings():
+                # kfp warns that image names without "python" may not run in a local
+                # interpreter; they are our images, and here the installed package stands in.
+                warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+                task = pipeline_func(**arguments)
+        except RuntimeError as exc:  # kfp.local: a task ended with status FAILURE
+            raise StepFailedError(sink.failed, sink.tail, log_file) from exc
+    run = _collect(root, task.outputs)
+    run.log_path = log_file
+    return run
 
 
 def _collect(root: Path, outputs: Any) -> LocalRun:
@@ -172,9 +242,14 @@ def _collect(root: Path, outputs: Any) -> LocalRun:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from pipeline.services import DEFAULT_MLFLOW_PORT
+
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.local",
-        description="Run the ViT-PCM pipeline on this machine with kfp.local.",
+        description=(
+            "Run the ViT-PCM pipeline on this machine with kfp.local, with a local MLflow "
+            "server and S3 endpoint, and print a summary."
+        ),
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"outputs folder ({DEFAULT_ROOT})")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "voc12", "coco14"])
@@ -186,43 +261,173 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--set", metavar="KEY=VALUE", action="append", default=[], help="config override"
     )
     parser.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
-    parser.add_argument("--mlflow-uri", default="", help="MLflow tracking URI (none: skip)")
-    parser.add_argument("--experiment", default="vitpcm-local", help="MLflow experiment")
     parser.add_argument("--train", type=int, default=SyntheticData.train, help="synthetic train")
     parser.add_argument("--val", type=int, default=SyntheticData.val, help="synthetic val")
     parser.add_argument("--test", type=int, default=SyntheticData.test, help="synthetic test")
     parser.add_argument("--size", type=int, default=SyntheticData.size, help="synthetic px")
+    mlflow = parser.add_argument_group("MLflow")
+    mlflow.add_argument(
+        "--mlflow-port",
+        type=int,
+        help=f"port of the local MLflow server ({DEFAULT_MLFLOW_PORT}, or a free one when it "
+        "is busy; 0: a free one)",
+    )
+    mlflow.add_argument("--s3-port", type=int, default=0, help="local S3 port (0: a free one)")
+    mlflow.add_argument(
+        "--keep-servers", action="store_true", help="keep the servers up after the run (Ctrl-C)"
+    )
+    mlflow.add_argument(
+        "--mlflow-uri", default="", help="log to this MLflow server instead of a local one"
+    )
+    mlflow.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
+    mlflow.add_argument("--experiment", default="vitpcm-local", help="MLflow experiment")
+    mlflow.add_argument(
+        "--registered-model", default="vitpcm-local", help="MLflow registered model name"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the steps' full logs instead of progress"
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.local``: run, then print the metrics and where the outputs are."""
-    args = _parse_args(argv)
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the run like Ctrl-C does: steps and servers are stopped."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        run = run_local(
-            pipeline_root=args.root,
-            dataset=args.dataset,
-            config=args.config,
-            source_dir=args.source_dir,
-            mirror=args.mirror,
-            epochs=args.epochs,
-            overrides=args.set,
-            crf=not args.no_crf,
-            mlflow_tracking_uri=args.mlflow_uri,
-            experiment=args.experiment,
-            synthetic=SyntheticData(args.train, args.val, args.test, args.size),
-        )
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _mlflow_port(requested: int | None, display: StepDisplay) -> int:
+    from pipeline.services import DEFAULT_MLFLOW_PORT, free_port, port_is_free
+
+    if requested is not None:
+        return requested  # explicit: a busy one is an error (0: a free one)
+    if port_is_free(DEFAULT_MLFLOW_PORT):
+        return DEFAULT_MLFLOW_PORT
+    port = free_port()
+    display.note(
+        f"port {DEFAULT_MLFLOW_PORT} is busy: MLflow listens on {port} this time "
+        f"(--mlflow-port chooses)"
+    )
+    return port
+
+
+def _browse_command(root: Path, port: int) -> str:
+    from pipeline.services import DEFAULT_MLFLOW_PORT
+
+    options = []
+    if root != Path(DEFAULT_ROOT).resolve():
+        options.append(f"--root {shlex.quote(str(root))}")
+    if port != DEFAULT_MLFLOW_PORT:
+        options.append(f"--port {port}")
+    command = "make mlflow-ui" + (f' ARGS="{" ".join(options)}"' if options else "")
+    return f"{command}   (serves http://127.0.0.1:{port} until Ctrl-C)"
+
+
+def _print_failure(error: StepFailedError, out: Any) -> None:
+    lines = [line for line in error.tail if line.strip()][-_FAILURE_TAIL_LINES:]
+    if lines:
+        out.write(f"\nThe end of the failed step's log ({error.log_path}):\n")
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.local``: services, the DAG with progress, then the summary."""
+    from pipeline.local_mlflow import local_services, wait_for_interrupt
+    from pipeline.summary import build_summary, format_summary, write_summary
+
+    args = _parse_args(argv)
+    started = time.monotonic()
+    try:
+        check_source(args.source_dir, args.dataset)
     except VitpcmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except RuntimeError as exc:  # kfp.local: a step failed; its log is above
+    out = real_stdout()
+    root = Path(args.root).resolve()
+    log_path = root / "logs" / f"run-{_stamp()}.log"
+    display = StepDisplay(out, total=_DAG_STEPS)
+    text = ""
+    out.write(f"ViT-PCM on this machine (kfp.local): outputs in {root}, step logs in {log_path}\n")
+    out.flush()
+    try:
+        with _signals_interrupt(), contextlib.ExitStack() as stack:
+            tracking_uri, port = args.mlflow_uri, 0
+            if not (args.mlflow_uri or args.no_mlflow):
+                port = _mlflow_port(args.mlflow_port, display)
+                display.begin("services", "start MLflow + S3 servers", numbered=False)
+                services = stack.enter_context(
+                    local_services(root, port or None, args.s3_port or None, display.note)
+                )
+                tracking_uri, port = services.mlflow.uri, services.mlflow.port
+                display.end("services", detail=tracking_uri)
+            run = run_local(
+                pipeline_root=root,
+                dataset=args.dataset,
+                config=args.config,
+                source_dir=args.source_dir,
+                mirror=args.mirror,
+                epochs=args.epochs,
+                overrides=args.set,
+                crf=not args.no_crf,
+                mlflow_tracking_uri=tracking_uri,
+                experiment=args.experiment,
+                registered_model=args.registered_model,
+                synthetic=SyntheticData(args.train, args.val, args.test, args.size),
+                display=None if args.verbose else display,
+                log_path=log_path,
+                echo_logs=args.verbose,
+            )
+            summary = build_summary(
+                run,
+                dataset=args.dataset,
+                config=args.config,
+                wall_seconds=time.monotonic() - started,
+                steps=[s for s in display.steps if s.name != "services"],
+                log_path=log_path,
+                tracking_uri=tracking_uri,
+                browse_command=_browse_command(root, port) if port else "",
+            )
+            summary_path = write_summary(summary, root / SUMMARY_FILE)
+            text = format_summary(summary, str(summary_path))
+            if port and args.keep_servers:
+                out.write(text + f"\nMLflow UI: {tracking_uri}  (Ctrl-C stops the servers)\n")
+                out.flush()
+                text = ""
+                wait_for_interrupt()
+            if port:
+                display.begin("stop", "stop servers, save MLflow artifacts", numbered=False)
+        if port:
+            display.end("stop")
+        display.close()
+        # The summary comes last, under the lines about stopping.
+        out.write(text)
+        out.flush()
+        return 0
+    except KeyboardInterrupt as exc:
+        display.close()
+        why = str(exc) or "Ctrl-C"
+        out.write(f"\ninterrupted ({why}): every step and server was stopped\n")
+        out.flush()
+        return 130
+    except StepFailedError as exc:
+        display.close()
+        _print_failure(exc, out)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for stage, values in run.metrics.items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
-        print(f"{stage}: {shown}")
-    print(f"model: {run.artifacts['model']}\npseudo masks: {run.artifacts['pseudo_masks']}")
-    return 0
+    except VitpcmError as exc:
+        display.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

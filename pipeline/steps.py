@@ -155,6 +155,8 @@ def add_scoring_steps(
         test_metrics=infer.outputs["metrics"],
         eval_report=evaluate.outputs["report"],
         pseudo_masks=infer.outputs["pseudo_masks"],
+        # For the sample overlays (test images and ground truth next to the pseudo masks).
+        tfrecords=tfrecords,
         tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
         model_name=registered_model,

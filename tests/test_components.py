@@ -217,6 +217,7 @@ def _register_inputs(tmp_path: Path) -> dict[str, Any]:
         "eval_report": artifact(dsl.Artifact, tmp_path, "report"),
         "pseudo_masks": artifact(dsl.Dataset, tmp_path, "masks"),
         "summary": artifact(dsl.Artifact, tmp_path, "summary"),
+        "mlflow_spool": artifact(dsl.Artifact, tmp_path, "spool"),
     }
 
 
@@ -230,6 +231,9 @@ def test_register_without_mlflow_writes_the_summary(tmp_path: Path) -> None:
     assert summary["model"] == {"config": "synthetic"}
     assert summary["mlflow"] is None
     assert inputs["summary"].metadata["tracked"] is False
+    # The spool output exists even unused: a missing output folder fails the upload.
+    assert Path(inputs["mlflow_spool"].path).is_dir()
+    assert summary["mlflow_spool_uri"] == inputs["mlflow_spool"].uri
 
 
 def test_register_hands_the_run_to_vitpcm_tracking(
@@ -250,6 +254,7 @@ def test_register_hands_the_run_to_vitpcm_tracking(
     monkeypatch.setattr(vitpcm, "tracking", fake, raising=False)
 
     inputs = _register_inputs(tmp_path)
+    inputs["tfrecords"] = artifact(dsl.Dataset, tmp_path, "tfrecords")
     register_model.python_func(
         **inputs,
         tracking_uri="http://mlflow:5000",
@@ -266,6 +271,8 @@ def test_register_hands_the_run_to_vitpcm_tracking(
             "eval_dir": inputs["eval_report"].path,
             "test_dir": inputs["pseudo_masks"].path,
             "kfp_run_id": "run-8",
+            "data_dir": inputs["tfrecords"].path,
+            "spool_dir": inputs["mlflow_spool"].path,
         }
     ]
     summary = json.loads(Path(inputs["summary"].path).read_text())

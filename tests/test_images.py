@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 from pipeline.images import image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,9 +236,17 @@ def _podman(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Builds the CPU image as `make test-images` does and returns its name."""
+    """Builds the CPU image as `make test-images` does and returns its name.
+
+    With VITPCM_TEST_IMAGE set, tests that image instead (already built or pulled).
+    """
     if shutil.which("podman") is None:
         pytest.fail("podman not found: run images/setup-podman.sh (or `make test-images`)")
+    given = os.environ.get("VITPCM_TEST_IMAGE")
+    if given:
+        if _podman("image", "exists", given).returncode != 0:
+            pytest.fail(f"VITPCM_TEST_IMAGE={given} is not a local image; build or pull it")
+        return given
     if _podman("image", "exists", BASE_IMAGE).returncode != 0:
         pytest.fail(f"base image {BASE_IMAGE} missing: run images/make-base.sh first")
     args = ["--engine", "podman", "--base-image", BASE_IMAGE, "--network", "host"]
@@ -344,14 +353,16 @@ _MLFLOW_PROBE = r"""
 import json, subprocess, sys, time, urllib.error, urllib.request
 
 argv = json.loads(sys.argv[1])
-server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+log = open("/tmp/server.log", "w+")  # a file, not a pipe: a full pipe would stall the server
+server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
 result = {}
 try:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if server.poll() is not None:
             result["exit"] = server.returncode
-            result["stderr"] = server.stderr.read()[-2000:]
+            log.seek(0)
+            result["log"] = log.read()[-2000:]
             break
         try:
             with urllib.request.urlopen("http://127.0.0.1:5000/health", timeout=5) as r:
@@ -412,3 +423,109 @@ def test_mlflow_server_runs_as_the_manifest_starts_it(cpu_image: str, tmp_path: 
     assert result["mlflow.kubeflow-user-example-com.svc.cluster.local:5000"] == 200
     assert result["evil.example"] == 403  # --allowed-hosts at work
     assert (db / "mlflow.db").is_file()  # the backend store lies on the volume
+
+
+_ARTIFACT_PROBE = r"""
+import json, os, subprocess, sys, time, traceback, urllib.request
+
+argv, port = json.loads(sys.argv[1]), sys.argv[2]
+log = open("/tmp/server.log", "w+")  # a file, not a pipe: a full pipe would stall the server
+server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+# Fail fast: the client's default retries would hide a server error for minutes.
+os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="60")
+result = {}
+try:
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            break
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(2)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    with mlflow.start_run() as run:
+        result["run_id"] = run.info.run_id
+        mlflow.log_text("proxied", "notes/hello.txt")
+    result["logged"] = True
+except Exception:
+    result["client_error"] = traceback.format_exc()[-1500:]
+finally:
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.seek(0)
+    result["server_log"] = log.read()[-3000:]
+print(json.dumps(result))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@needs_image_build
+@pytest.mark.slow
+def test_mlflow_server_proxies_artifacts_to_s3(
+    cpu_image: str,
+    tmp_path: Path,
+    s3_bucket: Any,  # noqa: F811
+) -> None:
+    # The manifest's server, reaching a local S3 instead of MinIO: host network to reach it,
+    # so loopback and a free port instead of 0.0.0.0:5000.
+    deployment = yaml.safe_load((REPO / "manifests" / "mlflow-deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port = _free_port()
+    replaced = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--artifacts-destination": s3_bucket.uri("mlflow"),
+    }
+    args = [
+        f"{flag}={replaced[flag]}" if flag in replaced else arg
+        for arg in container["args"]
+        for flag in [arg.partition("=")[0]]
+    ]
+    env = [f"--env={e['name']}={e['value']}" for e in container["env"] if "value" in e]
+    s3_env = s3_bucket.env()
+    env += [
+        f"--env=MLFLOW_S3_ENDPOINT_URL={s3_env['S3_ENDPOINT']}",
+        f"--env=AWS_ACCESS_KEY_ID={s3_env['AWS_ACCESS_KEY_ID']}",
+        f"--env=AWS_SECRET_ACCESS_KEY={s3_env['AWS_SECRET_ACCESS_KEY']}",
+        f"--env=AWS_DEFAULT_REGION={s3_env['AWS_REGION']}",
+    ]
+    db = tmp_path / "db"
+    db.mkdir()
+    db.chmod(0o777)
+    done = _podman(
+        "run",
+        "--rm",
+        "--network=host",
+        "--read-only",
+        "--tmpfs=/tmp",
+        f"--volume={db}:/mlflow",
+        *env,
+        cpu_image,
+        "python3",
+        "-c",
+        _ARTIFACT_PROBE,
+        json.dumps(container["command"] + args),
+        str(port),
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result.get(
+        "logged"
+    ), f"{result.get('client_error')}\n--- server log ---\n{result['server_log']}"
+    run_id = result["run_id"]
+    keys = s3_bucket.list_keys("mlflow")
+    assert any(k.endswith(f"{run_id}/artifacts/notes/hello.txt") for k in keys), keys

@@ -1,0 +1,389 @@
+"""`make run-local`: progress display, local services, summary, and the MLflow store it leaves.
+
+The slow tests run ``python -m pipeline.local`` (what ``make run-local`` runs) in a
+subprocess on a tiny synthetic dataset with one short epoch, against its own MLflow server
+and moto S3 endpoint, then check the printed summary, ``summary.json``, that nothing is left
+running, and that ``make mlflow-ui``'s server shows the run, artifacts included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from helpers.tiny import TINY_OVERRIDES
+from pipeline.local_mlflow import main as mlflow_ui_main
+from pipeline.local_mlflow import serve_ui
+from pipeline.progress import KfpLogSink, StepDisplay, run_step_process
+from pipeline.services import MlflowServer, S3Endpoint, free_port
+from pipeline.summary import build_summary, format_summary
+from vitpcm.errors import ConfigError, TrackingError
+
+REPO = Path(__file__).resolve().parents[1]
+_RUN_URL = re.compile(r"http://127\.0\.0\.1:(\d+)/#/experiments/(\d+)/runs/([0-9a-f]{32})")
+_NUMBER = r"(\d\.\d{4})"
+
+
+def _kfp_lines(status: str = "SUCCESS") -> list[str]:
+    """What kfp.local prints for a two-step run (colours included)."""
+    cyan, end = "\x1b[96m", "\x1b[0m"
+    return [
+        f"10:00:00.000 - INFO - Executing task {cyan}'download-data'{end}",
+        "10:00:00.001 - INFO - Streamed logs:",
+        '    {"inputs": {"parameterValues": {"dataset": "synthetic"}}}',
+        f"10:00:01.000 - INFO - Task {cyan}'download-data'{end} finished with status SUCCESS",
+        f"10:00:01.001 - INFO - Executing task {cyan}'train-model'{end}",
+        "    [KFP Executor 2026-01-01 10:00:02,000 INFO]: epoch 1/2 finetune: loss 2.5000 "
+        "(bce 0.8 et 1.7 l2 0.01) val mIoU 0.1000 *",
+        "    [KFP Executor 2026-01-01 10:00:03,000 INFO]: epoch 2/2 finetune: loss 2.1000 "
+        "(bce 0.7 et 1.4 l2 0.01) val mIoU 0.2500 *",
+        "    Traceback (most recent call last):",
+        "    ValueError: something broke",
+        f"10:00:04.000 - INFO - Task {cyan}'train-model'{end} finished with status {status}",
+    ]
+
+
+def test_log_sink_shows_one_line_per_step_and_keeps_the_full_log(tmp_path: Path) -> None:
+    screen = io.StringIO()
+    display = StepDisplay(screen, total=6, live=False)
+    with open(tmp_path / "run.log", "w", encoding="utf-8") as log:
+        sink = KfpLogSink(log, display)
+        for line in _kfp_lines():
+            # kfp writes in pieces (the indent, then the line): the sink joins them.
+            sink.write(line[:7])
+            sink.write(line[7:] + "\n")
+        sink.flush()
+    shown = screen.getvalue()
+    assert re.search(r"ok \[1/6\] download / synthesise data +\d:\d\d\n", shown)
+    assert re.search(
+        r"ok \[2/6\] train ViT-PCM +\d:\d\d  epoch 2/2 · loss 2.1000 · val mIoU", shown
+    )
+    assert "[KFP Executor" not in shown  # step logs stay in the file
+    text = (tmp_path / "run.log").read_text()
+    assert "ValueError: something broke" in text
+    assert "\x1b[" not in text  # colour codes removed
+    assert sink.failed is None
+    assert [s.status for s in display.steps] == ["ok", "ok"]
+
+
+def test_log_sink_names_the_failed_step_and_keeps_its_tail(tmp_path: Path) -> None:
+    screen = io.StringIO()
+    display = StepDisplay(screen, total=6, live=False)
+    with open(tmp_path / "run.log", "w", encoding="utf-8") as log:
+        sink = KfpLogSink(log, display)
+        sink.write("\n".join(_kfp_lines("FAILURE")) + "\n")
+    assert sink.failed == "train-model"
+    assert sink.tail[-1] == "    ValueError: something broke"
+    assert not any("download-data" in line for line in sink.tail)  # only the failed step's
+    assert "FAILED [2/6] train ViT-PCM" in screen.getvalue()
+
+
+def test_live_display_redraws_the_running_step_in_place() -> None:
+    screen = io.StringIO()
+    display = StepDisplay(screen, total=2, live=True)
+    display.begin("train-model")
+    display.detail("epoch 1/2")
+    display.end("train-model")
+    display.close()
+    out = screen.getvalue()
+    assert out.count("\r\x1b[K") >= 3  # drawn at start, on the detail, and at the end
+    assert out.endswith("  epoch 1/2\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_an_interrupted_step_is_stopped_with_its_children() -> None:
+    child = "import time; time.sleep(60)"
+    step = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print('pids', p.pid, flush=True); time.sleep(60)"
+    )
+    printed = io.StringIO()
+    # A real SIGINT, as Ctrl-C sends: it breaks the blocking read of the step's output.
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(printed):
+        run_step_process([sys.executable, "-c", step])
+    timer.cancel()
+    assert time.monotonic() - started < 60
+    grandchild = int(printed.getvalue().split()[1])
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def test_busy_ports_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {port} on 127.0.0.1 is busy.*--mlflow-port"):
+            MlflowServer(tmp_path, port=port, artifacts_destination=str(tmp_path))
+        with pytest.raises(ConfigError, match=rf"port {port} .*--s3-port"):
+            S3Endpoint(port)
+
+
+def test_a_server_that_cannot_start_shows_the_end_of_its_log(tmp_path: Path) -> None:
+    server = MlflowServer(tmp_path, artifacts_destination=str(tmp_path / "artifacts"))
+    server.backend_uri = "nosuchscheme://nowhere"
+    with pytest.raises(TrackingError, match="exited with code") as error:
+        server.start(timeout=180)
+    assert "nosuchscheme" in str(error.value)  # the server's own complaint, from its log
+    assert not server.running
+
+
+def test_mlflow_ui_needs_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert mlflow_ui_main(["ui", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "mlflow.db does not exist: run `make run-local` first" in err
+
+
+def _fake_run(tmp_path: Path) -> SimpleNamespace:
+    """A finished run's outputs as run_local returns them."""
+    run_dir = tmp_path / "vitpcm-wsss-single-node-1"
+    model, report, masks = (run_dir / "train-model" / "model", run_dir / "e", run_dir / "i")
+    for folder in (model, report, masks / "pseudo_masks", masks / "pseudo_masks_crf"):
+        folder.mkdir(parents=True)
+    names = ["background", "disc"]
+    (report / "metrics.json").write_text(
+        json.dumps({"split": "val", "num_images": 8, "class_iou": [0.8, 0.2], "class_names": names})
+    )
+    (masks / "metrics.json").write_text(
+        json.dumps({"split": "val", "class_iou": [0.7, 0.1], "class_iou_crf": [0.75, 0.3]})
+    )
+    return SimpleNamespace(
+        pipeline_root=tmp_path,
+        artifacts={"model": str(model), "eval_report": str(report), "pseudo_masks": str(masks)},
+        metrics={
+            "train": {"epochs_run": 3.0, "best_epoch": 2.0},
+            "eval": {"miou": 0.5, "pixel_accuracy": 0.9},
+            "test": {"miou": 0.4, "miou_crf": 0.525},
+        },
+        summary={
+            "mlflow": {
+                "run_id": "a" * 32,
+                "experiment": "vitpcm-local",
+                "model_name": "vitpcm-local",
+                "version": "2",
+                "promoted": False,
+                "champion_comparison": "0.500 (val) vs champion 0.600 (val)",
+                "pending": 3,
+                "spool_dir": "/runs/spool",
+            }
+        },
+    )
+
+
+def test_summary_lists_scores_places_and_the_mlflow_outcome(tmp_path: Path) -> None:
+    summary = build_summary(
+        _fake_run(tmp_path),
+        dataset="synthetic",
+        config="synthetic",
+        wall_seconds=75.0,
+        tracking_uri="",  # no server to ask for the experiment id
+        browse_command="make mlflow-ui",
+    )
+    assert summary["class_iou"][1] == {"class": "disc", "val": 0.2, "test": 0.1, "test_crf": 0.3}
+    assert summary["artifacts"]["pseudo_masks_crf"].endswith("pseudo_masks_crf")
+    text = format_summary(summary, str(tmp_path / "summary.json"))
+    assert "finished in 1:15" in text
+    assert re.search(r"validation \(baseline pseudo masks\) +val +0\.5000\n", text)
+    assert re.search(r"test +val +0\.4000  0\.5250\n", text)
+    assert re.search(r"disc +0\.2000 +0\.1000 +0\.3000", text)
+    assert "vitpcm-local version 2: champion unchanged (0.500 (val) vs champion" in text
+    assert "vitpcm mlflow replay /runs/spool" in text  # 3 records were not sent
+    assert "Browse later:     make mlflow-ui" in text
+
+
+def test_make_targets_run_the_modules() -> None:
+    for target, command in (
+        ("run-local", "-m pipeline.local --epochs 2"),
+        ("mlflow-ui", "-m pipeline.local_mlflow ui --epochs 2"),
+    ):
+        dry = subprocess.run(
+            ["make", "-n", target, "ARGS=--epochs 2"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert command in dry.stdout, dry.stdout
+
+
+# ------------------------------------------------------------------- the real command
+
+
+def _command(root: Path, *extra: str) -> list[str]:
+    sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.local",
+        "--root",
+        str(root),
+        "--train",
+        "16",
+        "--val",
+        "8",
+        "--test",
+        "4",
+        "--size",
+        "64",
+        *sets,
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("MLFLOW_TRACKING_URI", "S3_ENDPOINT"):
+        env.pop(key, None)
+    return env
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and _alive(int(proc.name)):
+            found.append(cmdline[:200])
+    return found
+
+
+def _port_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_run_local_end_to_end_and_the_mlflow_store_it_leaves(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    s3_port = free_port()
+    done = subprocess.run(
+        _command(root, "--epochs", "1", "--mlflow-port", "0", "--s3-port", str(s3_port)),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\[3/6\] train ViT-PCM +\d:\d\d  epoch 1/1", out)
+    val = re.search(rf"validation \(baseline pseudo masks\) +val +{_NUMBER}\n", out)
+    test = re.search(rf"\n +test +val +{_NUMBER}  {_NUMBER}\n", out)
+    url = _RUN_URL.search(out)
+    assert val and test and url, out
+    port, experiment_id, run_id = url.groups()
+    assert "Registered model: vitpcm-local version 1: new champion" in out
+    assert "Browse later:     make mlflow-ui" in out
+    assert re.search(r"Per-class IoU\n.*\n +background +\d\.\d{4}", out)
+
+    summary = json.loads((root / "summary.json").read_text())
+    assert f"{summary['val']['miou']:.4f}" == val.group(1)
+    assert f"{summary['test']['miou_crf']:.4f}" == test.group(2)
+    assert summary["mlflow"]["run_url"] == url.group(0)
+    assert summary["mlflow"]["pending"] == 0
+    assert Path(summary["artifacts"]["model"], "model.keras").is_file()
+    assert any(Path(summary["artifacts"]["pseudo_masks_crf"]).glob("*.png"))
+    assert Path(summary["artifacts"]["mlflow_spool"], "spool.json").is_file()
+    assert "ValueError" not in Path(summary["log"]).read_text()
+    assert "Executing task 'register-model'" in Path(summary["log"]).read_text()
+
+    # Everything was stopped: no step or server process, both ports closed.
+    assert _port_closed(int(port)) and _port_closed(s3_port)
+    assert _leftovers(str(root)) == []
+
+    # `make mlflow-ui`'s server shows the run from the SQLite file and the saved artifacts.
+    server = serve_ui(root, port=None)
+    try:
+        client = server.client()
+        run = client.get_run(run_id)
+        assert run.info.experiment_id == experiment_id
+        assert run.data.metrics["miou_val"] == pytest.approx(summary["val"]["miou"])
+        assert run.data.metrics["miou_crf_val"] == pytest.approx(summary["test"]["miou_crf"])
+        shown = {item.path for item in client.list_artifacts(run_id, "val")}
+        assert {"val/sample_overlays.png", "val/class_iou.png"} <= shown
+        from mlflow.artifacts import download_artifacts
+
+        png = download_artifacts(
+            run_id=run_id,
+            artifact_path="val/sample_overlays.png",
+            tracking_uri=server.uri,
+            dst_path=tempfile.mkdtemp(dir=tmp_path),
+        )
+        assert Path(png).read_bytes().startswith(b"\x89PNG")
+        champion = client.get_model_version_by_alias("vitpcm-local", "champion")
+        assert champion.version == "1" and champion.run_id == run_id
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    s3_port, mlflow_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        # Enough epochs that the training step is still running when interrupted.
+        _command(
+            root, "--epochs", "50", "--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port)
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "[3/6] train ViT-PCM ..." in line:
+                break
+        time.sleep(5)  # inside the step: TensorFlow imported, the model being built
+        assert _leftovers(str(root)), "the training step should be running"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted (Ctrl-C): every step and server was stopped" in output
+    assert re.search(r"(✗|FAILED) \[3/6\] train ViT-PCM", output)
+    assert _port_closed(mlflow_port) and _port_closed(s3_port)
+    assert _leftovers(str(root)) == []
