@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.progress import (
+    STEP_LABELS,
     KfpLogSink,
     StepDisplay,
     capture_kfp_output,
@@ -50,7 +52,7 @@ _FILES = ("class_iou", "summary")
 _METRICS = {"train": "train_metrics", "eval": "eval_metrics", "test": "test_metrics"}
 # download (or the dataset folder's importer), convert, train, evaluate, infer, register.
 _DAG_STEPS = 6
-_FAILURE_TAIL_LINES = 25
+_FAILURE_TAIL_LINES = 30
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class LocalRun:
     log_path: Path | None = None
 
 
+_EXCEPTION_LINE = re.compile(r"^\s*((?:\w+\.)*\w*(?:Error|Exception)\w*): (.+)$")
+
+
 class StepFailedError(RuntimeError):
     """A pipeline step exited with an error.
 
@@ -91,14 +96,18 @@ class StepFailedError(RuntimeError):
         step: the failed task's name (``train-model``...), when known.
         tail: the last lines of its log.
         log_path: the full log of the run.
+        cause: the exception line at the end of the step's log, when there is one.
     """
 
     def __init__(self, step: str | None, tail: Sequence[str], log_path: Path) -> None:
         self.step = step
         self.tail = list(tail)
         self.log_path = log_path
-        name = f"step {step!r}" if step else "a step"
-        super().__init__(f"{name} failed; its full log is in {log_path}")
+        causes = [m.group(0).strip() for m in map(_EXCEPTION_LINE.match, self.tail) if m]
+        self.cause = causes[-1] if causes else None
+        name = f"step {STEP_LABELS.get(step, step)!r}" if step else "a step"
+        because = f": {self.cause}" if self.cause else ""
+        super().__init__(f"{name} failed{because}; the full log is {log_path}")
 
 
 def _overrides_text(overrides: Sequence[str] | str) -> str:
@@ -125,6 +134,20 @@ def check_source(source_dir: str | os.PathLike[str] | None, dataset: str) -> Pat
     if dataset == "synthetic":
         raise ConfigError("source_dir holds real data: set dataset to voc12 or coco14")
     return source
+
+
+def check_config(config: str, overrides: Sequence[str] | str = (), epochs: int = 0) -> None:
+    """Load the config as the training step will, so a bad key fails before anything runs.
+
+    Raises:
+        ConfigError: an unknown config, key or value.
+    """
+    from vitpcm.config import load_config
+
+    sets = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    if epochs > 0:
+        sets.append(f"train.epochs={epochs}")
+    load_config(config, sets)
 
 
 def run_local(
@@ -171,10 +194,12 @@ def run_local(
         The run's artifact paths, metrics and registration summary.
 
     Raises:
-        ConfigError: A bad combination of arguments (e.g. a missing ``source_dir``).
+        ConfigError: A bad combination of arguments (e.g. a missing ``source_dir``), or a
+            bad config or override.
         StepFailedError: A step failed (the end of its log is in the error).
     """
     source = check_source(source_dir, dataset)
+    check_config(config, overrides, epochs)
     from kfp import local
 
     from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
@@ -333,22 +358,81 @@ def _browse_command(root: Path, port: int) -> str:
 
 
 def _print_failure(error: StepFailedError, out: Any) -> None:
-    lines = [line for line in error.tail if line.strip()][-_FAILURE_TAIL_LINES:]
+    lines = [line for line in error.tail if line.strip()]
+    # From the last traceback on, when there is one: what comes before is the step's inputs.
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    lines = lines[starts[-1] if starts else 0 :][-_FAILURE_TAIL_LINES:]
     if lines:
         out.write(f"\nThe end of the failed step's log ({error.log_path}):\n")
         out.write("\n".join(lines) + "\n")
     out.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.local``: services, the DAG with progress, then the summary."""
+def _run_and_summarise(
+    args: argparse.Namespace, root: Path, log_path: Path, display: StepDisplay, out: Any
+) -> str:
+    """Services, the DAG, ``summary.json``; returns the summary text still to print."""
     from pipeline.local_mlflow import local_services, wait_for_interrupt
     from pipeline.summary import build_summary, format_summary, write_summary
 
-    args = _parse_args(argv)
     started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        tracking_uri, port = args.mlflow_uri, 0
+        if not (args.mlflow_uri or args.no_mlflow):
+            port = _mlflow_port(args.mlflow_port, display)
+            display.begin("services", "start MLflow + S3 servers", numbered=False)
+            services = stack.enter_context(
+                local_services(root, port or None, args.s3_port or None, display.note)
+            )
+            tracking_uri, port = services.mlflow.uri, services.mlflow.port
+            display.end("services", detail=tracking_uri)
+        run = run_local(
+            pipeline_root=root,
+            dataset=args.dataset,
+            config=args.config,
+            source_dir=args.source_dir,
+            mirror=args.mirror,
+            epochs=args.epochs,
+            overrides=args.set,
+            crf=not args.no_crf,
+            mlflow_tracking_uri=tracking_uri,
+            experiment=args.experiment,
+            registered_model=args.registered_model,
+            synthetic=SyntheticData(args.train, args.val, args.test, args.size),
+            display=None if args.verbose else display,
+            log_path=log_path,
+            echo_logs=args.verbose,
+        )
+        summary = build_summary(
+            run,
+            dataset=args.dataset,
+            config=args.config,
+            wall_seconds=time.monotonic() - started,
+            steps=[s for s in display.steps if s.name != "services"],
+            log_path=log_path,
+            tracking_uri=tracking_uri,
+            browse_command=_browse_command(root, port) if port else "",
+        )
+        summary_path = write_summary(summary, root / SUMMARY_FILE)
+        text = format_summary(summary, str(summary_path))
+        if port and args.keep_servers:
+            out.write(text + f"\nMLflow UI: {tracking_uri}  (Ctrl-C stops the servers)\n")
+            out.flush()
+            text = ""
+            wait_for_interrupt()
+        if port:
+            display.begin("stop", "stop servers, save MLflow artifacts", numbered=False)
+    if port:
+        display.end("stop")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.local``: services, the DAG with progress, then the summary."""
+    args = _parse_args(argv)
     try:
         check_source(args.source_dir, args.dataset)
+        check_config(args.config, args.set, args.epochs)
     except VitpcmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -356,69 +440,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.root).resolve()
     log_path = root / "logs" / f"run-{_stamp()}.log"
     display = StepDisplay(out, total=_DAG_STEPS)
-    text = ""
     out.write(f"ViT-PCM on this machine (kfp.local): outputs in {root}, step logs in {log_path}\n")
     out.flush()
     try:
-        with _signals_interrupt(), contextlib.ExitStack() as stack:
-            tracking_uri, port = args.mlflow_uri, 0
-            if not (args.mlflow_uri or args.no_mlflow):
-                port = _mlflow_port(args.mlflow_port, display)
-                display.begin("services", "start MLflow + S3 servers", numbered=False)
-                services = stack.enter_context(
-                    local_services(root, port or None, args.s3_port or None, display.note)
-                )
-                tracking_uri, port = services.mlflow.uri, services.mlflow.port
-                display.end("services", detail=tracking_uri)
-            run = run_local(
-                pipeline_root=root,
-                dataset=args.dataset,
-                config=args.config,
-                source_dir=args.source_dir,
-                mirror=args.mirror,
-                epochs=args.epochs,
-                overrides=args.set,
-                crf=not args.no_crf,
-                mlflow_tracking_uri=tracking_uri,
-                experiment=args.experiment,
-                registered_model=args.registered_model,
-                synthetic=SyntheticData(args.train, args.val, args.test, args.size),
-                display=None if args.verbose else display,
-                log_path=log_path,
-                echo_logs=args.verbose,
-            )
-            summary = build_summary(
-                run,
-                dataset=args.dataset,
-                config=args.config,
-                wall_seconds=time.monotonic() - started,
-                steps=[s for s in display.steps if s.name != "services"],
-                log_path=log_path,
-                tracking_uri=tracking_uri,
-                browse_command=_browse_command(root, port) if port else "",
-            )
-            summary_path = write_summary(summary, root / SUMMARY_FILE)
-            text = format_summary(summary, str(summary_path))
-            if port and args.keep_servers:
-                out.write(text + f"\nMLflow UI: {tracking_uri}  (Ctrl-C stops the servers)\n")
-                out.flush()
-                text = ""
-                wait_for_interrupt()
-            if port:
-                display.begin("stop", "stop servers, save MLflow artifacts", numbered=False)
-        if port:
-            display.end("stop")
-        display.close()
-        # The summary comes last, under the lines about stopping.
-        out.write(text)
-        out.flush()
-        return 0
+        with _signals_interrupt():
+            text = _run_and_summarise(args, root, log_path, display, out)
     except KeyboardInterrupt as exc:
         display.close()
-        why = str(exc) or "Ctrl-C"
+        why = str(exc) or "SIGINT"
         out.write(f"\ninterrupted ({why}): every step and server was stopped\n")
         out.flush()
-        return 130
+        # The shell's convention: 128 + the signal's number.
+        return 128 + int(getattr(signal.Signals, why, signal.SIGINT))
     except StepFailedError as exc:
         display.close()
         _print_failure(exc, out)
@@ -428,6 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         display.close()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    display.close()
+    # The summary comes last, under the lines about stopping the servers.
+    out.write(text)
+    out.flush()
+    return 0
 
 
 if __name__ == "__main__":

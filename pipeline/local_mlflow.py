@@ -118,7 +118,8 @@ def local_services(
             if bucket_ready and s3.running:
                 try:
                     count = bucket.download_prefix(ARTIFACTS_PREFIX, saved)
-                    say(f"saved {count} new MLflow artifact file(s) to {saved}")
+                    if count:
+                        say(f"saved {count} new MLflow artifact file(s) to {saved}")
                 except Exception as exc:  # stopping goes on; say what is lost
                     say(f"warning: could not save the MLflow artifacts to {saved}: {exc}")
         finally:

@@ -211,12 +211,13 @@ class StepDisplay:
 
 def _terminal_width(stream: IO[str]) -> int:
     import os
-    import shutil
 
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size((100, 24)).columns
+        columns = 0
+    # A pseudo-terminal without a size (e.g. under `script`) reports 0 columns.
+    return columns if columns >= 40 else 100
 
 
 class KfpLogSink:

@@ -155,6 +155,54 @@ def test_a_server_that_cannot_start_shows_the_end_of_its_log(tmp_path: Path) -> 
     assert not server.running
 
 
+def test_a_busy_default_mlflow_port_falls_back_to_a_free_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline import services
+    from pipeline.local import _mlflow_port
+
+    screen = io.StringIO()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        monkeypatch.setattr(services, "DEFAULT_MLFLOW_PORT", taken)
+        port = _mlflow_port(None, StepDisplay(screen, live=False))
+        assert port != taken and services.port_is_free(port)
+        assert f"port {taken} is busy: MLflow listens on {port} this time" in screen.getvalue()
+        assert _mlflow_port(taken, StepDisplay(screen, live=False)) == taken  # asked for
+
+
+def test_local_mlflow_server_is_set_up_like_the_cluster_one(tmp_path: Path) -> None:
+    import yaml
+
+    from pipeline import services
+
+    deployment = yaml.safe_load((REPO / "manifests" / "mlflow-deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    cluster = dict(arg.lstrip("-").partition("=")[::2] for arg in container["args"])
+    cluster_env = {item["name"]: item for item in container["env"]}
+
+    bucket = services.S3Bucket("http://127.0.0.1:9", "b")
+    server = MlflowServer(tmp_path, bucket)
+    command = server.command()
+    local = {
+        arg.lstrip("-"): command[i + 1] if i + 1 < len(command) else ""
+        for i, arg in enumerate(command)
+        if arg.startswith("--")
+    }
+    assert "serve-artifacts" in cluster and "serve-artifacts" in local
+    for flag, prefix in (("backend-store-uri", "sqlite:///"), ("artifacts-destination", "s3://")):
+        assert cluster[flag].startswith(prefix) and local[flag].startswith(prefix), flag
+    assert set(local["allowed-hosts"].split(",")) <= set(cluster["allowed-hosts"].split(","))
+    env = server.env()
+    assert cluster_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert "MLFLOW_S3_ENDPOINT_URL" in cluster_env
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == bucket.endpoint
+    assert local["artifacts-destination"] == "s3://b/mlflow"
+
+
 def test_mlflow_ui_needs_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert mlflow_ui_main(["ui", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -236,8 +284,9 @@ def test_make_targets_run_the_modules() -> None:
 # ------------------------------------------------------------------- the real command
 
 
-def _command(root: Path, *extra: str) -> list[str]:
-    sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
+def _command(root: Path, *extra: str, tiny: bool = True) -> list[str]:
+    """``python -m pipeline.local`` on a small synthetic set (and a tiny model: ``tiny``)."""
+    sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)] if tiny else []
     return [
         sys.executable,
         "-m",
@@ -352,6 +401,33 @@ def test_run_local_end_to_end_and_the_mlflow_store_it_leaves(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_failed_step_is_named_with_its_error_and_log(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    done = subprocess.run(
+        # 8 training images, fewer than one batch of 16 (the full config's): train fails.
+        _command(root, "--no-mlflow", "--train", "8", tiny=False),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"(✗|FAILED) \[3/6\] train ViT-PCM", done.stdout)
+    assert "The end of the failed step's log" in done.stdout
+    assert "Traceback (most recent call last)" in done.stdout
+    assert re.match(
+        r"error: step 'train ViT-PCM' failed: vitpcm\.errors\.DataError: split 'train' .* has "
+        r"8 images, fewer than one global batch.*; the full log is .*\.log\n$",
+        done.stderr,
+    )
+    log = re.search(r"the full log is (\S+\.log)", done.stderr)
+    assert log and "DataError" in Path(log.group(1)).read_text()
+    assert not (root / "summary.json").exists()
+    assert _leftovers(str(root)) == []
+
+
+@pytest.mark.slow
 def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     s3_port, mlflow_port = free_port(), free_port()
@@ -383,7 +459,7 @@ def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
             proc.wait()
     output = "".join(seen) + rest
     assert proc.returncode == 130, output[-3000:]
-    assert "interrupted (Ctrl-C): every step and server was stopped" in output
+    assert "interrupted (SIGINT): every step and server was stopped" in output
     assert re.search(r"(✗|FAILED) \[3/6\] train ViT-PCM", output)
     assert _port_closed(mlflow_port) and _port_closed(s3_port)
     assert _leftovers(str(root)) == []
