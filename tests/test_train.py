@@ -71,6 +71,11 @@ def test_train_writes_outputs_and_metrics(tiny_data: Path, tmp_path: Path) -> No
     assert 0.0 <= metrics["miou"] <= 1.0
     assert len(metrics["class_iou"]) == 6
     assert metrics["best_epoch"] in (0, 1) and metrics["epochs_run"] == 2
+    assert (metrics["strategy"], metrics["replicas"], metrics["workers"]) == (
+        "MirroredStrategy",
+        1,
+        1,
+    )
     assert result["miou"] == pytest.approx(metrics["miou"])
     # One callback per epoch, with every loss term and the validation mIoU.
     assert [epoch for epoch, _ in seen] == [0, 1]
@@ -190,8 +195,10 @@ def test_two_workers_end_with_identical_weights(tiny_data: Path, tmp_path: Path)
         )
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
-    assert "MultiWorkerMirroredStrategy" in logs[0]
     chief = json.loads((out / "metrics.json").read_text())
     other = json.loads((out / "replicas" / "worker-1" / "metrics.json").read_text())
+    assert chief["workers"] == other["workers"] == 2
+    # tf.distribute.MultiWorkerMirroredStrategy is this class under another name.
+    assert chief["strategy"] == "CollectiveAllReduceStrategy"
     assert chief["weights_digest"] == other["weights_digest"]
     assert chief["epochs_run"] == other["epochs_run"] == 2

@@ -277,6 +277,9 @@ def train(
         "stopped_early": bool(stopped_early),
         "split": cfg.data.val_split,
         "finished": True,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "workers": role.num_workers,
         "weights_digest": _weights_digest(loop.model, np),
     }
     storage.write_bytes(storage.join(own_out, HISTORY_JSON), json.dumps(history, indent=2).encode())
