@@ -7,6 +7,7 @@ break pytest's own exit code. The results are read back here with boto3.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -31,9 +32,27 @@ try:
 except BadSampleError as exc:
     print("BAD", exc.path)
 convert_dataset("voc12", src, good, shards=2, workers=2, progress=False)
-print("INFO", json.dumps(read_dataset_info(good)))
+info = read_dataset_info(good)
+print("INFO", json.dumps(info))
+print("READ", json.dumps(read_back(good, info["num_classes"])))
 storage.exit_process(0)
 """
+
+
+def read_back(uri: str, num_classes: int) -> dict[str, list]:
+    """Every train sample through the reader: name -> [height, width, mask sum, labels]."""
+    from vitpcm.data.reader import make_dataset
+
+    ds = make_dataset(uri, "train", image_size=32, batch_size=2, training=False,
+                      num_classes=num_classes, patch_size=16)  # fmt: skip
+    seen = {}
+    for batch in ds:
+        for i, name in enumerate(batch["filename"].numpy()):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            mask = batch["mask"].numpy()[i, :h, :w]
+            seen[name.decode()] = [h, w, int(mask.astype("int64").sum()),
+                                   batch["labels"].numpy()[i].tolist()]  # fmt: skip
+    return seen
 
 
 @pytest.mark.slow
@@ -54,7 +73,7 @@ def test_convert_to_s3_matches_local_output_and_cleans_up(
         [
             sys.executable,
             "-c",
-            SCRIPT,
+            inspect.getsource(read_back) + SCRIPT,
             str(src),
             str(bad_src),
             s3_bucket.uri("runs/voc"),
@@ -76,6 +95,10 @@ def test_convert_to_s3_matches_local_output_and_cleans_up(
     for name in names:  # same input, same bytes, wherever the output goes
         assert s3_bucket.read(f"runs/voc/{name}") == (local / name).read_bytes(), name
     info = json.loads(lines["INFO"])
+    # The reader gives back over s3:// exactly what it gives from the local copy.
+    from_s3 = json.loads(lines["READ"])
+    assert from_s3 == read_back(str(local), info["num_classes"])
+    assert len(from_s3) == len(LISTS["train"])
     assert {k: v["num_examples"] for k, v in info["splits"].items()} == {
         k: len(v) for k, v in LISTS.items()
     }
