@@ -1,8 +1,11 @@
-"""Registration step: record the run in MLflow and register the model.
+"""Registration step: complete the run in MLflow and register the model.
 
-``vitpcm.tracking.log_pipeline_run`` does the MLflow work (parameters, per-epoch curves from
-history.json, metrics, plots, model, champion promotion); this step gathers the artifacts
-of the run for it and writes a summary JSON that the Kubeflow UI and ``run_local`` show.
+``vitpcm.tracking.log_pipeline_run`` does the MLflow work: it continues the run the training
+step logged its epochs to (its spool travels in the model folder; records an outage held
+back are sent first, nothing twice), or creates the run with the curves from history.json
+when the training was not tracked; then metrics, plots, model, champion promotion. This
+step gathers the artifacts of the run for it and writes a summary JSON that the Kubeflow
+UI and ``run_local`` show.
 """
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
@@ -30,19 +33,20 @@ def register_model(
     """Log the run to MLflow, register the model, and write a summary of the run.
 
     Args:
-        model: Training output folder (model.keras, config.yaml, metrics.json, history.json).
+        model: Training output folder (model.keras, config.yaml, metrics.json, history.json;
+            mlflow-spool/ and mlflow_run.json when the training logged to MLflow).
         eval_metrics: Validation metrics of the baseline pseudo masks.
         test_metrics: Test metrics before and after the CRF.
         eval_report: Evaluation folder (metrics.json, confusion matrix, IoU plot).
         pseudo_masks: Inference folder (pseudo masks, metrics.json).
         summary: JSON summary of the run (metrics, artifact URIs, MLflow outcome).
-        mlflow_spool: Folder: the MLflow records of this run, journaled before sending;
-            what MLflow did not acknowledge (it was down) is replayed from here with
-            ``vitpcm mlflow replay``.
+        mlflow_spool: Folder: the MLflow records of this run (the training's included),
+            journaled before sending; what MLflow did not acknowledge (it was down) is
+            replayed from here with ``vitpcm mlflow replay``.
         tfrecords: Converted dataset; when given, test images with ground truth and
             pseudo masks are logged as sample overlays.
         tracking_uri: MLflow tracking URI; empty skips MLflow.
-        experiment: MLflow experiment name.
+        experiment: MLflow experiment name (a run the training created keeps its own).
         model_name: Registered model name in the MLflow model registry.
         kfp_run_id: Kubeflow run id, recorded as an MLflow tag.
     """

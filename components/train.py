@@ -22,6 +22,8 @@ def train_model(
     epochs: int = 0,
     checkpoint_root: str = "",
     kfp_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    tracking_uri: str = "",
+    experiment: str = "",
 ):
     """Train ViT-PCM on every GPU of this pod (or the CPU) and keep the best epoch.
 
@@ -36,6 +38,9 @@ def train_model(
         checkpoint_root: s3:// prefix for checkpoints, so a retried or restarted step resumes
             from its last epoch; empty keeps them inside the model artifact (no resume).
         kfp_run_id: Run id naming the checkpoint folder under checkpoint_root.
+        tracking_uri: MLflow server the epochs are logged to as they end (the register
+            step continues that run); empty: no MLflow.
+        experiment: MLflow experiment; empty keeps the config's.
     """
     import atexit
     import os
@@ -49,6 +54,13 @@ def train_model(
     sets = shlex.split(overrides)
     if epochs > 0:
         sets.append(f"train.epochs={epochs}")
+    if experiment:
+        sets.append(f"mlflow.experiment={experiment}")
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    else:  # as in the register step: no URI, no MLflow
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.setdefault("KFP_RUN_ID", kfp_run_id)  # tagged on the MLflow run
     cfg = load_config(config, sets)
     out = model.path
     if checkpoint_root:
@@ -65,10 +77,15 @@ def train_model(
         for name in (MODEL_FILE, CONFIG_FILE, METRICS_JSON, HISTORY_JSON):
             data = storage.read_bytes(storage.join(out, name))
             storage.write_bytes(os.path.join(model.path, name), data)
+        from vitpcm.tracking.training import export_tracking
+
+        export_tracking(out, model.path)  # the MLflow run the register step continues
 
     metrics.log_metric("val_miou", float(result["miou"]))
     metrics.log_metric("val_pixel_accuracy", float(result["pixel_accuracy"]))
-    metrics.log_metric("best_epoch", int(result["best_epoch"]) + 1)
+    if result.get("train_miou") is not None:
+        metrics.log_metric("train_miou", float(result["train_miou"]))
+    metrics.log_metric("best_epoch", int(result["best_epoch"]))  # counted from 1
     metrics.log_metric("epochs_run", int(result["epochs_run"]))
     model.metadata.update(
         {
@@ -145,7 +162,7 @@ def train_model_tfjob(
     )
     metrics.log_metric("val_miou", float(result["miou"]))
     metrics.log_metric("val_pixel_accuracy", float(result["pixel_accuracy"]))
-    metrics.log_metric("best_epoch", int(result["best_epoch"]) + 1)
+    metrics.log_metric("best_epoch", int(result["best_epoch"]))  # counted from 1
     metrics.log_metric("epochs_run", int(result["epochs_run"]))
     metrics.log_metric("workers", workers)
     model.metadata.update({"framework": "keras", "config": config, "workers": workers})

@@ -78,7 +78,16 @@ def vitpcm_pipeline(
             tfrecords, config, overrides, epochs, gpus, workers, checkpoint_root
         )
     with dsl.Else("single-node"):
-        single = add_train_step(tfrecords, config, overrides, epochs, gpus, checkpoint_root)
+        single = add_train_step(
+            tfrecords,
+            config,
+            overrides,
+            epochs,
+            gpus,
+            checkpoint_root,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            experiment=experiment,
+        )
     model = dsl.OneOf(tfjob.outputs["model"], single.outputs["model"])
     add_scoring_steps(model, tfrecords, crf, experiment, registered_model, mlflow_tracking_uri)
 
@@ -113,7 +122,16 @@ def _single_node_dag(
 ) -> SingleNodeOutputs:
     """Training and scoring after the data steps, shared by the single-node pipelines."""
     tfrecords = convert.outputs["tfrecords"]
-    train = add_train_step(tfrecords, config, overrides, epochs, gpus, checkpoint_root)
+    train = add_train_step(
+        tfrecords,
+        config,
+        overrides,
+        epochs,
+        gpus,
+        checkpoint_root,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        experiment=experiment,
+    )
     evaluate, infer, register = add_scoring_steps(
         train.outputs["model"],
         tfrecords,

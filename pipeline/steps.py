@@ -87,8 +87,10 @@ def add_train_step(
     epochs: int,
     gpus: int,
     checkpoint_root: str,
+    mlflow_tracking_uri: str = "",
+    experiment: str = "",
 ) -> PipelineTask:
-    """Single-node training on ``gpus`` GPUs of one GPU node."""
+    """Single-node training on ``gpus`` GPUs of one GPU node, logging epochs to MLflow."""
     train = train_model(
         tfrecords=tfrecords,
         config=config,
@@ -96,6 +98,8 @@ def add_train_step(
         epochs=epochs,
         checkpoint_root=checkpoint_root,
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        tracking_uri=mlflow_tracking_uri,
+        experiment=experiment,
     ).set_display_name("train ViT-PCM")
     train.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpus)
     _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)

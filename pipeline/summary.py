@@ -232,9 +232,10 @@ def format_summary(summary: Mapping[str, Any], summary_path: str | None = None) 
         f"{_score(test['miou'])}  {_score(test['miou_crf'])}",
     ]
     if train.get("epochs_run") is not None:
+        also = "" if train.get("train_miou") is None else f", train mIoU {train['train_miou']:.4f}"
         lines.append(
             f"    (training: {int(train['epochs_run'])} epoch(s), best epoch "
-            f"{int(train.get('best_epoch', 0))})"
+            f"{int(train.get('best_epoch', 0))}{also})"
         )
     table = _class_table(summary.get("class_iou", []))
     if table:

@@ -28,6 +28,7 @@ from vitpcm.tracking import (
     promote_if_better,
 )
 from vitpcm.tracking.figures import overlay_labels, write_split_figures
+from vitpcm.tracking.registry import comparison_text
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool, resolve_spool_dir
 
 CLASSES = ["background", "square", "disc", "traffic light"]
@@ -67,6 +68,14 @@ def test_final_metrics_names_split_and_classes() -> None:
     assert "iou_square_val" not in flat
     assert "iou_traffic_light_val" not in flat
     assert "num_images_val" not in flat
+
+
+def test_champion_comparison_shows_the_difference() -> None:
+    assert comparison_text(0.612, 0.58, "val") == "0.6120 > 0.5800 (val, +0.0320)"
+    # Three decimals printed "0.081 > 0.081": the digits grow until the gap shows.
+    assert comparison_text(0.08127, 0.08122, "val") == "0.08127 > 0.08122 (val, +0.00005)"
+    assert comparison_text(0.08125, 0.08124, "val") == "0.08125 > 0.08124 (val, +0.00001)"
+    assert comparison_text(0.5, 0.5, "train") == "0.5000 <= 0.5000 (train, +0.0000)"
 
 
 def test_kfp_run_url_from_base_or_template() -> None:
@@ -255,6 +264,7 @@ def tiny_training(
             out_uri=str(out),
             progress=False,
             callbacks=[tracker.epoch_callback],
+            tracking=False,  # tracked here, around the training
         )
         run_id = tracker.run_id
     assert run_id
@@ -304,11 +314,11 @@ def test_tracked_training_run_logs_everything(
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.params["model.hidden_dim"] == "32"
     assert run.data.params["data.dataset"] == "synthetic"
-    # per-epoch curves, one point per epoch
-    for key in ("loss", "bce", "et", "l2", "val_miou", "lr"):
+    # per-epoch curves, one point per epoch (step = epoch number, from 1)
+    for key in ("loss", "bce", "et", "l2", "train_miou", "val_miou", "lr"):
         history = client.get_metric_history(run_id, key)
-        assert sorted(m.step for m in history) == [0, 1], key
-    assert "epoch" not in run.data.metrics
+        assert sorted(m.step for m in history) == [1, 2], key
+    assert "epoch" not in run.data.metrics and "timestamp" not in run.data.metrics
     # final metrics
     assert math.isclose(run.data.metrics["miou_val"], result["miou"])
     assert run.data.metrics["miou_crf_val"] == 0.7
@@ -364,7 +374,10 @@ def test_pipeline_run_logged_from_step_outputs_and_gated(
     from vitpcm.eval import run_eval
     from vitpcm.infer import run_test
 
-    cfg, out, data = tiny_training.cfg, tiny_training.out, tiny_training.data
+    cfg, data = tiny_training.cfg, tiny_training.data
+    # A training that was not tracked (no spool to continue): the run is created here.
+    out = tmp_path / "train"
+    shutil.copytree(tiny_training.out, out, ignore=shutil.ignore_patterns("mlflow-spool"))
     eval_dir, test_dir = tmp_path / "eval", tmp_path / "test"
     run_eval(cfg, str(out), data_uri=str(data), out_dir=str(eval_dir), progress=False)
     run_test(cfg, str(out), data_uri=str(data), out_dir=str(test_dir), crf=True, progress=False)
@@ -380,15 +393,17 @@ def test_pipeline_run_logged_from_step_outputs_and_gated(
     first = log_pipeline_run(
         eval_dir=eval_dir, kfp_run_id="kfp-1", spool_dir=tmp_path / "spool-1", **common
     )
-    assert first["pending"] == 0 and first["promoted"] is True
+    assert first["pending"] == 0 and first["promoted"] is True and not first["continued"]
     assert first["split"] == "val" and first["version"] == "1"
 
     run, artifacts = _run_data(mlflow_server, first["run_id"])
     client = mlflow_server.client()
     assert run.data.tags["kfp.run_id"] == "kfp-1"
-    assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [1, 2]
     assert math.isclose(run.data.metrics["miou_val"], first["miou"])
     assert "miou_crf_val" in run.data.metrics
+    # Evaluation and inference both scored val (synthetic's test split): logged once.
+    assert len(client.get_metric_history(first["run_id"], "miou_val")) == 1
     assert run.data.metrics["best_epoch"] == tiny_training.result["best_epoch"]
     assert {"val/confusion_matrix.png", "val/class_iou_crf.png", "val/sample_overlays.png"} <= (
         set(artifacts)
@@ -404,7 +419,7 @@ def test_pipeline_run_logged_from_step_outputs_and_gated(
         eval_dir=worse_eval, kfp_run_id="kfp-2", spool_dir=tmp_path / "spool-2", **common
     )
     assert second["version"] == "2" and second["promoted"] is False
-    assert " <= " in second["champion_comparison"]
+    assert " <= " in second["champion_comparison"] and ", -0.0500)" in second["champion_comparison"]
     assert second["run_id"] != first["run_id"]
     champion = client.get_model_version_by_alias("test-pipeline-model", CHAMPION_ALIAS)
     assert champion.version == "1"
@@ -434,9 +449,9 @@ def test_champion_gate_promotes_only_a_better_model(
     v2 = _new_version(client, name, experiment_id)
     better = promote_if_better(client, name, v2, 0.612, "val")
     assert better.promoted
-    assert better.comparison == "0.612 > 0.580 (val)"
+    assert better.comparison == "0.6120 > 0.5800 (val, +0.0320)"
     tags = client.get_model_version(name, v2).tags
-    assert tags["champion_comparison"] == "0.612 > 0.580 (val)"
+    assert tags["champion_comparison"] == "0.6120 > 0.5800 (val, +0.0320)"
     assert tags["promoted"] == "true"
     assert tags["previous_champion"] == v1
     assert tags["miou"].startswith("0.612")
@@ -447,7 +462,7 @@ def test_champion_gate_promotes_only_a_better_model(
     assert worse.previous_version == v2 and worse.previous_miou == pytest.approx(0.612)
     assert client.get_model_version(name, v3).tags["promoted"] == "false"
     assert client.get_model_version(name, v3).tags["champion_comparison"] == (
-        "0.600 <= 0.612 (val)"
+        "0.6000 <= 0.6120 (val, -0.0120)"
     )
 
     tie = promote_if_better(client, name, _new_version(client, name, experiment_id), 0.612, "val")

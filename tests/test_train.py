@@ -54,7 +54,10 @@ def test_schedule_warmup_then_finetune() -> None:
     assert fine.lr == cfg.train.lr
 
 
-def test_train_writes_outputs_and_metrics(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_writes_outputs_and_metrics(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config("train.warmup_epochs=1", "train.epochs=1")
     seen: list[tuple[int, dict]] = []
     result = train(
@@ -70,23 +73,31 @@ def test_train_writes_outputs_and_metrics(tiny_data: Path, tmp_path: Path) -> No
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 1.0
     assert len(metrics["class_iou"]) == 6
-    assert metrics["best_epoch"] in (0, 1) and metrics["epochs_run"] == 2
+    assert metrics["best_epoch"] in (1, 2) and metrics["epochs_run"] == 2  # counted from 1
     assert (metrics["strategy"], metrics["replicas"], metrics["workers"]) == (
         "MirroredStrategy",
         1,
         1,
     )
     assert result["miou"] == pytest.approx(metrics["miou"])
-    # One callback per epoch, with every loss term and the validation mIoU.
-    assert [epoch for epoch, _ in seen] == [0, 1]
-    for _, logs in seen:
-        assert {"loss", "bce", "et", "l2", "val_miou", "lr"} <= set(logs)
+    # One callback per epoch (numbered from 1), with every loss term and both mIoUs.
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    for epoch, logs in seen:
+        assert {"loss", "bce", "et", "l2", "train_miou", "val_miou", "lr"} <= set(logs)
+        assert logs["epoch"] == epoch
         assert logs["et"] > 0  # the ET loss is on in the synthetic config
+        assert 0.0 <= logs["train_miou"] <= 1.0
     assert seen[0][1]["lr"] == cfg.train.warmup_lr and seen[1][1]["lr"] == cfg.train.lr
-    # The validation mIoU of the best epoch is the one reported.
-    assert metrics["miou"] == pytest.approx(max(logs["val_miou"] for _, logs in seen))
+    # The validation mIoU of the best epoch is the one reported, with its training mIoU.
+    best = max(seen, key=lambda item: item[1]["val_miou"])
+    assert metrics["best_epoch"] == best[0]
+    assert metrics["miou"] == pytest.approx(best[1]["val_miou"])
+    assert metrics["train_miou"] == pytest.approx(best[1]["train_miou"])
     history = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # No tracking URI: no MLflow at all.
+    assert "mlflow" not in result and not (run / "mlflow-spool").exists()
+    assert not (run / "mlflow_run.json").exists()
 
 
 def test_resumed_run_matches_uninterrupted(tiny_data: Path, tmp_path: Path) -> None:
@@ -163,7 +174,7 @@ def test_killed_training_resumes_at_next_epoch(tiny_data: Path, tmp_path: Path) 
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming {out} at epoch {epoch_at_kill + 1}" in rerun.stderr
     history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -181,13 +192,16 @@ def test_two_workers_end_with_identical_weights(tiny_data: Path, tmp_path: Path)
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     out = tmp_path / "run"
+    with socket.socket() as sock:  # an MLflow server that is down: records stay spooled
+        sock.bind(("127.0.0.1", 0))
+        mlflow_uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(
             subprocess.Popen(
                 _train_args(tiny_data, out),
-                env=_env(TF_CONFIG=tf_config),
+                env=_env(TF_CONFIG=tf_config, MLFLOW_TRACKING_URI=mlflow_uri),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -202,3 +216,7 @@ def test_two_workers_end_with_identical_weights(tiny_data: Path, tmp_path: Path)
     assert chief["strategy"] == "CollectiveAllReduceStrategy"
     assert chief["weights_digest"] == other["weights_digest"]
     assert chief["epochs_run"] == other["epochs_run"] == 2
+    # Only the chief logs to MLflow.
+    assert (out / "mlflow-spool" / "spool.json").is_file()
+    assert json.loads((out / "mlflow_run.json").read_text())["pending"] > 0
+    assert not list((out / "replicas").rglob("mlflow*"))

@@ -165,8 +165,10 @@ def test_set_backbone_trainable() -> None:
     assert len(backbone.trainable_weights) == 2 * per_block + 2
     assert len(model.trainable_weights) == head_weights + 2 * per_block + 2
 
+    # All blocks: the whole backbone trains, patch/position embeddings and class token too.
     set_backbone_trainable(model, 3)
-    assert len(backbone.trainable_weights) == 3 * per_block + 2
+    assert len(backbone.trainable_weights) == len(backbone.weights) == 3 * per_block + 2 + 4
+    assert any("patch_embedding" in n for n in _trainable_names(backbone))
     with pytest.raises(ConfigError, match="unfreeze_blocks"):
         set_backbone_trainable(model, 4)
 

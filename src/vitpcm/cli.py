@@ -108,10 +108,22 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     result = train(cfg, data_uri=args.data, out_uri=args.out, progress=not args.no_progress)
+    train_miou = result.get("train_miou")
+    also = "" if train_miou is None else f", train mIoU {train_miou:.4f}"
     print(
-        f"best val mIoU {result['miou']:.4f} at epoch {result['best_epoch'] + 1} "
+        f"best val mIoU {result['miou']:.4f} at epoch {result['best_epoch']}{also} "
         f"({result['epochs_run']} epochs); outputs in {args.out}"
     )
+    run = result.get("mlflow")
+    if run:
+        where = f"MLflow run {run['run_id']}" if run.get("run_id") else "MLflow run (not created)"
+        line = f"{where}, experiment {run['experiment']} at {run['tracking_uri']}"
+        if run.get("pending"):
+            line += (
+                f"; {run['pending']} record(s) not sent yet: "
+                f"`vitpcm mlflow replay {args.out}` sends them"
+            )
+        print(line)
     return 0
 
 
@@ -277,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train ViT-PCM (resumes when --out holds an unfinished run)",
         description=(
             "Warm-up with the backbone frozen, then fine-tune the last blocks; BCE + ET + L2 "
-            "losses; validation mIoU each epoch; best checkpoint kept; resumable."
+            "losses; validation (and training-subset) mIoU each epoch; best checkpoint kept; "
+            "resumable. With mlflow.tracking_uri (--set) or $MLFLOW_TRACKING_URI, every "
+            "epoch is logged live to one MLflow run; an outage never stops training."
         ),
     )
     _add_config_args(p)

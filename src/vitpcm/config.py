@@ -124,6 +124,9 @@ class TrainConfig:
     """Optimisation schedule: frozen-backbone warm-up, then partial fine-tuning."""
 
     batch_size: int = 16
+    # Backbone pre-training for configs with no checkpoint (see vitpcm.pretrain); 0 = off.
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 1e-3
     warmup_epochs: int = 1
     warmup_lr: float = 1e-3
     epochs: int = 80
@@ -139,9 +142,15 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation and test-time inference."""
+    """Evaluation and test-time inference.
+
+    ``train_miou_images``: the per-epoch training mIoU (``train_miou``, next to ``val_miou``)
+    is the BPM mIoU of the first this-many images of ``data.train_split`` (0 turns it off;
+    skipped when that split has no masks). A fixed subset keeps it cheap.
+    """
 
     batch_size: int = 8
+    train_miou_images: int = 64
 
 
 @dataclass
@@ -587,6 +596,14 @@ def _validate(cfg: Config, sources: _Sources) -> None:
     for key in ("batch_size", "epochs", "patience", "steps_per_epoch", "lr", "warmup_lr"):
         positive(f"train.{key}", getattr(train, key))
     check(train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    check(train.pretrain_epochs >= 0, "train.pretrain_epochs", "must be >= 0 (0: off)")
+    positive("train.pretrain_lr", train.pretrain_lr)
+    check(
+        not (train.pretrain_epochs and model.pretrained),
+        "train.pretrain_epochs",
+        f"is {train.pretrain_epochs} but model.pretrained already names a checkpoint; "
+        "set one of them to 0/null",
+    )
     check(train.seed >= 0, "train.seed", "must be >= 0")
     check(
         0 <= train.unfreeze_blocks <= model.depth,
@@ -599,6 +616,7 @@ def _validate(cfg: Config, sources: _Sources) -> None:
     in_unit("train.et.crop_prob", train.et.crop_prob)
 
     positive("eval.batch_size", cfg.eval.batch_size)
+    check(cfg.eval.train_miou_images >= 0, "eval.train_miou_images", "must be >= 0 (0: off)")
     crf = cfg.crf
     for key in ("iterations", "gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
         positive(f"crf.{key}", getattr(crf, key))

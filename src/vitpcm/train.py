@@ -7,7 +7,13 @@ the last ``train.unfreeze_blocks`` encoder blocks are unfrozen with a fresh Adam
 ``train.loss_weights``). Validation mIoU is measured on *every* validation sample at the
 label's original resolution (the paper's test protocol, not the reference code's 384-px
 shortcut); the best epoch is kept; early stopping after ``train.patience`` epochs without
-improvement.
+improvement. The training mIoU (``train_miou``) is the same measure on a fixed subset of
+the training split (``eval.train_miou_images``). Epochs are numbered from 1 wherever a
+person sees them (logs, ``history.json``, ``best_epoch``, MLflow steps).
+
+MLflow: with a tracking URI (``mlflow.tracking_uri`` or ``$MLFLOW_TRACKING_URI``) the chief
+worker logs every epoch live to one MLflow run (:mod:`vitpcm.tracking.training`); an
+outage never stops the training (records wait in ``<out>/mlflow-spool``).
 
 Resumability: after every epoch the model, both optimizers, the dropout RNG state and the
 loop state are checkpointed under ``<out>/checkpoints``; a run started again with the same
@@ -16,7 +22,8 @@ loop state are checkpointed under ``<out>/checkpoints``; a run started again wit
 
 Outputs (``<out>``, local or ``s3://``): ``config.yaml`` (resolved config), ``model.keras``
 (best epoch), ``history.json``, ``tensorboard/``, ``checkpoints/`` and, written last,
-``metrics.json`` (validation metrics of the best epoch plus ``best_epoch``).
+``metrics.json`` (validation metrics of the best epoch plus ``best_epoch``); tracked runs
+add ``mlflow-spool/`` and ``mlflow_run.json``.
 """
 
 from __future__ import annotations
@@ -113,6 +120,7 @@ def train(
     progress: bool = True,
     callbacks: Sequence[EpochCallback] = (),
     stop_after_epochs: int | None = None,
+    tracking: bool = True,
 ) -> dict[str, Any]:
     """Train ViT-PCM and return the final metrics (also written to ``<out>/metrics.json``).
 
@@ -121,9 +129,84 @@ def train(
         data_uri: TFRecord folder (or ``s3://``); defaults to ``cfg.data.uri``.
         out_uri: output folder (or ``s3://``); a folder with a checkpoint is resumed.
         progress: show a progress bar per epoch.
-        callbacks: called as ``cb(epoch, logs)`` after every epoch (MLflow logging hooks).
+        callbacks: called as ``cb(epoch, logs)`` after every epoch, ``epoch`` counted from 1.
         stop_after_epochs: end this call after this many epochs (testing resumption).
+        tracking: log live to MLflow when a tracking URI is configured (chief worker only);
+            ``False`` when the caller tracks the run itself.
+
+    Returns:
+        ``metrics.json``'s content (``best_epoch`` counted from 1), plus ``mlflow`` (what
+        ``mlflow_run.json`` holds) when tracked; ``{"finished": False, "next_epoch": N}``
+        when ``stop_after_epochs`` ended the call first.
     """
+    tracker = _training_tracker(cfg, out_uri) if tracking else None
+    try:
+        result = _train(
+            cfg,
+            data_uri=data_uri,
+            out_uri=out_uri,
+            progress=progress,
+            callbacks=callbacks,
+            stop_after_epochs=stop_after_epochs,
+            tracker=tracker,
+        )
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None:
+        if result.get("finished"):
+            if tracker.run_info is not None:
+                result["mlflow"] = tracker.run_info
+        else:
+            tracker.close("KILLED")  # stopped before the end; a resumed run reopens it
+    return result
+
+
+def _training_tracker(cfg: Config, out_uri: str | None) -> Any:
+    """The live MLflow tracker of this training, or None (no tracking URI, not the chief)."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or not out_uri or not worker_role().is_chief:
+        return None
+    # Imported only here: an untracked training never loads the tracking code.
+    from vitpcm.tracking.training import TrainingTracker
+
+    return TrainingTracker(cfg, out_uri, uri)
+
+
+def _train_miou_dataset(cfg: Config, data_uri: str) -> Any:
+    """The first ``eval.train_miou_images`` training images, read for evaluation, or None.
+
+    None when the count is 0 or the split has no masks. The batch size divides the count,
+    so exactly that many images are scored (fewer when the split is smaller).
+    """
+    from vitpcm.data.reader import dataset_from_config, read_split_info, split_has_masks
+
+    count = cfg.eval.train_miou_images
+    split = cfg.data.train_split
+    if count <= 0:
+        return None
+    if not split_has_masks(read_split_info(data_uri, split)):
+        log.info("no training mIoU: split %r has no masks", split)
+        return None
+    batch = max(d for d in range(1, min(count, cfg.eval.batch_size) + 1) if count % d == 0)
+    dataset = dataset_from_config(
+        cfg, split, training=False, uri=data_uri, batch_size=batch, with_label=True
+    )
+    return dataset.take(count // batch)
+
+
+def _train(
+    cfg: Config,
+    *,
+    data_uri: str | None,
+    out_uri: str | None,
+    progress: bool,
+    callbacks: Sequence[EpochCallback],
+    stop_after_epochs: int | None,
+    tracker: Any,
+) -> dict[str, Any]:
+    """:func:`train` without the MLflow run's opening and closing (``tracker``: or None)."""
     import numpy as np
     import tensorflow as tf
 
@@ -180,7 +263,20 @@ def train(
         steps,
     )
 
-    loop = _TrainingLoop(cfg, strategy, num_classes, global_batch)
+    pretrained = None
+    if cfg.train.pretrain_epochs:
+        from vitpcm.pretrain import pretrain_backbone
+
+        pretrained = pretrain_backbone(
+            cfg,
+            data_uri=data_uri,
+            out_uri=own_out,
+            strategy=strategy,
+            num_classes=num_classes,
+            steps=steps,
+            progress=progress,
+        )
+    loop = _TrainingLoop(cfg, strategy, num_classes, global_batch, pretrained)
     state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes))
     if role.is_chief:
         save_config(cfg, storage.join(out_uri, CONFIG_FILE))
@@ -193,11 +289,14 @@ def train(
         batch_size=cfg.eval.batch_size,
         with_label=True,
     )
+    train_eval_ds = _train_miou_dataset(cfg, data_uri)
     writer = tf.summary.create_file_writer(storage.join(own_out, "tensorboard"))
     phases = schedule(cfg)
     total_epochs = phases[-1].end_epoch
     stopped_early = False
     history = state.history or []
+    if tracker is not None:
+        tracker.start(history)
 
     for epochs_done_here, epoch in enumerate(range(state.next_epoch, total_epochs)):
         if state.epochs_since_best >= cfg.train.patience:
@@ -222,12 +321,18 @@ def train(
         metrics, _ = evaluate_model(
             loop.model, val_ds, num_classes, class_names=info.get("class_names"), progress=False
         )
+        if train_eval_ds is not None:
+            subset, _ = evaluate_model(loop.model, train_eval_ds, num_classes, progress=False)
+            # Kept with the best epoch's metrics too, so metrics.json reports it.
+            logs["train_miou"] = metrics["train_miou"] = subset["miou"]
         logs.update(
             {
                 "val_miou": metrics["miou"],
                 "val_pixel_accuracy": metrics["pixel_accuracy"],
                 "lr": phase.lr,
-                "epoch": epoch,
+                "epoch": epoch + 1,
+                # When the epoch ended (ms): a record sent again later keeps it (tracking).
+                "timestamp": time.time() * 1000.0,
             }
         )
         improved = metrics["miou"] > state.best_miou
@@ -243,12 +348,13 @@ def train(
         state.history = history
         state.next_epoch = epoch + 1
         loop.checkpoint(own_out, state)
-        with writer.as_default(step=epoch):
+        with writer.as_default(step=epoch + 1):
             for key, value in logs.items():
-                tf.summary.scalar(key, value)
+                if key != "timestamp":
+                    tf.summary.scalar(key, value)
         writer.flush()
         log.info(
-            "epoch %d/%d %s: loss %.4f (bce %.4f et %.4f l2 %.4f) val mIoU %.4f%s",
+            "epoch %d/%d %s: loss %.4f (bce %.4f et %.4f l2 %.4f) val mIoU %.4f%s%s",
             epoch + 1,
             total_epochs,
             phase.name,
@@ -257,10 +363,13 @@ def train(
             logs["et"],
             logs["l2"],
             metrics["miou"],
+            f" train mIoU {logs['train_miou']:.4f}" if "train_miou" in logs else "",
             " *" if improved else "",
         )
         for callback in callbacks:
-            callback(epoch, logs)
+            callback(epoch + 1, logs)
+        if tracker is not None:
+            tracker(epoch + 1, logs)
 
     finished = (
         state.next_epoch >= total_epochs
@@ -272,7 +381,7 @@ def train(
     best = json.loads(storage.read_bytes(storage.join(own_out, "best_metrics.json")))
     result = {
         **best,
-        "best_epoch": state.best_epoch,
+        "best_epoch": state.best_epoch + 1,  # LoopState counts from 0, people from 1
         "epochs_run": state.next_epoch,
         "stopped_early": bool(stopped_early),
         "split": cfg.data.val_split,
@@ -283,6 +392,8 @@ def train(
         "weights_digest": _weights_digest(loop.model, np),
     }
     storage.write_bytes(storage.join(own_out, HISTORY_JSON), json.dumps(history, indent=2).encode())
+    if tracker is not None:
+        tracker.finish(result)  # before metrics.json, which is written last
     from vitpcm.metrics import write_metrics_json
 
     write_metrics_json(storage.join(own_out, METRICS_JSON), result)
@@ -311,7 +422,14 @@ def _save_model(model: Any, uri: str) -> None:
 class _TrainingLoop:
     """Model, optimizers and the distributed train step; knows how to checkpoint itself."""
 
-    def __init__(self, cfg: Config, strategy: Any, num_classes: int, global_batch: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        strategy: Any,
+        num_classes: int,
+        global_batch: int,
+        pretrained: str | None = None,
+    ) -> None:
         import keras
         import tensorflow as tf
 
@@ -325,11 +443,12 @@ class _TrainingLoop:
         self._step_fn: Any = None
         with strategy.scope():
             self.model = build_vitpcm(cfg.model, num_classes)
-            if cfg.model.pretrained:
+            pretrained = pretrained or cfg.model.pretrained
+            if pretrained:
                 from vitpcm.model.vit_weights import load_vit_npz
                 from vitpcm.model.vitpcm import backbone_of
 
-                load_vit_npz(backbone_of(self.model), cfg.model.pretrained)
+                load_vit_npz(backbone_of(self.model), pretrained)
             self.optimizers = {}
             for phase in schedule(cfg):
                 set_backbone_trainable(self.model, phase.unfreeze_blocks)

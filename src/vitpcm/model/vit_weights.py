@@ -76,6 +76,28 @@ def load_vit_npz(backbone_model_or_layer: keras.layers.Layer, uri: str) -> list[
         checkpoint.close()
 
 
+def save_vit_npz(backbone_model_or_layer: keras.layers.Layer, uri: str) -> list[str]:
+    """Write a backbone as a ``.npz`` in the public checkpoints' layout (:func:`load_vit_npz`).
+
+    Keys follow the original naming (``LayerNorm_0``, ``MultiHeadDotProductAttention_1``,
+    ``LayerNorm_2``, ``MlpBlock_3``); values are float32.
+
+    Args:
+        backbone_model_or_layer: A :class:`ViTBackbone`, or a model that nests one.
+        uri: Destination path or ``s3://`` URI (written whole, atomically where local).
+
+    Returns:
+        The keys written, sorted.
+    """
+    backbone = find_backbone(backbone_model_or_layer)
+    table = checkpoint_table(backbone, set())
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key: np.asarray(v.numpy(), np.float32) for key, v in table.items()})
+    storage.write_bytes(uri, buffer.getvalue())
+    log.info("saved %d tensors to %s", len(table), uri)
+    return sorted(table)
+
+
 def _open_npz(data: bytes, uri: str) -> Any:
     try:
         checkpoint = np.load(io.BytesIO(data), allow_pickle=False)

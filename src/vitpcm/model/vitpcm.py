@@ -93,8 +93,9 @@ def set_backbone_trainable(model: keras.Model, unfreeze_blocks: int) -> None:
     """Freeze the backbone except its last ``unfreeze_blocks`` blocks and the final LayerNorm.
 
     ``0`` freezes the whole backbone (warm-up); ``N`` trains ``encoderblock_{depth-N}`` ...
-    ``encoderblock_{depth-1}`` and ``encoder_norm``. The patch embedding and the earlier blocks
-    stay frozen. Frozen blocks also run without dropout. Rebuild any compiled train step
+    ``encoderblock_{depth-1}`` and ``encoder_norm``; the patch embedding and the earlier blocks
+    stay frozen. ``depth`` trains the whole backbone, patch and position embeddings included
+    (what a backbone trained from scratch needs). Frozen blocks also run without dropout. Rebuild any compiled train step
     afterwards: Keras reads these flags when it traces.
 
     Args:
@@ -113,6 +114,10 @@ def set_backbone_trainable(model: keras.Model, unfreeze_blocks: int) -> None:
         return
     # The backbone itself must be trainable for any of its layers' weights to be trained.
     backbone.trainable = True
+    if unfreeze_blocks == backbone.depth:
+        for layer in backbone.layers:
+            layer.trainable = True
+        return
     trainable = {
         f"encoderblock_{i}" for i in range(backbone.depth - unfreeze_blocks, backbone.depth)
     }

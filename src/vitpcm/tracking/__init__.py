@@ -4,8 +4,10 @@
   curves, final metrics, plots, config, the Keras model, registration.
 * ``spool.py`` / ``sender.py`` -- every record is journaled locally before it is sent, so
   an MLflow outage loses nothing; :func:`replay_spool` sends what is left.
-* :func:`log_pipeline_run` (``pipeline_run.py``) -- the same run, logged after the fact
-  from a pipeline's step outputs (the Kubeflow register step).
+* :class:`TrainingTracker` (``training.py``) -- ``vitpcm train`` logging each epoch live
+  when a tracking URI is configured; it writes ``mlflow_run.json`` next to ``metrics.json``.
+* :func:`log_pipeline_run` (``pipeline_run.py``) -- the pipeline's register step: continues
+  the training's run (or creates it from the step outputs) and adds results and the model.
 * :func:`promote_if_better` (``registry.py``) -- the ``champion`` alias gate.
 * :func:`plot_sample_overlays` (``figures.py``) -- image / ground truth / BPM / CRF grids.
 * ``naming.py`` (experiment, param and metric names) and ``model_files.py`` (the logged
@@ -28,13 +30,16 @@ from vitpcm.tracking.registry import CHAMPION_ALIAS, ChampionDecision, promote_i
 from vitpcm.tracking.sender import replay_spool
 from vitpcm.tracking.spool import SPOOL_DIRNAME
 from vitpcm.tracking.tracker import ModelLogResult, RunTracker
+from vitpcm.tracking.training import RUN_FILE, TrainingTracker, training_summary
 
 __all__ = [
     "CHAMPION_ALIAS",
+    "RUN_FILE",
     "SPOOL_DIRNAME",
     "ChampionDecision",
     "ModelLogResult",
     "RunTracker",
+    "TrainingTracker",
     "default_experiment",
     "default_registered_model",
     "final_metrics",
@@ -44,5 +49,6 @@ __all__ = [
     "plot_sample_overlays",
     "promote_if_better",
     "replay_spool",
+    "training_summary",
     "vitpcm_signature",
 ]

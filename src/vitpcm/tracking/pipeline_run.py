@@ -1,12 +1,18 @@
-"""One MLflow run for a whole pipeline run, logged after the fact from its step outputs.
+"""One MLflow run for a whole pipeline run, completed from its step outputs.
 
 The Kubeflow pipeline's register step calls :func:`log_pipeline_run` with the folders
 the earlier steps wrote: training (``model.keras``, ``config.yaml``, ``metrics.json``,
-``history.json``), evaluation (``metrics.json``, ``confusion_matrix.npy``) and test
-inference (``metrics.json`` with the CRF scores, ``pseudo_masks/``, ``pseudo_masks_crf/``).
-From them it logs the same run a :class:`RunTracker` around training would have: curves
-per epoch, final metrics and plots per split, sample overlays (when the TFRecords are at
-hand for the images and ground truth), the model, its registration and the champion gate.
+``history.json``, and ``mlflow-spool/`` + ``mlflow_run.json`` when it was tracked live),
+evaluation (``metrics.json``, ``confusion_matrix.npy``) and test inference
+(``metrics.json`` with the CRF scores, ``pseudo_masks/``, ``pseudo_masks_crf/``).
+
+When the training logged live (:mod:`vitpcm.tracking.training`), its run is continued:
+its spool is copied into this step's spool folder (records MLflow has not acknowledged
+yet, from an outage during training, are sent first) and the epoch curves, params and
+training summary are not logged again. Otherwise the run is created here, with the
+curves from ``history.json``. Either way it gets the final metrics and plots per split,
+sample overlays (when the TFRecords are at hand for the images and ground truth), the
+model, its registration and the champion gate.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 from vitpcm.errors import TrackingError
-from vitpcm.tracking.spool import Spool
+from vitpcm.tracking.sender import same_tracking_uri
+from vitpcm.tracking.spool import META_FILE, SPOOL_DIRNAME, Spool
 from vitpcm.tracking.tracker import RunTracker
+from vitpcm.tracking.training import RUN_FILE, training_summary
 
 log = logging.getLogger("vitpcm.tracking")
 
@@ -38,6 +47,64 @@ def _optional_json(folder: str | os.PathLike[str] | None, name: str) -> Any:
         return None
     path = Path(folder) / name
     return _read_json(path) if path.is_file() else None
+
+
+def _adopt_training_spool(
+    model_path: Path, spool_dir: Path, tracking_uri: str
+) -> tuple[bool, str | None]:
+    """Make ``spool_dir`` continue the training's spool; returns (continued, experiment).
+
+    Not continued (the run is created here) when the training was not tracked, or its run
+    lives on another MLflow server.
+
+    Raises:
+        TrackingError: ``spool_dir`` already holds another spool or other files.
+    """
+    source = model_path / SPOOL_DIRNAME
+    if not (source / META_FILE).is_file():
+        return False, None
+    trained = Spool(source)
+    state = trained.load_state()
+    if state.run_id and not same_tracking_uri(state.tracking_uri, tracking_uri):
+        log.warning(
+            "the training logged to MLflow run %s on %s, not %s: logging a new run here",
+            state.run_id,
+            state.tracking_uri,
+            tracking_uri,
+        )
+        return False, None
+    starts = [r for r in trained.records() if r.kind == "start_run"]
+    experiment = starts[0].data.get("experiment") if starts else None
+    if (spool_dir / META_FILE).is_file():
+        if Spool(spool_dir).spool_id != trained.spool_id:
+            raise TrackingError(
+                f"{spool_dir} holds another MLflow spool than the training's {source}; "
+                "pass an empty spool_dir"
+            )
+        return True, experiment  # a retried step: this copy is the newer one
+    if spool_dir.exists() and any(spool_dir.iterdir()):
+        raise TrackingError(f"spool_dir {spool_dir} is not empty; pass an empty folder")
+    staging = spool_dir.with_name(f".{spool_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".*"))
+        if spool_dir.exists():
+            spool_dir.rmdir()
+        os.replace(staging, spool_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True, experiment
+
+
+def _attached_run(model_path: Path, tracking_uri: str) -> tuple[str | None, str | None]:
+    """(run id, experiment) of a tracked training whose spool is not at hand but whose
+    ``mlflow_run.json`` says everything reached ``tracking_uri``."""
+    info = _optional_json(model_path, RUN_FILE) or {}
+    run_id = info.get("run_id")
+    if not run_id or info.get("pending") or not info.get("tracking_uri"):
+        return None, None
+    if not same_tracking_uri(info["tracking_uri"], tracking_uri):
+        return None, None
+    return str(run_id), info.get("experiment")
 
 
 def overlay_samples(
@@ -114,13 +181,14 @@ def log_pipeline_run(
         kfp_ui_url: Kubeflow Pipelines UI base URL.
         data_dir: local TFRecord folder; with ``test_dir``, gives the sample overlays.
         spool_dir: where records wait while MLflow is down; put it in a step output to be
-            able to replay it (default: a temporary folder, lost with the pod).
+            able to replay it (default: a temporary folder, lost with the pod). It must be
+            empty or missing, or hold this run's spool from an earlier attempt.
         num_samples: how many overlay samples.
 
     Returns:
         ``run_id``, ``experiment``, ``model_name``, ``version``, ``promoted``,
-        ``champion_comparison``, ``miou``, ``split``, ``pending`` (records not sent) and
-        ``spool_dir``.
+        ``champion_comparison``, ``miou``, ``split``, ``pending`` (records not sent),
+        ``spool_dir`` and ``continued`` (whether the training's own run was continued).
 
     Raises:
         TrackingError: an input folder is missing its files.
@@ -137,6 +205,13 @@ def log_pipeline_run(
         cfg.mlflow.registered_model = model_name
     if spool_dir is None:
         spool_dir = Path(tempfile.gettempdir()) / "vitpcm-mlflow" / (kfp_run_id or uuid.uuid4().hex)
+    spool_dir = Path(spool_dir)
+    continued, run_experiment = _adopt_training_spool(model_path, spool_dir, tracking_uri)
+    attach_run_id = None
+    if not continued:
+        attach_run_id, run_experiment = _attached_run(model_path, tracking_uri)
+    # The training already logged its curves, params and summary to the run being continued.
+    from_training = continued or attach_run_id is not None
     history = _optional_json(model_path, "history.json") or []
     train_metrics = _optional_json(model_path, "metrics.json") or {}
     eval_metrics = _optional_json(eval_dir, "metrics.json")
@@ -144,20 +219,23 @@ def log_pipeline_run(
 
     with RunTracker(
         cfg,
-        Path(spool_dir).parent,
+        spool_dir.parent,
         spool_dir=spool_dir,
         tracking_uri=tracking_uri,
-        experiment=experiment,
+        experiment=run_experiment or experiment,
+        run_id=attach_run_id,
         kfp_run_id=kfp_run_id,
         kfp_ui_url=kfp_ui_url,
+        log_config=not from_training,
     ) as tracker:
-        for index, logs in enumerate(history):
-            tracker.epoch_callback(int(logs.get("epoch", index)), logs)
-        tracker.log_metrics(
-            {k: train_metrics.get(k) for k in ("best_epoch", "epochs_run") if k in train_metrics}
-        )
+        if not from_training:
+            for index, logs in enumerate(history):
+                tracker.epoch_callback(int(logs.get("epoch", index + 1)), logs)
+            tracker.log_metrics(training_summary(train_metrics))
         gate_metrics = eval_metrics or train_metrics
         gate_split = str(gate_metrics.get("split") or cfg.data.val_split)
+        # split -> (metrics, confusion matrix, overlay samples), logged once per split.
+        results: dict[str, tuple[dict[str, Any], Any, list[dict[str, Any]]]] = {}
         if eval_metrics:
             matrix = None
             matrix_path = Path(eval_dir) / "confusion_matrix.npy"
@@ -165,15 +243,20 @@ def log_pipeline_run(
                 import numpy as np
 
                 matrix = np.load(matrix_path)
-            tracker.log_results(eval_metrics, gate_split, confusion_matrix=matrix)
+            results[gate_split] = (eval_metrics, matrix, [])
         elif train_metrics:
-            tracker.log_results(train_metrics, gate_split)
+            results[gate_split] = (train_metrics, None, [])
         if test_metrics and test_metrics.get("miou") is not None:
             test_split = str(test_metrics.get("split") or cfg.data.test_split)
             samples = []
             if data_dir and test_dir:
                 samples = overlay_samples(data_dir, test_split, test_dir, num_samples)
-            tracker.log_results(test_metrics, test_split, samples=samples)
+            # Inference on the evaluated split (synthetic's test split is val) adds its CRF
+            # scores to the evaluation's; the BPM scores are logged once, the evaluation's.
+            metrics, matrix, _ = results.get(test_split, ({}, None, []))
+            results[test_split] = ({**test_metrics, **metrics}, matrix, samples)
+        for split, (metrics, matrix, samples) in results.items():
+            tracker.log_results(metrics, split, confusion_matrix=matrix, samples=samples)
         miou = gate_metrics.get("miou")
         logged = tracker.log_model(
             load_model(str(model_path)),
@@ -196,4 +279,5 @@ def log_pipeline_run(
         "split": gate_split,
         "pending": pending,
         "spool_dir": str(spool_dir),
+        "continued": from_training,
     }

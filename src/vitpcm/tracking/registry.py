@@ -74,6 +74,35 @@ def current_champion(client: Any, model_name: str) -> Any | None:
         raise
 
 
+def _scores(miou: float, other: float | None = None) -> tuple[str, str]:
+    """``miou`` and ``other`` with enough decimals to show their difference (4 to 8).
+
+    Three decimals showed "0.081 > 0.081" for a real improvement; the digits grow until the
+    two and their difference are visibly distinct (equal values stay at 4).
+    """
+
+    def blurred(digits: int) -> bool:
+        same = f"{miou:.{digits}f}" == f"{other:.{digits}f}"
+        return same or float(f"{miou - other:.{digits}f}") == 0.0
+
+    digits = 4
+    if other is not None and miou != other:
+        while digits < 8 and blurred(digits):
+            digits += 1
+    return f"{miou:.{digits}f}", "" if other is None else f"{other:.{digits}f}"
+
+
+def comparison_text(miou: float, previous: float, split: str) -> str:
+    """The ``champion_comparison`` text of a candidate against a champion.
+
+    E.g. ``"0.6120 > 0.5800 (val, +0.0320)"``, ``"0.08127 > 0.08122 (val, +0.00005)"``.
+    """
+    new, old = _scores(miou, previous)
+    digits = len(new.partition(".")[2])
+    sign = ">" if miou > previous else "<="
+    return f"{new} {sign} {old} ({split}, {miou - previous:+.{digits}f})"
+
+
 def _tag_float(tags: dict[str, str], key: str) -> float | None:
     try:
         return float(tags[key])
@@ -93,7 +122,8 @@ def promote_if_better(
     is a no-op that reports ``promoted=True``, so replays are safe.
 
     The candidate's score and the outcome are recorded as tags on the version: ``miou``,
-    ``miou_split``, ``champion_comparison`` (e.g. ``"0.612 > 0.580 (val)"``), ``promoted``
+    ``miou_split``, ``champion_comparison`` (e.g. ``"0.6120 > 0.5800 (val, +0.0320)"``, see
+    :func:`comparison_text`), ``promoted``
     (``true``/``false``) and ``previous_champion``.
 
     Args:
@@ -115,25 +145,24 @@ def promote_if_better(
     previous_miou = None
     if champion is None:
         promoted = True
-        comparison = f"{miou:.3f} ({split}), first champion"
+        comparison = f"{_scores(miou)[0]} ({split}), first champion"
     elif previous_version == version:
         promoted = True
         previous_miou = _tag_float(champion.tags, MIOU_TAG)
-        comparison = f"{miou:.3f} ({split}), already champion"
+        comparison = f"{_scores(miou)[0]} ({split}), already champion"
     else:
         champion_split = champion.tags.get(SPLIT_TAG)
         previous_miou = _tag_float(champion.tags, MIOU_TAG) if champion_split == split else None
         if previous_miou is None:
             promoted = False
             comparison = (
-                f"{miou:.3f} ({split}) not comparable: champion v{previous_version} has no "
+                f"{_scores(miou)[0]} ({split}) not comparable: champion v{previous_version} has no "
                 f"mIoU on {split!r} (its tags: miou={champion.tags.get(MIOU_TAG)}, "
                 f"miou_split={champion_split})"
             )
         else:
             promoted = miou > previous_miou
-            sign = ">" if promoted else "<="
-            comparison = f"{miou:.3f} {sign} {previous_miou:.3f} ({split})"
+            comparison = comparison_text(miou, previous_miou, split)
     if promoted and previous_version != version:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
     client.set_model_version_tag(model_name, version, COMPARISON_TAG, comparison)

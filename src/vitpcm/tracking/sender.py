@@ -47,7 +47,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
 
-def _same_uri(recorded: str | None, target: str) -> bool:
+def same_tracking_uri(recorded: str | None, target: str) -> bool:
+    """Whether a run recorded on ``recorded`` (``None``: not yet created) may go to ``target``."""
     return recorded is None or recorded.rstrip("/") == target.rstrip("/")
 
 
@@ -90,7 +91,7 @@ class SpoolSender:
             pending = [r for r in self.spool.records() if r.seq > state.acked]
             if not pending:
                 return 0
-            if state.run_id and not _same_uri(state.tracking_uri, self.tracking_uri):
+            if state.run_id and not same_tracking_uri(state.tracking_uri, self.tracking_uri):
                 raise TrackingError(
                     f"the MLflow spool {self.spool.path} belongs to run {state.run_id} on "
                     f"{state.tracking_uri}; replay it there, not to {self.tracking_uri}"

@@ -3,19 +3,20 @@
 What a run shows in the MLflow dashboard (DESIGN.md, "What users do with it"): tags
 (dataset, backbone, config name, vitpcm version, the Kubeflow run id and a link back to its
 page), the resolved config as dotted params (``train.lr``...), per-epoch curves (each loss
-term, validation mIoU, learning rate; step = epoch), final metrics per split (BPM mIoU,
-mIoU after CRF, pixel accuracy, per-class IoU), plots (confusion matrix, per-class IoU,
-sample overlays), ``config.yaml``, ``metrics.json``, and the Keras model with its
-signature, registered and gated for the ``champion`` alias.
+term, training and validation mIoU, learning rate; step = the epoch number, from 1), final
+metrics per split (BPM mIoU, mIoU after CRF, pixel accuracy, per-class IoU), plots
+(confusion matrix, per-class IoU, sample overlays), ``config.yaml``, ``metrics.json``, and
+the Keras model with its signature, registered and gated for the ``champion`` alias.
 
 Everything goes through the local spool (:mod:`vitpcm.tracking.spool`) first, then to
 MLflow (:mod:`vitpcm.tracking.sender`): an unreachable server costs a warning, never the
 training, and ``vitpcm mlflow replay DIR`` sends what is left later.
 
-Usage::
+``vitpcm train`` opens one by itself when a tracking URI is configured (see
+:mod:`vitpcm.tracking.training`). Usage around a training that is not tracked by itself::
 
     with RunTracker(cfg, out_dir) as tracker:
-        result = train(cfg, out_uri=out_dir, callbacks=[tracker.epoch_callback])
+        result = train(cfg, out_uri=out_dir, callbacks=[tracker.epoch_callback], tracking=False)
         tracker.log_results(result, split=cfg.data.val_split)
         tracker.log_model(model, miou=result["miou"], split=cfg.data.val_split)
 """
@@ -57,8 +58,8 @@ log = logging.getLogger("vitpcm.tracking")
 
 KFP_RUN_ID_ENV = "KFP_RUN_ID"
 KFP_UI_URL_ENV = "KFP_UI_URL"
-# Train-loop log keys that are not per-epoch curves.
-_NOT_CURVES = frozenset({"epoch"})
+# Train-loop log keys that are not per-epoch curves ("timestamp": when the epoch ended, in ms).
+_NOT_CURVES = frozenset({"epoch", "timestamp"})
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class RunTracker:
             ``out_dir`` is ``s3://``: the spool must be local).
         retry_interval_s: after a failed send, wait this long before trying again (a
             final attempt is always made when the run ends).
+        log_config: log the config as params and ``config.yaml`` when the run starts;
+            ``False`` for a later step continuing a run that already has them.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class RunTracker:
         tags: Mapping[str, str] | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         retry_interval_s: float = 60.0,
+        log_config: bool = True,
     ) -> None:
         self.cfg = cfg
         self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg)
@@ -137,6 +141,7 @@ class RunTracker:
             storage.local_path(spool_dir or os.path.join(out_text, SPOOL_DIRNAME))
         )
         self.retry_interval_s = retry_interval_s
+        self.log_config = log_config
         self.spool: Spool | None = None
         self.sender: SpoolSender | None = None
         self._next_try = 0.0
@@ -203,10 +208,11 @@ class RunTracker:
                 "attach_run_id": self.attach_run_id,
             },
         )
-        self.log_params(flatten_params(self.cfg.to_dict()))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
-            self.log_artifact(os.path.join(tmp, "config.yaml"), move=True)
+        if self.log_config:
+            self.log_params(flatten_params(self.cfg.to_dict()))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+                self.log_artifact(os.path.join(tmp, "config.yaml"), move=True)
         self.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -283,9 +289,16 @@ class RunTracker:
             self._spool().append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
             self.flush()
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """Log numeric metrics at ``step``; ``None``, NaN and non-numbers are skipped."""
-        timestamp = now_ms()
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int = 0, *, timestamp: int | None = None
+    ) -> None:
+        """Log numeric metrics at ``step``; ``None``, NaN and non-numbers are skipped.
+
+        ``timestamp`` (ms since the Unix epoch, default now) lets a record logged again
+        later carry its original time: MLflow keeps one point per (key, step, timestamp,
+        value), so the same epoch sent twice still shows once.
+        """
+        timestamp = now_ms() if timestamp is None else int(timestamp)
         entries = []
         for key, raw in metrics.items():
             value = finite_number(raw)
@@ -305,10 +318,14 @@ class RunTracker:
     def epoch_callback(self, epoch: int, logs: Mapping[str, Any]) -> None:
         """Per-epoch curves for ``train(callbacks=[tracker.epoch_callback])``.
 
-        Every number in ``logs`` (loss, bce, et, l2, val_miou, val_pixel_accuracy, lr,
-        train_seconds...) is logged with ``step=epoch``.
+        Every number in ``logs`` (loss, bce, et, l2, train_miou, val_miou,
+        val_pixel_accuracy, lr, train_seconds...) is logged with ``step=epoch`` (the epoch
+        number, counted from 1 as the training log prints it), at ``logs["timestamp"]``
+        when the loop recorded when the epoch ended.
         """
-        self.log_metrics({k: v for k, v in logs.items() if k not in _NOT_CURVES}, step=epoch)
+        curves = {k: v for k, v in logs.items() if k not in _NOT_CURVES}
+        stamp = finite_number(logs.get("timestamp"))
+        self.log_metrics(curves, step=epoch, timestamp=None if stamp is None else int(stamp))
 
     def log_artifact(
         self, path: str | os.PathLike[str], artifact_path: str | None = None, *, move: bool = False
