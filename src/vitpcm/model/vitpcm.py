@@ -95,8 +95,8 @@ def set_backbone_trainable(model: keras.Model, unfreeze_blocks: int) -> None:
     ``0`` freezes the whole backbone (warm-up); ``N`` trains ``encoderblock_{depth-N}`` ...
     ``encoderblock_{depth-1}`` and ``encoder_norm``; the patch embedding and the earlier blocks
     stay frozen. ``depth`` trains the whole backbone, patch and position embeddings included
-    (what a backbone trained from scratch needs). Frozen blocks also run without dropout. Rebuild any compiled train step
-    afterwards: Keras reads these flags when it traces.
+    (what a backbone trained from scratch needs). Frozen blocks also run without dropout.
+    Rebuild any compiled train step afterwards: Keras reads these flags when it traces.
 
     Args:
         model: A model from :func:`build_vitpcm`, or a bare backbone.
