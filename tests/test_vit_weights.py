@@ -14,7 +14,7 @@ from helpers.vit_numpy import random_vit_weights, vit_forward, write_npz
 from vitpcm.errors import ModelError, StorageError
 from vitpcm.model.vit_backbone import ViTBackbone
 from vitpcm.model.vit_layers import resize_position_grid
-from vitpcm.model.vit_weights import load_vit_npz
+from vitpcm.model.vit_weights import load_vit_npz, save_vit_npz
 from vitpcm.model.vitpcm import build_vitpcm
 
 DIMS = {"patch_size": 8, "hidden_dim": 32, "depth": 2, "num_heads": 4, "mlp_dim": 64}
@@ -169,3 +169,19 @@ def test_single_array_file(tmp_path: Path) -> None:
 def test_missing_file_is_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="nope.npz"):
         load_vit_npz(tiny_backbone(), str(tmp_path / "nope.npz"))
+
+
+def test_saved_npz_loads_back_exactly(tmp_path: Path, npz_file: tuple[Path, dict]) -> None:
+    path, _ = npz_file
+    source, target = tiny_backbone(), tiny_backbone()
+    load_vit_npz(source, str(path))
+    assert not np.array_equal(
+        source.patch_embedding.embedding.kernel.numpy(),
+        target.patch_embedding.embedding.kernel.numpy(),
+    )
+    out = tmp_path / "saved.npz"
+    keys = save_vit_npz(source, str(out))
+    assert "Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel" in keys
+    assert load_vit_npz(target, str(out)) == keys
+    for a, b in zip(source.weights, target.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

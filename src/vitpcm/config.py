@@ -124,9 +124,6 @@ class TrainConfig:
     """Optimisation schedule: frozen-backbone warm-up, then partial fine-tuning."""
 
     batch_size: int = 16
-    # Backbone pre-training for configs with no checkpoint (see vitpcm.pretrain); 0 = off.
-    pretrain_epochs: int = 0
-    pretrain_lr: float = 1e-3
     warmup_epochs: int = 1
     warmup_lr: float = 1e-3
     epochs: int = 80
@@ -134,6 +131,8 @@ class TrainConfig:
     unfreeze_blocks: int = 5
     patience: int = 60
     mixed_precision: bool = False
+    # Compile the per-replica train step with XLA: for GPUs (bench/train_step.py measures it).
+    jit_compile: bool = False
     seed: int = 0
     steps_per_epoch: int | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -596,14 +595,6 @@ def _validate(cfg: Config, sources: _Sources) -> None:
     for key in ("batch_size", "epochs", "patience", "steps_per_epoch", "lr", "warmup_lr"):
         positive(f"train.{key}", getattr(train, key))
     check(train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
-    check(train.pretrain_epochs >= 0, "train.pretrain_epochs", "must be >= 0 (0: off)")
-    positive("train.pretrain_lr", train.pretrain_lr)
-    check(
-        not (train.pretrain_epochs and model.pretrained),
-        "train.pretrain_epochs",
-        f"is {train.pretrain_epochs} but model.pretrained already names a checkpoint; "
-        "set one of them to 0/null",
-    )
     check(train.seed >= 0, "train.seed", "must be >= 0")
     check(
         0 <= train.unfreeze_blocks <= model.depth,

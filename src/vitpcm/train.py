@@ -263,20 +263,7 @@ def _train(
         steps,
     )
 
-    pretrained = None
-    if cfg.train.pretrain_epochs:
-        from vitpcm.pretrain import pretrain_backbone
-
-        pretrained = pretrain_backbone(
-            cfg,
-            data_uri=data_uri,
-            out_uri=own_out,
-            strategy=strategy,
-            num_classes=num_classes,
-            steps=steps,
-            progress=progress,
-        )
-    loop = _TrainingLoop(cfg, strategy, num_classes, global_batch, pretrained)
+    loop = _TrainingLoop(cfg, strategy, num_classes, global_batch)
     state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes))
     if role.is_chief:
         save_config(cfg, storage.join(out_uri, CONFIG_FILE))
@@ -422,14 +409,7 @@ def _save_model(model: Any, uri: str) -> None:
 class _TrainingLoop:
     """Model, optimizers and the distributed train step; knows how to checkpoint itself."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        strategy: Any,
-        num_classes: int,
-        global_batch: int,
-        pretrained: str | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, strategy: Any, num_classes: int, global_batch: int) -> None:
         import keras
         import tensorflow as tf
 
@@ -443,12 +423,11 @@ class _TrainingLoop:
         self._step_fn: Any = None
         with strategy.scope():
             self.model = build_vitpcm(cfg.model, num_classes)
-            pretrained = pretrained or cfg.model.pretrained
-            if pretrained:
+            if cfg.model.pretrained:
                 from vitpcm.model.vit_weights import load_vit_npz
                 from vitpcm.model.vitpcm import backbone_of
 
-                load_vit_npz(backbone_of(self.model), pretrained)
+                load_vit_npz(backbone_of(self.model), cfg.model.pretrained)
             self.optimizers = {}
             for phase in schedule(cfg):
                 set_backbone_trainable(self.model, phase.unfreeze_blocks)
@@ -557,9 +536,15 @@ class _TrainingLoop:
             optimizer.apply_gradients(zip(grads, variables, strict=True))
             return {"loss": total, "bce": bce, "et": et, "l2": l2}
 
+        # XLA compiles the per-replica body (Keras' own layout), so the cross-replica
+        # reduction stays outside it; it pays on GPUs and costs on CPUs (bench/train_step.py).
+        body = replica_step
+        if cfg.train.jit_compile:
+            body = tf.function(replica_step, jit_compile=True)
+
         @tf.function
         def step(batch: dict[str, Any]) -> dict[str, Any]:
-            per_replica = self.strategy.run(replica_step, args=(batch,))
+            per_replica = self.strategy.run(body, args=(batch,))
             return {k: self.strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
 
         return step
