@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 FULL: dict[str, Any] = {"train": 2000, "val": 100, "test": 200, "overrides": []}
-QUICK: dict[str, Any] = {"train": 600, "val": 50, "test": 100, "overrides": ["train.epochs=4"]}
+QUICK: dict[str, Any] = {"train": 1000, "val": 50, "test": 100, "overrides": ["train.epochs=4"]}
 POOLINGS = ("max", "avg")
 
 

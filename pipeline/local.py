@@ -59,8 +59,8 @@ _FAILURE_TAIL_LINES = 30
 class SyntheticData:
     """Size of the generated dataset (``dataset="synthetic"``)."""
 
-    train: int = 200
-    val: int = 50
+    train: int = 1000
+    val: int = 100
     test: int = 50
     size: int = 128
 
