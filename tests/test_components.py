@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -42,6 +43,16 @@ def tfrecords(tmp_path_factory: pytest.TempPathFactory) -> dsl.Dataset:
     out = artifact(dsl.Dataset, root, "tfrecords")
     convert_data.python_func(raw=raw, tfrecords=out, dataset="synthetic", shards=1, workers=1)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment() -> Any:
+    """Components set process environment variables (as in their own containers): undo them
+    after this module so later tests do not inherit a run id or a tracking URI."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

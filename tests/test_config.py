@@ -85,7 +85,8 @@ def test_synthetic_config_is_the_small_cpu_setting() -> None:
     assert (cfg.data.dataset, cfg.data.num_classes, cfg.data.image_size) == ("synthetic", 6, 128)
     assert cfg.model.backbone == "custom"
     assert (cfg.model.patch_size, cfg.model.hidden_dim, cfg.model.depth) == (8, 128, 4)
-    assert (cfg.train.lr, cfg.train.warmup_epochs, cfg.train.et.crop_size) == (3e-4, 0, 64)
+    assert (cfg.train.lr, cfg.train.warmup_epochs, cfg.train.et.crop_size) == (1e-3, 0, 64)
+    assert cfg.train.unfreeze_blocks == 0  # the random backbone stays frozen (see the YAML)
     assert isinstance(cfg.train.lr, float)
 
 
