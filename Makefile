@@ -13,7 +13,7 @@ PARAMS ?=
 ARGS ?=
 K8S_VERSION ?= 1.31.0
 
-.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images validate-manifests mlflow-ui clean
+.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images validate-manifests mlflow-ui bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Targets:\n"} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +75,9 @@ validate-manifests: setup ## Render manifests/ with kubectl kustomize, validate 
 	set -o pipefail; kubectl kustomize manifests/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
 	set -o pipefail; kubectl kustomize manifests/secrets/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
 	$(BIN)/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
+
+bench: setup ## Run the benchmarks (~10 min on 2 cores) and write BENCHMARKS.md; ARGS="--only crf" (bench/learning.py: run it alone)
+	$(BIN)/python bench/report.py $(ARGS)
 
 clean: ## Remove caches and local run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs build dist

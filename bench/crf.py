@@ -1,6 +1,6 @@
 """Benchmark the dense CRF: present classes vs all classes, and split throughput vs workers.
 
-Run: ``python bench/crf.py [--images 3] [--split 10] [--workers 0]``
+Run: ``python bench/crf.py [--images 3] [--split 24] [--workers 0] [--json PATH]``
 
 Two figures, on synthetic VOC-sized samples (500 x 375, 21 channels, 2 present classes,
 textured objects and noisy merged probabilities):
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +31,19 @@ from vitpcm.crf import CrfParams, crf_map, crf_present_classes, crf_refine
 
 NUM_CLASSES = 21
 HEIGHT, WIDTH = 375, 500
+
+
+def machine() -> str:
+    """CPU model and core count, as every benchmark names the machine."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores"
 
 
 def voc_like_sample(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,7 +76,7 @@ def split_items(n: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarra
         yield f"img{i:04d}", image, probs, labels
 
 
-def bench_present_vs_all(n: int, params: CrfParams) -> list[tuple[str, str]]:
+def bench_present_vs_all(n: int, params: CrfParams) -> dict[str, object]:
     present_times, all_times, identical, agree = [], [], 0, []
     for i in range(n):
         image, probs, labels = voc_like_sample(i)
@@ -74,14 +89,15 @@ def bench_present_vs_all(n: int, params: CrfParams) -> list[tuple[str, str]]:
         identical += int(np.array_equal(present, everything))
         agree.append(float((present == everything).mean()))
     t_present, t_all = float(np.median(present_times)), float(np.median(all_times))
-    return [
-        ("images (500x375, 21 ch, 2 present)", str(n)),
-        ("CRF over 2 present classes, CPU s/img (median)", f"{t_present:.3f}"),
-        ("CRF over all 21 classes, CPU s/img (median)", f"{t_all:.3f}"),
-        ("speed-up (all / present)", f"{t_all / t_present:.1f}x"),
-        ("identical label maps", f"{identical}/{n}"),
-        ("pixel agreement (min)", f"{min(agree):.6f}"),
-    ]
+    return {
+        "images": n,
+        "present_cpu_s_per_image": round(t_present, 3),
+        "all_classes_cpu_s_per_image": round(t_all, 3),
+        "speedup_present_vs_all": round(t_all / t_present, 2),
+        "identical_label_maps": f"{identical}/{n}",
+        "all_identical": identical == n,
+        "min_pixel_agreement": round(min(agree), 6),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -95,10 +111,10 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bench_throughput(n: int, workers: int, params: CrfParams) -> list[tuple[str, str]]:
-    rows = []
+def bench_throughput(n: int, workers: int, params: CrfParams) -> dict[str, object]:
+    figures: dict[str, object] = {"split_images": n, "workers": workers}
     reference = None
-    for count in (1, workers):
+    for label, count in (("1_worker", 1), ("all_workers", workers)):
         cpu_start = _cpu_seconds()
         start = time.perf_counter()
         first = None
@@ -110,39 +126,44 @@ def bench_throughput(n: int, workers: int, params: CrfParams) -> list[tuple[str,
         cpu = _cpu_seconds() - cpu_start
         if reference is None:
             reference = out
-        same = "same labels" if out == reference else "LABELS DIFFER"
-        rows.append(
-            (
-                f"crf_map, {count} worker(s), {n} images",
-                f"{n / elapsed:.2f} img/s, {cpu / n:.2f} CPU s/img, "
-                f"first result after {first:.1f} s ({same})",
-            )
-        )
-    return rows
+        figures[f"images_per_s_{label}"] = round(n / elapsed, 3)
+        figures[f"cpu_s_per_image_{label}"] = round(cpu / n, 3)
+        figures[f"first_result_s_{label}"] = round(first or 0.0, 2)
+        figures[f"same_labels_{label}"] = out == reference
+    figures["speedup_all_workers_vs_1"] = round(
+        float(figures["images_per_s_all_workers"]) / float(figures["images_per_s_1_worker"]), 2
+    )
+    return figures
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3, help="images for the per-image test")
-    parser.add_argument("--split", type=int, default=10, help="images for the throughput test")
+    parser.add_argument("--split", type=int, default=24, help="images for the throughput test")
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     params = CrfParams(iterations=args.iterations)
     workers = args.workers or os.cpu_count() or 1
-    rows = [
-        ("command", " ".join([os.path.basename(sys.executable), *sys.argv])),
-        ("machine", f"{platform.platform()}, {platform.processor() or 'cpu'}"),
-        ("cpu count", str(os.cpu_count())),
-        ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
-        ("CRF params", str(params)),
-    ]
-    rows += bench_present_vs_all(args.images, params)
-    rows += bench_throughput(args.split, workers, params)
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
+    figures: dict[str, object] = {
+        "benchmark": "crf",
+        "crf_params": str(params),
+        "sample": f"{WIDTH}x{HEIGHT}, {NUM_CLASSES} channels, 2 present classes",
+        **bench_present_vs_all(args.images, params),
+        **bench_throughput(args.split, workers, params),
+        "command": " ".join(["python bench/crf.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.date.today().isoformat(),
+    }
+    width = max(len(name) for name in figures)
+    for name, value in figures.items():
         print(f"{name:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,19 +1,24 @@
 """Benchmark confusion-matrix accumulation on VOC-sized label maps.
 
-Run: ``python bench/metrics.py [--images 200]``
+Run: ``python bench/metrics.py [--images 200] [--json PATH]``
 
 Prints megapixels/s of :meth:`vitpcm.metrics.ConfusionMatrix.update` on 500 x 375 uint8
-maps with 21 classes and ~5 % ignored (255) pixels, next to a naive per-class reference.
+maps with 21 classes and ~5 % ignored (255) pixels, next to a naive per-class reference,
+and next to the per-image step that ``vitpcm eval`` runs before it: label merge of a 24 x 24
+patch grid, bilinear upsampling to the label's size and arg-max
+(:func:`vitpcm.eval.merged_probabilities`). The accumulation must never be the slow step.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +26,19 @@ from vitpcm.metrics import ConfusionMatrix
 
 NUM_CLASSES = 21
 HEIGHT, WIDTH = 375, 500
+
+
+def machine() -> str:
+    """CPU model and core count, as every benchmark names the machine."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores"
 
 
 def make_maps(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -49,9 +67,29 @@ def timed(fn, maps) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def merge_seconds_per_image(n: int, seed: int = 1) -> float:
+    """Best per-image time of eval's label merge + upsampling + arg-max (24 x 24 grid, K=21)."""
+    from vitpcm.eval import merged_probabilities
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 24, 24, NUM_CLASSES)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    labels = np.zeros((n, NUM_CLASSES), np.float32)
+    labels[:, [0, 5, 12]] = 1.0
+    merged_probabilities(probs[0], labels[0], HEIGHT, WIDTH).argmax(-1)  # warm-up
+    best = float("inf")
+    for i in range(n):
+        start = time.perf_counter()
+        merged_probabilities(probs[i], labels[i], HEIGHT, WIDTH).argmax(-1)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--merge-images", type=int, default=20, help="images for eval's merge")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     maps = make_maps(args.images)
     megapixels = args.images * HEIGHT * WIDTH / 1e6
@@ -59,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     cm = ConfusionMatrix(NUM_CLASSES)
     timed(cm.update, maps[:5])  # warm-up
     cm.reset()
-    t_fast = min(timed(cm.update, maps) for _ in range(3)) if args.images else 0.0
+    t_fast = min(timed(cm.update, maps) for _ in range(3))
     reference = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     t_naive = timed(lambda g, p: naive_update(reference, g, p), maps)
     agree = np.array_equal(cm.matrix // 3, reference)  # cm accumulated three passes
@@ -67,22 +105,32 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     metrics = cm.compute()
     t_compute = time.perf_counter() - start
+    update_ms = 1e3 * t_fast / args.images
+    merge_ms = 1e3 * merge_seconds_per_image(args.merge_images)
 
-    rows = [
-        ("command", " ".join([os.path.basename(sys.executable), *sys.argv])),
-        ("machine", f"{platform.platform()}, {platform.processor() or 'cpu'}"),
-        ("cpu count", str(os.cpu_count())),
-        ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
-        ("label maps", f"{args.images} x {WIDTH}x{HEIGHT} uint8, K={NUM_CLASSES}, 5% ignore"),
-        ("ConfusionMatrix.update", f"{megapixels / t_fast:.0f} Mpx/s ({t_fast:.3f} s)"),
-        ("naive per-class bincount", f"{megapixels / t_naive:.0f} Mpx/s ({t_naive:.3f} s)"),
-        ("matrices agree", str(agree)),
-        ("compute()", f"{t_compute * 1e3:.2f} ms (mIoU {metrics['miou']:.4f})"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
+    figures = {
+        "benchmark": "metrics",
+        "label_maps": f"{args.images} x {WIDTH}x{HEIGHT} uint8, K={NUM_CLASSES}, 5% ignore",
+        "update_megapixels_per_s": round(megapixels / t_fast, 1),
+        "naive_megapixels_per_s": round(megapixels / t_naive, 1),
+        "matrices_agree": bool(agree),
+        "update_ms_per_image": round(update_ms, 3),
+        "eval_merge_upsample_argmax_ms_per_image": round(merge_ms, 3),
+        "update_share_of_both": round(update_ms / (update_ms + merge_ms), 3),
+        "compute_ms": round(t_compute * 1e3, 2),
+        "miou": round(metrics["miou"], 4),
+        "command": " ".join(["python bench/metrics.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.date.today().isoformat(),
+    }
+    width = max(len(name) for name in figures)
+    for name, value in figures.items():
         print(f"{name:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

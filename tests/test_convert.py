@@ -481,3 +481,66 @@ def test_encoded_example_equals_the_tensorflow_encoding() -> None:
 
 def test_crc32c_matches_the_standard() -> None:
     assert tfrecord._crc32c(b"123456789") == 0xE3069283
+
+
+def test_workers_fork_without_tensorflow_and_write_the_same_bytes(
+    voc: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    convert_dataset("voc12", voc, one, shards=3, workers=1, progress=False)
+    # A fresh interpreter, as `vitpcm data convert` runs: no TensorFlow, so workers fork.
+    script = (
+        "import sys; from vitpcm.data import convert\n"
+        "print(convert._pool_context().get_start_method())\n"
+        f"convert.convert_dataset('voc12', {str(voc)!r}, {str(two)!r}, shards=3, workers=2,"
+        " progress=False)\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["fork", "False"]
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_workers_spawn_once_tensorflow_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
+    assert convert._pool_context().get_start_method() == "spawn"
+
+
+def test_progress_reports_are_batched_and_complete() -> None:
+    sent: list[int] = []
+    report = convert._BatchedReport(sent.append, every=4)
+    for _ in range(10):
+        report(1)
+    report.flush()
+    report.flush()  # nothing pending: nothing sent
+    assert sent == [4, 4, 2]
+
+
+@pytest.mark.parametrize(
+    ("values", "bad"),
+    [
+        ([0, 1, 20], None),
+        ([0, 255, 3], None),
+        ([255, 255], None),
+        ([0, 21], "21"),
+        ([0, 255, 30], "30"),
+        ([254, 255], "254"),
+    ],
+)
+def test_label_values_check(values: list[int], bad: str | None) -> None:
+    label = np.array(values, dtype=np.uint8).reshape(1, -1)
+    if bad is None:
+        convert._check_values(label, 21, "mask.png")
+        return
+    with pytest.raises(BadSampleError, match=bad):
+        convert._check_values(label, 21, "mask.png")

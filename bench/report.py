@@ -1,0 +1,328 @@
+"""Run the benchmarks and write ``BENCHMARKS.md``: one row per figure, goal, value, verdict.
+
+Run: ``python bench/report.py [--out BENCHMARKS.md] [--only NAME ...] [--from-json DIR]``
+(``make bench`` runs it with the sizes below: about 10 minutes on 2 cores).
+
+Every benchmark runs as its own process (``python bench/<name>.py ... --json FILE``), so
+each starts from a clean TensorFlow state, and its JSON lands in ``--json-dir``;
+``--from-json`` rebuilds the table from such a folder without measuring again. The rows
+name the exact command, the machine, the date and the load average: the figures are
+ratios taken within one run, because a shared machine's absolute speeds move with the
+neighbours' load. ``bench/learning.py`` (minutes to hours of training) is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+# The sizes `make bench` uses: large enough to amortise start-up, small enough for 2 cores.
+RUNS: dict[str, list[str]] = {
+    "train_step": ["--precision", "fp32", "bf16", "--xla", "off", "on", "--rounds", "4"],
+    "input": ["--images", "400", "--rounds", "3"],
+    "data": ["--images", "6000", "--rounds", "6"],
+    "crf": ["--images", "5", "--split", "24"],
+    "metrics": ["--images", "200"],
+}
+GPU_COMMAND = "python bench/train_step.py --device gpu  # ViT-B/16, 384 px, batch 16, bf16, XLA"
+
+
+def run_benchmark(name: str, args: list[str], json_dir: Path) -> dict[str, Any]:
+    """Run ``bench/<name>.py`` with ``args`` and return its JSON figures."""
+    out = json_dir / f"{name}.json"
+    shown = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)
+    command = [sys.executable, str(BENCH / f"{name}.py"), *args, "--json", shown]
+    print("$", " ".join(["python", f"bench/{name}.py", *args]), flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command, check=True, cwd=ROOT, env=env)
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def _context(figures: dict[str, Any]) -> dict[str, str]:
+    load = figures.get("load_average")
+    load_text = ", ".join(str(x) for x in load) if isinstance(load, list) else str(load)
+    return {
+        "command": f"`{figures['command']}`",
+        "machine": str(figures["machine"]),
+        "date": str(figures["date"]),
+        "load": load_text,
+    }
+
+
+def train_step_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    flops = f["gflops_per_image"]
+    for r in f["results"]:
+        name = f"Train step, ViT-S/16 384 px, {r['precision']}, XLA {'on' if r['xla'] else 'off'}"
+        value = (
+            f"{r['images_per_s']} img/s, {r['required_gflops']} GFLOP/s: **{r['required_ratio']}**"
+            f" of the {r['precision']} matmul (best {r['ceiling_gflops']} GFLOP/s; ratio of "
+            f"bests {r['required_ratio_of_bests']}; by the 3x-forward convention "
+            f"{r['convention_ratio']})"
+        )
+        rows.append(
+            {
+                "figure": name,
+                "goal": ">= 0.5 of the matmul ceiling",
+                "value": value,
+                "verdict": _verdict(r["required_ratio"] >= 0.5),
+                **_context(f),
+            }
+        )
+    fastest = f["fastest"]
+    default = next(r for r in f["results"] if r["precision"] == "fp32" and not r["xla"])
+    rows.append(
+        {
+            "figure": "Train step defaults (fp32, XLA off) vs the fastest setting",
+            "goal": "defaults are the fastest setting that keeps results unchanged",
+            "value": (
+                f"fastest: {fastest['precision']}, XLA {'on' if fastest['xla'] else 'off'} at "
+                f"{fastest['images_per_s_normalised']} img/s vs the default's "
+                f"{default['images_per_s_normalised']} (load-normalised: {_speeds(f)}); "
+                f"losses after the same steps: {_losses(f)}: bf16 and XLA change the numbers, "
+                "so fp32 without XLA stays the default"
+            ),
+            "verdict": _verdict(_fastest_unchanged_is_default(f)),
+            **_context(f),
+        }
+    )
+    rows[0]["figure"] += f" ({flops['required']} GFLOP/img required, {flops['convention']} 3x)"
+    return rows
+
+
+def _losses(f: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{r['precision']}{'+XLA' if r['xla'] else ''} {r['loss']}" for r in f["results"]
+    )
+
+
+def _speeds(f: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{r['precision']}{'+XLA' if r['xla'] else ''} {r['images_per_s_normalised']}"
+        for r in f["results"]
+    )
+
+
+def _fastest_unchanged_is_default(f: dict[str, Any]) -> bool:
+    # "Unchanged results": the same loss as fp32 without XLA after the same steps on the
+    # same batch. Among those settings the default must be the fastest.
+    default = next(r for r in f["results"] if r["precision"] == "fp32" and not r["xla"])
+    unchanged = [r for r in f["results"] if r["loss"] == default["loss"]]
+    fastest = max(r["images_per_s_normalised"] for r in unchanged)
+    return fastest == default["images_per_s_normalised"]
+
+
+def gpu_row() -> dict[str, str]:
+    return {
+        "figure": "Train step, ViT-B/16 384 px, batch 16, bf16, XLA on a GPU: img/s and MFU",
+        "goal": ">= 40% MFU",
+        "value": "not measured: no GPU was available to this run",
+        "verdict": "not run",
+        "command": f"`{GPU_COMMAND}`",
+        "machine": "-",
+        "date": "-",
+        "load": "-",
+    }
+
+
+def input_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    value = (
+        f"reader {f['reader_images_per_s']} img/s vs step {f['step_images_per_s']} img/s "
+        f"= **{f['reader_vs_step']}x**; the step fed by the reader runs at "
+        f"{f['fed_vs_held']} of its in-memory speed ({f['train_step']}, batch {f['batch']})"
+    )
+    return [
+        {
+            "figure": "Input pipeline: reader (main view + ET second view) vs train step",
+            "goal": ">= 2x the step's images/s",
+            "value": value,
+            "verdict": _verdict(f["reader_vs_step"] >= 2),
+            **_context(f),
+        }
+    ]
+
+
+def data_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    value = (
+        f"{f['images_per_s_2_workers']} vs {f['images_per_s_1_worker']} img/s = "
+        f"**{f['speedup_2_vs_1']}x** on {f['images']} {f['image_size']}-px JPEGs; "
+        f"CPU {f['cpu_ms_per_image_2_workers']} vs {f['cpu_ms_per_image_1_worker']} ms/img; "
+        f"byte-identical: {f['byte_identical']}"
+    )
+    return [
+        {
+            "figure": "Conversion, 2 workers vs 1",
+            "goal": ">= 1.7x, byte-identical output",
+            "value": value,
+            "verdict": _verdict(f["speedup_2_vs_1"] >= 1.7 and f["byte_identical"]),
+            **_context(f),
+        }
+    ]
+
+
+def crf_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    per_image = (
+        f"{f['present_cpu_s_per_image']} vs {f['all_classes_cpu_s_per_image']} CPU s/img = "
+        f"**{f['speedup_present_vs_all']}x**; identical labels {f['identical_label_maps']}"
+    )
+    split = (
+        f"{f['workers']} workers: {f['images_per_s_all_workers']} img/s vs 1 worker "
+        f"{f['images_per_s_1_worker']} img/s (**{f['speedup_all_workers_vs_1']}x**, "
+        f"{f['split_images']} images, start-up included); CPU {f['cpu_s_per_image_all_workers']}"
+        f" vs {f['cpu_s_per_image_1_worker']} s/img; same labels: {f['same_labels_all_workers']}"
+    )
+    spread = (
+        f["workers"] == (os.cpu_count() or 1)
+        and f["same_labels_all_workers"]
+        and f["speedup_all_workers_vs_1"] >= 1.0
+    )
+    return [
+        {
+            "figure": "CRF: present classes vs all 21, per image (500x375)",
+            "goal": ">= 2.5x, identical labels",
+            "value": per_image,
+            "verdict": _verdict(f["speedup_present_vs_all"] >= 2.5 and f["all_identical"]),
+            **_context(f),
+        },
+        {
+            "figure": "CRF: whole split over all cores (`crf_map`)",
+            "goal": "one worker per core, faster than one, same labels",
+            "value": split,
+            "verdict": _verdict(spread),
+            **_context(f),
+        },
+    ]
+
+
+def metrics_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    value = (
+        f"**{f['update_megapixels_per_s']} Mpx/s** ({f['update_ms_per_image']} ms per 500x375 "
+        f"map) vs {f['eval_merge_upsample_argmax_ms_per_image']} ms for eval's label merge + "
+        f"upsampling + arg-max of the same image: {round(100 * f['update_share_of_both'])}% "
+        f"of the two; naive per-class loop {f['naive_megapixels_per_s']} Mpx/s"
+    )
+    slow_step = f["update_ms_per_image"] >= f["eval_merge_upsample_argmax_ms_per_image"]
+    return [
+        {
+            "figure": "Evaluation: confusion-matrix accumulation",
+            "goal": "never the slow step of `vitpcm eval`",
+            "value": value,
+            "verdict": _verdict(f["matrices_agree"] and not slow_step),
+            **_context(f),
+        }
+    ]
+
+
+ROWS: dict[str, Callable[[dict[str, Any]], list[dict[str, str]]]] = {
+    "train_step": train_step_rows,
+    "input": input_rows,
+    "data": data_rows,
+    "crf": crf_rows,
+    "metrics": metrics_rows,
+}
+
+
+def render(figures: dict[str, dict[str, Any]]) -> str:
+    """BENCHMARKS.md's text from the benchmarks' JSON figures."""
+    rows: list[dict[str, str]] = []
+    for name, make_rows in ROWS.items():
+        if name in figures:
+            rows.extend(make_rows(figures[name]))
+        if name == "train_step":
+            rows.append(gpu_row())
+    header = ["figure", "goal", "value", "verdict", "command", "machine", "date", "load avg"]
+    keys = ["figure", "goal", "value", "verdict", "command", "machine", "date", "load"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python bench/report.py`) on "
+        f"{datetime.date.today().isoformat()}; each row is one figure of one benchmark run, "
+        "with the exact command that produced it (run it again to check a row). The machine "
+        "may be shared: the figures are ratios measured within one run, and the 1-, 5- and "
+        "15-minute load averages at the end of the run sit next to them.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row[k].replace("|", "\\|").replace("\n", " ") for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *NOTES]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "## How the figures are taken",
+    "",
+    "- **Train step**: `vitpcm train`'s own step (`_TrainingLoop`, fine-tuning phase: the "
+    "last 5 of 12 blocks, the final LayerNorm, the HV-BiLSTM and the classifier train; "
+    "ET loss on) on one in-memory batch of 4. FLOPs are counted analytically (matmuls and "
+    "convolutions): per image the main view forward and backward, the no-gradient ET target "
+    "pass, and a quarter of a 2x2 mosaic forward and backward. *Required* FLOPs give frozen "
+    "layers no backward; the *3x convention* charges every trained pass 3 forwards "
+    "(4.75 forwards per image). The ceiling is a 3072^3 matmul in the same precision, "
+    "timed right before and after each round's step (the faster kept); the ratio is the "
+    "median over rounds of step FLOP/s over that ceiling.",
+    "- **Mixed bfloat16** runs the matmuls on the CPU's AVX512-BF16 units; it is faster but "
+    "its losses differ from fp32's (defaults row), so it stays opt-in "
+    "(`--set train.mixed_precision=true`) until a training run shows the same mIoU. **XLA** "
+    "(`--set train.jit_compile=true`) draws other dropout masks, so its losses differ too "
+    "(without dropout they agree to 1e-4: `tests/test_hv_bilstm.py`); it is meant for GPUs. "
+    "Under XLA the HV-BiLSTM runs its own LSTM loop with a hand-written backward pass "
+    "(`vitpcm.model.hv_bilstm.lstm_scan`): Keras' LSTM there is a cuDNN op XLA cannot compile "
+    "(GPU), or a loop whose XLA backward ran the ViT-S step 10x slower (CPU).",
+    "- **GPU**: `bench/train_step.py --device gpu` measures ViT-B/16 at 384 px, batch 16, "
+    "bf16 with XLA, and gives MFU against the datasheet peak as well as against a measured "
+    "8192^3 bf16 matmul.",
+    "- **Conversion**: 1- and 2-worker runs alternate six times, best of each; CPU ms per "
+    "image shows whether the workers add work (start-up, messages) or only wait for cores.",
+    "- `bench/learning.py` (training runs, max vs average pooling) is not part of `make "
+    "bench`: run it on its own.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="Markdown file")
+    parser.add_argument("--json-dir", default=str(ROOT / "build" / "bench"), help="JSON figures")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these")
+    parser.add_argument("--from-json", action="store_true", help="do not run: reuse --json-dir")
+    args = parser.parse_args(argv)
+    json_dir = Path(args.json_dir)
+    json_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, dict[str, Any]] = {}
+    for name, bench_args in RUNS.items():
+        path = json_dir / f"{name}.json"
+        if args.from_json or (args.only and name not in args.only):
+            if path.is_file():  # an earlier run's figures, kept in the table
+                figures[name] = json.loads(path.read_text())
+            continue
+        figures[name] = run_benchmark(name, bench_args, json_dir)
+    text = render(figures)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The HV-BiLSTM's XLA path: the same values and gradients as Keras' LSTMs, on their weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vitpcm.model.hv_bilstm import HVBiLSTM, in_xla_context
+
+
+def _grid(shape: tuple[int, ...], seed: int) -> tf.Tensor:
+    return tf.constant(np.random.default_rng(seed).normal(size=shape).astype("float32"))
+
+
+def _values_and_gradients(layer: HVBiLSTM, grid: tf.Tensor, jit: bool) -> list[np.ndarray]:
+    weights = layer.trainable_variables
+
+    def run(x: tf.Tensor) -> list[tf.Tensor]:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x)
+            # A loss that weights every output differently, so no gradient cancels out.
+            loss = tf.reduce_sum(tf.sin(out) * out)
+        return [out, *tape.gradient(loss, [x, *weights])]
+
+    return [t.numpy() for t in tf.function(run, jit_compile=jit)(grid)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 4, 6)])
+def test_xla_path_matches_keras_lstms(shape: tuple[int, ...]) -> None:
+    layer = HVBiLSTM(units=3)
+    grid = _grid(shape, seed=sum(shape))
+    layer(grid)
+    keras_path = _values_and_gradients(layer, grid, jit=False)
+    xla_path = _values_and_gradients(layer, grid, jit=True)
+    assert xla_path[0].shape == (*shape[:3], 12)
+    # Output, input gradient and the 12 LSTM weight gradients (kernel, recurrent, bias x 4).
+    assert len(xla_path) == 2 + 12
+    for got, expected in zip(xla_path, keras_path, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_path_keeps_float32_lstms_under_bfloat16() -> None:
+    import keras
+
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = HVBiLSTM(units=3)
+        grid = tf.cast(_grid((2, 3, 4, 5), seed=3), "bfloat16")
+        layer(grid)
+        keras_path = _values_and_gradients(layer, grid, jit=False)
+        xla_path = _values_and_gradients(layer, grid, jit=True)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert xla_path[0].dtype == keras_path[0].dtype
+    for got, expected in zip(xla_path, keras_path, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got, "float32"), np.asarray(expected, "float32"), rtol=1e-2, atol=1e-2
+        )
+
+
+def test_xla_context_is_detected_only_under_jit() -> None:
+    seen = []
+
+    def probe(x: tf.Tensor) -> tf.Tensor:
+        seen.append(in_xla_context())
+        return x + 1.0
+
+    tf.function(probe)(tf.constant(1.0))
+    tf.function(probe, jit_compile=True)(tf.constant(1.0))
+    assert seen == [False, True]
+    assert not in_xla_context()  # eager
+
+
+def _tiny_batch(cfg: object, size: int = 8) -> dict[str, tf.Tensor]:
+    from vitpcm.model.equivariance import sample_view_params
+
+    grid = cfg.data.image_size // cfg.model.patch_size
+    cells = cfg.train.et.crop_size // cfg.model.patch_size
+    params = [sample_view_params(tf.constant([7, i]), grid, cells, 0.5) for i in range(2 * size)]
+    images = np.random.default_rng(5).uniform(0, 255, (size, 64, 64, 3)).astype("float32")
+    views = np.random.default_rng(6).uniform(0, 255, (size, 32, 32, 3)).astype("float32")
+    labels = np.zeros((size, cfg.data.num_classes), "float32")
+    labels[:, 0] = labels[np.arange(size), 1 + np.arange(size) % 3] = 1.0
+    return {
+        "image": tf.constant(images),
+        "labels": tf.constant(labels),
+        "params1": tf.stack([p * [1, 1, 1, 0, 0, 0, 1] for p in params[:size]]),
+        "view2": tf.constant(views),
+        "params2": tf.stack(params[size:]),
+    }
+
+
+@pytest.mark.slow
+def test_xla_train_step_follows_the_graph_one() -> None:
+    """``train.jit_compile`` trains the same model: without dropout, the same losses."""
+    import keras
+
+    from helpers.tiny import tiny_config
+    from vitpcm.distribute import make_strategy
+    from vitpcm.train import _TrainingLoop, schedule
+
+    losses = {}
+    for jit in (False, True):
+        cfg = tiny_config("model.dropout=0.0", f"train.jit_compile={jit}")
+        keras.utils.set_random_seed(0)
+        loop = _TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
+        loop.enter_phase(schedule(cfg)[-1])
+        batch = _tiny_batch(cfg, cfg.train.batch_size)
+        losses[jit] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]
+    assert losses[False][0] > losses[False][2]  # it learns
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
