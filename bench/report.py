@@ -239,6 +239,48 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[dict[str, str]]]] = {
 }
 
 
+def learning_rows(f: dict[str, Any]) -> list[dict[str, str]]:
+    """Rows from ``bench/learning.py --json`` (run on its own; picked up when present)."""
+    rows = {row["pooling"]: row for row in f["rows"]}
+    context = {
+        "command": f"`{f['command']}`",
+        "machine": f["machine"].split(",")[0] + ", " + f["machine"].split(",")[1].strip(),
+        "date": f["date"][:10],
+        "load": ", ".join(str(x) for x in f["load_average_at_end"]),
+    }
+    out = []
+    if "max" in rows:
+        r = rows["max"]
+        minutes = (f["data"]["seconds"] + r["train_s"] + r["test_crf_s"]) / 60
+        met = r["test_bpm_miou"] >= 0.70 and minutes <= 15
+        out.append(
+            {
+                "figure": "Learning: synthetic held-out test, configs/synthetic.yaml (max pooling)",
+                "goal": "BPM mIoU >= 0.70 within 15 min on 2 cores",
+                "value": f"BPM **{r['test_bpm_miou']:.3f}**, after CRF {r['test_crf_miou']:.3f} "
+                f"in {minutes:.1f} min (data {f['data']['seconds']:.0f} s, training "
+                f"{r['train_s']:.0f} s, test + CRF {r['test_crf_s']:.0f} s); grid oracle "
+                f"{f['grid_oracle_test_miou']:.3f}",
+                "verdict": _verdict(met),
+                **context,
+            }
+        )
+    if "max" in rows and "avg" in rows:
+        gap = rows["max"]["test_bpm_miou"] - rows["avg"]["test_bpm_miou"]
+        out.append(
+            {
+                "figure": "Learning: max pooling vs the average-pooling ablation",
+                "goal": "max pooling ahead",
+                "value": f"test BPM {rows['max']['test_bpm_miou']:.3f} vs "
+                f"{rows['avg']['test_bpm_miou']:.3f} (**{gap:+.3f}**); after CRF "
+                f"{rows['max']['test_crf_miou']:.3f} vs {rows['avg']['test_crf_miou']:.3f}",
+                "verdict": _verdict(gap > 0),
+                **context,
+            }
+        )
+    return out
+
+
 def render(figures: dict[str, dict[str, Any]]) -> str:
     """BENCHMARKS.md's text from the benchmarks' JSON figures."""
     rows: list[dict[str, str]] = []
@@ -247,6 +289,8 @@ def render(figures: dict[str, dict[str, Any]]) -> str:
             rows.extend(make_rows(figures[name]))
         if name == "train_step":
             rows.append(gpu_row())
+    if "learning" in figures:
+        rows.extend(learning_rows(figures["learning"]))
     header = ["figure", "goal", "value", "verdict", "command", "machine", "date", "load avg"]
     keys = ["figure", "goal", "value", "verdict", "command", "machine", "date", "load"]
     lines = [
@@ -283,8 +327,9 @@ NOTES = [
     "- **Mixed bfloat16** runs the matmuls on the CPU's AVX512-BF16 units; it is faster but "
     "its losses differ from fp32's (defaults row), so it stays opt-in "
     "(`--set train.mixed_precision=true`) until a training run shows the same mIoU. **XLA** "
-    "(`--set train.jit_compile=true`) draws other dropout masks, so its losses differ too "
-    "(without dropout they agree to 1e-4: `tests/test_hv_bilstm.py`); it is meant for GPUs. "
+    "(`--set train.jit_compile=true`) is faster here too, but draws other dropout masks, so "
+    "its losses differ as well (without dropout they agree to 1e-4: "
+    "`tests/test_hv_bilstm.py`); it stays opt-in. "
     "Under XLA the HV-BiLSTM runs its own LSTM loop with a hand-written backward pass "
     "(`vitpcm.model.hv_bilstm.lstm_scan`): Keras' LSTM there is a cuDNN op XLA cannot compile "
     "(GPU), or a loop whose XLA backward ran the ViT-S step 10x slower (CPU).",
@@ -293,8 +338,10 @@ NOTES = [
     "8192^3 bf16 matmul.",
     "- **Conversion**: 1- and 2-worker runs alternate six times, best of each; CPU ms per "
     "image shows whether the workers add work (start-up, messages) or only wait for cores.",
-    "- `bench/learning.py` (training runs, max vs average pooling) is not part of `make "
-    "bench`: run it on its own.",
+    "- **Learning**: `bench/learning.py` (two training runs, max vs average pooling, about "
+    "15 minutes on 2 cores) is not run by `make bench`; its rows come from "
+    "`build/bench/learning.json` when that file is there (`python bench/learning.py --json "
+    "build/bench/learning.json`).",
 ]
 
 
@@ -315,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                 figures[name] = json.loads(path.read_text())
             continue
         figures[name] = run_benchmark(name, bench_args, json_dir)
+    learning = json_dir / "learning.json"
+    if learning.is_file():
+        figures["learning"] = json.loads(learning.read_text())
     text = render(figures)
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")

@@ -131,7 +131,8 @@ class TrainConfig:
     unfreeze_blocks: int = 5
     patience: int = 60
     mixed_precision: bool = False
-    # Compile the per-replica train step with XLA: for GPUs (bench/train_step.py measures it).
+    # Compile the per-replica train step with XLA: faster (bench/train_step.py), but it draws
+    # other dropout masks than the default, so a run's numbers change.
     jit_compile: bool = False
     seed: int = 0
     steps_per_epoch: int | None = None

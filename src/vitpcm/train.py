@@ -537,7 +537,7 @@ class _TrainingLoop:
             return {"loss": total, "bce": bce, "et": et, "l2": l2}
 
         # XLA compiles the per-replica body (Keras' own layout), so the cross-replica
-        # reduction stays outside it; it pays on GPUs and costs on CPUs (bench/train_step.py).
+        # reduction stays outside it. Faster (bench/train_step.py), but other dropout masks.
         body = replica_step
         if cfg.train.jit_compile:
             body = tf.function(replica_step, jit_compile=True)
