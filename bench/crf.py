@@ -15,10 +15,8 @@ textured objects and noisy merged probabilities):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -27,23 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import run_context
 from vitpcm.crf import CrfParams, crf_map, crf_present_classes, crf_refine
 
 NUM_CLASSES = 21
 HEIGHT, WIDTH = 375, 500
-
-
-def machine() -> str:
-    """CPU model and core count, as every benchmark names the machine."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {name}, {os.cpu_count()} cores"
 
 
 def voc_like_sample(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample": f"{WIDTH}x{HEIGHT}, {NUM_CLASSES} channels, 2 present classes",
         **bench_present_vs_all(args.images, params),
         **bench_throughput(args.split, workers, params),
-        "command": " ".join(["python bench/crf.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.date.today().isoformat(),
+        **run_context(" ".join(["python bench/crf.py", *(sys.argv[1:] if argv is None else argv)])),
     }
     width = max(len(name) for name in figures)
     for name, value in figures.items():

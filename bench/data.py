@@ -18,11 +18,9 @@ the data path (training views vs the train step) is ``bench/input.py``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import filecmp
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,18 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def machine() -> str:
-    """CPU model and core count, as every benchmark names the machine."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {name}, {os.cpu_count()} cores"
+from common import run_context
 
 
 def cpu_seconds() -> float:
@@ -127,10 +114,7 @@ def run(args: argparse.Namespace, work: Path, command: str) -> dict[str, Any]:
         "cpu_ms_per_image_2_workers": round(1000 * cpu2 / images, 3),
         "byte_identical": identical(work / "out1", work / "out2"),
         "setup_s": round(setup, 1),
-        "command": command,
-        "machine": machine(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.date.today().isoformat(),
+        **run_context(command),
     }
 
 

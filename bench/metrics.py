@@ -12,33 +12,18 @@ patch grid, bilinear upsampling to the label's size and arg-max
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common import run_context
 from vitpcm.metrics import ConfusionMatrix
 
 NUM_CLASSES = 21
 HEIGHT, WIDTH = 375, 500
-
-
-def machine() -> str:
-    """CPU model and core count, as every benchmark names the machine."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {name}, {os.cpu_count()} cores"
 
 
 def make_maps(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -119,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "update_share_of_both": round(update_ms / (update_ms + merge_ms), 3),
         "compute_ms": round(t_compute * 1e3, 2),
         "miou": round(metrics["miou"], 4),
-        "command": " ".join(["python bench/metrics.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.date.today().isoformat(),
+        **run_context(
+            " ".join(["python bench/metrics.py", *(sys.argv[1:] if argv is None else argv)])
+        ),
     }
     width = max(len(name) for name in figures)
     for name, value in figures.items():
