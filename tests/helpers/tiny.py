@@ -20,6 +20,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.mlp_dim=64",
     "model.pos_embed_grid=8",
     "model.lstm_units=16",
+    "train.warmup_epochs=0",
     "train.unfreeze_blocks=2",
     "train.batch_size=8",
     "train.et.view_size=32",

@@ -26,8 +26,12 @@ Textures are fine (periods of 3-6 px at 128 px, ``TEXTURE_UNIT``), so every 8 px
 an object holds both of its shades, much as every 16 px patch of a dog in a 384 px photo
 shows fur: with coarse stripes a max-pooled classifier learns to fire on one shade only.
 
-Objects are 15-45% of the image side; a later object is drawn on top of an earlier one
-and the mask follows, but every object keeps at least half of its pixels visible.
+Objects are 30-80% of the image side (``OBJECT_SIDE``), so about a quarter of the pixels
+are foreground, as in VOC, where most images show one or two large objects; with 15-45%
+(a tenth foreground, objects 2-7 patches across on the 16x16 grid) a patch-level method
+loses most of each object to its boundary ring. A later object is drawn on top of an
+earlier one and the mask follows, but every object keeps at least half of its pixels
+visible.
 
 The output flows through ``vitpcm data convert --dataset voc12`` like the real thing:
 ``<out>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`` plus
@@ -72,6 +76,8 @@ HUE_JITTER = 0.04
 # Texture scale as a fraction of the image side: 4 px at 128 px, so any 8 px patch of an
 # object holds both shades and every patch of it looks alike (see the module docstring).
 TEXTURE_UNIT = 1 / 32
+# Object diameter as a fraction of the image side, drawn uniformly from this range.
+OBJECT_SIDE = (0.3, 0.8)
 
 Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray, float], np.ndarray]
 
@@ -227,7 +233,7 @@ def _place(
 ) -> tuple[np.ndarray, float, float, float] | None:
     """Choose where object ``k`` goes: its mask, centre and radius, or None."""
     for _ in range(_PLACEMENT_TRIES):
-        radius = size * float(rng.uniform(0.15, 0.45)) / 2
+        radius = size * float(rng.uniform(*OBJECT_SIDE)) / 2
         cy, cx = (float(rng.uniform(radius, size - radius)) for _ in range(2))
         shape = _shape_mask(rng, cls, size, cy, cx, radius)
         if not shape.any():
