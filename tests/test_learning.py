@@ -2,9 +2,10 @@
 
 The quick setting trains ``configs/synthetic.yaml`` (max pooling, the method) on a small
 synthetic set and scores baseline pseudo masks on the held-out test split. The floor sits
-below what the setting reaches (0.30 here) and well above what a model that learned nothing
-scores (every pixel background: about 0.13), so it catches a broken loss, label merge,
-reader or schedule without flaking on a noisy machine.
+below what the setting reaches (test BPM 0.63, 0.71 after CRF, in 2.5 minutes here; the
+model selected on 50 validation images moves by up to 0.1 from epoch to epoch) and far above
+what a model that learned nothing scores (every pixel background: about 0.13), so it catches
+a broken loss, label merge, reader or schedule without flaking on another machine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOR = 0.25
+FLOOR = 0.45
 
 
 @pytest.mark.slow
