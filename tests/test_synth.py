@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from vitpcm.data.labels import check_label_values, decode_label_png, image_labels_from_mask
-from vitpcm.data.synth import CLASS_HUES, HUE_JITTER, SYNTH_CLASSES, make_synthetic
+from vitpcm.data.synth import (
+    CLASS_HUES,
+    CONTEXT_HUE_OFFSET,
+    HUE_JITTER,
+    SYNTH_CLASSES,
+    make_synthetic,
+)
 from vitpcm.errors import DataError
 
 SIZE = 96
@@ -180,6 +186,20 @@ def test_classes_come_in_hue_families_and_clutter_spans_all_hues(dataset):
     for hue in CLASS_HUES.values():
         share = (_hue_distance(background, hue) < 0.1).mean()
         assert share > 0.05, (hue, share)
+
+
+def test_backgrounds_co_occur_with_classes(dataset):
+    # Background pixels in a class's context hue are far more common in images of that class.
+    with_class = {cls: [] for cls in CLASS_HUES}
+    without = {cls: [] for cls in CLASS_HUES}
+    for name in _ids(dataset, "train"):
+        image, mask = _load(dataset, name)
+        hues = _hues(image)[mask == 0]
+        for cls, hue in CLASS_HUES.items():
+            share = (_hue_distance(hues, hue + CONTEXT_HUE_OFFSET) < 0.03).mean()
+            (with_class if np.any(mask == cls) else without)[cls].append(share)
+    for cls in CLASS_HUES:
+        assert np.mean(with_class[cls]) > 2 * np.mean(without[cls]), cls
 
 
 def test_deterministic(tmp_path):

@@ -33,6 +33,14 @@ loses most of each object to its boundary ring. A later object is drawn on top o
 earlier one and the mask follows, but every object keeps at least half of its pixels
 visible.
 
+Backgrounds co-occur with classes, as water with boats and rails with trains in VOC: each
+class has a *context scene* (broad wavy bands in a hue between the class hues), shown behind
+an image's first object with probability ``CONTEXT_PROB`` and behind a random image with
+``STRAY_CONTEXT_PROB``. A context patch predicts its class almost as well as an object patch
+does, but it is background: a classifier whose loss rewards covering the image with the class
+(average pooling) learns to paint the scene, while max pooling only needs the one patch
+that tells the class best, the object's.
+
 The output flows through ``vitpcm data convert --dataset voc12`` like the real thing:
 ``<out>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`` plus
 ``classes.txt`` (class names, background first), which the converter reads in place of
@@ -78,6 +86,11 @@ HUE_JITTER = 0.04
 TEXTURE_UNIT = 1 / 32
 # Object diameter as a fraction of the image side, drawn uniformly from this range.
 OBJECT_SIDE = (0.3, 0.8)
+# Co-occurring context (see the module docstring): the chance that an image shows the scene
+# of its first object's class, and that it shows a random class's scene instead.
+CONTEXT_PROB = 0.7
+STRAY_CONTEXT_PROB = 0.15
+CONTEXT_HUE_OFFSET = 0.1  # halfway between two class hues
 
 Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray, float], np.ndarray]
 
@@ -207,13 +220,14 @@ def render_sample(
     Returns:
         ``(image (size, size, 3) uint8, label (size, size) uint8)``.
     """
-    canvas = _background(rng, size)
+    first = first_class or int(rng.integers(1, 6))
+    canvas = _background(rng, size, _scene(rng, first))
     label = np.zeros((size, size), dtype=np.uint8)
     owner = np.full((size, size), -1, dtype=np.int8)  # which object each pixel shows
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     num_objects = int(rng.integers(1, 4))
     for k in range(num_objects):
-        cls = first_class if (k == 0 and first_class) else int(rng.integers(1, 6))
+        cls = first if k == 0 else int(rng.integers(1, 6))
         placed = _place(rng, size, cls, owner, k)
         if placed is None:
             continue  # no placement left the earlier objects visible enough
@@ -375,13 +389,38 @@ def _smooth_noise(rng: np.random.Generator, cells: int, size: int, channels: int
     return np.stack(planes, axis=-1)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth colour noise with plain lines and blobs of object-like colours on top."""
+def _scene(rng: np.random.Generator, first: int) -> int:
+    """The context scene behind an image whose first object has class ``first`` (0: none)."""
+    draw = rng.random()
+    if draw < CONTEXT_PROB:
+        return first
+    if draw < CONTEXT_PROB + STRAY_CONTEXT_PROB:
+        return int(rng.integers(1, 6))  # a scene without its class now and then
+    return 0
+
+
+def _context(rng: np.random.Generator, size: int, cls: int) -> np.ndarray:
+    """Class ``cls``'s context scene: broad wavy bands of a hue between the class hues."""
+    hue = CLASS_HUES[cls] + CONTEXT_HUE_OFFSET + float(rng.uniform(-HUE_JITTER, HUE_JITTER))
+    low = _hsv(hue, float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.35, 0.55)))
+    high = _hsv(hue, float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.7, 0.95)))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    period = float(rng.uniform(0.15, 0.3))
+    wobble = 0.05 * np.sin(2 * np.pi * (xx * float(rng.uniform(1, 3)) + float(rng.random())))
+    bands = 0.5 + 0.5 * np.sin(2 * np.pi * (yy + wobble) / period + float(rng.uniform(0, 6.3)))
+    return low + bands[..., None] * (high - low)
+
+
+def _background(rng: np.random.Generator, size: int, scene: int = 0) -> np.ndarray:
+    """Smooth colour noise (or a class's context scene) with plain lines and blobs on top."""
     from PIL import Image, ImageDraw
 
-    low, high = _random_colour(rng), _random_colour(rng)
-    mix = _smooth_noise(rng, int(rng.integers(2, 6)), size, channels=3)
-    base = low + np.clip(mix, 0, 1) * (high - low)
+    if scene:
+        base = _context(rng, size, scene)
+    else:
+        low, high = _random_colour(rng), _random_colour(rng)
+        mix = _smooth_noise(rng, int(rng.integers(2, 6)), size, channels=3)
+        base = low + np.clip(mix, 0, 1) * (high - low)
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 5))):
