@@ -2,7 +2,7 @@
 
 The quick setting trains ``configs/synthetic.yaml`` (max pooling, the method) on a small
 synthetic set and scores baseline pseudo masks on the held-out test split. The floor sits
-below what the setting reaches (test BPM 0.63, 0.71 after CRF, in 2.5 minutes here; the
+below what the setting reaches (test BPM 0.62, 0.69 after CRF, in 2.5-3.5 minutes here; the
 model selected on 50 validation images moves by up to 0.1 from epoch to epoch) and far above
 what a model that learned nothing scores (every pixel background: about 0.13), so it catches
 a broken loss, label merge, reader or schedule without flaking on another machine.

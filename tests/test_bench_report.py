@@ -1,0 +1,54 @@
+"""BENCHMARKS.md's learning rows: the timing row and the max-vs-average comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(pooling: str, bpm: float, train_s: float = 400.0) -> dict[str, Any]:
+    return {"pooling": pooling, "test_bpm_miou": bpm, "test_crf_miou": bpm + 0.05,
+            "train_s": train_s, "test_crf_s": 10.0}  # fmt: skip
+
+
+def _payload(command: str, *rows: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rows": list(rows),
+        "command": command,
+        "machine": "x86_64, 2 CPUs, Linux",
+        "date": "2026-11-24T18:00:00+00:00",
+        "load_average_at_end": [1.0, 1.1, 1.2],
+        "data": {"seconds": 10.0},
+        "grid_oracle_test_miou": 0.93,
+    }
+
+
+def test_both_poolings_in_one_run_give_both_rows() -> None:
+    rows = _report().learning_rows(_payload("both", _row("max", 0.8), _row("avg", 0.7)))
+    assert [r["verdict"] for r in rows] == ["met", "met"]
+    assert "+0.100" in rows[1]["value"]
+    assert rows[0]["command"] == rows[1]["command"] == "`both`"
+
+
+def test_a_max_only_run_keeps_the_comparison_of_the_ablation_run() -> None:
+    report = _report()
+    primary = _payload("max only", _row("max", 0.82, train_s=1000.0))
+    ablation = _payload("both", _row("max", 0.8), _row("avg", 0.85))
+    timing, comparison = report.learning_rows(primary, ablation)
+    assert timing["command"] == "`max only`"
+    assert timing["verdict"] != "met"  # 1000 s of training: over 15 minutes
+    assert comparison["command"] == "`both`"
+    assert "-0.050" in comparison["value"] and comparison["verdict"] != "met"
+    # Without an ablation file there is no comparison row.
+    assert len(report.learning_rows(primary)) == 1
