@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -30,3 +31,12 @@ def run_context(command: str) -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "date": datetime.date.today().isoformat(),
     }
+
+
+def emit_figures(figures: dict[str, Any], json_path: str | None) -> None:
+    """Print one aligned ``name  value`` line per figure; also write them to ``json_path``."""
+    width = max(len(name) for name in figures)
+    for name, value in figures.items():
+        print(f"{name:<{width}}  {value}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")

@@ -15,17 +15,15 @@ textured objects and noisy merged probabilities):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-from common import run_context
+from common import emit_figures, run_context
 from vitpcm.crf import CrfParams, crf_map, crf_present_classes, crf_refine
 
 NUM_CLASSES = 21
@@ -140,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         **bench_throughput(args.split, workers, params),
         **run_context(" ".join(["python bench/crf.py", *(sys.argv[1:] if argv is None else argv)])),
     }
-    width = max(len(name) for name in figures)
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    emit_figures(figures, args.json)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import os
 import resource
 import shutil
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import run_context
+from common import emit_figures, run_context
 
 
 def cpu_seconds() -> float:
@@ -135,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         figures = run(args, work, command.strip())
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    emit_figures(figures, args.json)
     return 0
 
 

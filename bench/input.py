@@ -20,9 +20,6 @@ adjacent fed and held steps is about 1).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is this script's folder, hence first on sys.path when it runs.
+from common import emit_figures, run_context
 from data import make_source
 from train_step import build_step, make_config, select_device, synthetic_batch
 
@@ -103,10 +101,8 @@ def run(args: argparse.Namespace, work: Path, command: str) -> dict[str, Any]:
         "fed_step_images_per_s": round(best["fed"], 3),
         "reader_vs_step": round(best["reader"] / best["step"], 1),
         "fed_vs_held": round(statistics.median(fed_vs_held), 3),
-        "command": command,
-        "machine": device,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.date.today().isoformat(),
+        **run_context(command),
+        "machine": device,  # the device the step ran on, not only the CPU
     }
 
 
@@ -124,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/input.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         figures = run(args, Path(tmp), command.strip())
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    emit_figures(figures, args.json)
     return 0
 
 

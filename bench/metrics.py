@@ -12,14 +12,12 @@ patch grid, bilinear upsampling to the label's size and arg-max
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import run_context
+from common import emit_figures, run_context
 from vitpcm.metrics import ConfusionMatrix
 
 NUM_CLASSES = 21
@@ -108,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             " ".join(["python bench/metrics.py", *(sys.argv[1:] if argv is None else argv)])
         ),
     }
-    width = max(len(name) for name in figures)
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    emit_figures(figures, args.json)
     return 0
 
 

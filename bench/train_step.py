@@ -28,7 +28,6 @@ against the datasheet peak (MFU).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -38,6 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# bench/ is this script's folder, hence first on sys.path when it runs.
+from common import run_context
 
 # Datasheet dense peaks (FLOP/s) for the MFU of GPU runs: bfloat16 tensor cores, float32 (TF32
 # would be higher: the float32 figure here is plain FP32).
@@ -395,10 +397,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_size": args.matmul_size,
         "results": results,
         "fastest": {k: fastest[k] for k in ("precision", "xla", "images_per_s_normalised")},
-        "command": args.command,
-        "machine": device,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.date.today().isoformat(),
+        **run_context(args.command),
+        "machine": device,  # the device the step ran on, not only the CPU
     }
 
 
