@@ -240,12 +240,16 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[dict[str, str]]]] = {
 
 
 def _learning_context(f: dict[str, Any]) -> dict[str, str]:
-    return {
-        "command": f"`{f['command']}`",
-        "machine": f["machine"].split(",")[0] + ", " + f["machine"].split(",")[1].strip(),
-        "date": f["date"][:10],
-        "load": ", ".join(str(x) for x in f["load_average_at_end"]),
-    }
+    """:func:`_context` of a ``bench/learning.py`` run, whose fields are named differently."""
+    arch, cpus = f["machine"].split(",")[:2]
+    return _context(
+        {
+            "command": f["command"],
+            "machine": f"{arch}, {cpus.strip()}",
+            "date": f["date"][:10],
+            "load_average": f["load_average_at_end"],
+        }
+    )
 
 
 def learning_rows(
