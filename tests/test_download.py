@@ -185,13 +185,22 @@ def test_cut_transfer_resumes_with_range(http_server: LocalHTTPServer, tmp_path:
     assert (out / VOC / "JPEGImages/2007_000033.jpg").read_bytes() == FILLER
 
 
+def _cut_fetch(server: LocalHTTPServer, name: str, part: Path, after: int) -> None:
+    """A first fetch that dies after ``after`` bytes, as a killed run would leave it."""
+    server.cut(name, after=after)
+    with requests.Session() as session, pytest.raises(DownloadError, match="is kept"):
+        fetch(session, server.url(name), part, progress=False, retries=0, backoff=0.0)
+    assert part.stat().st_size == after
+    server.clear_requests()
+
+
 def test_partial_file_from_a_killed_run_is_resumed(
     http_server: LocalHTTPServer, tmp_path: Path
 ) -> None:
     source = http_server.root / "blob.bin"
     source.write_bytes(FILLER)
     part = tmp_path / "blob.bin.part"
-    part.write_bytes(FILLER[:12_345])
+    _cut_fetch(http_server, "blob.bin", part, after=12_345)
     with requests.Session() as session:
         fetch(session, http_server.url("blob.bin"), part, progress=False, backoff=0.0)
     assert part.read_bytes() == FILLER
@@ -210,9 +219,9 @@ def test_server_without_range_support_restarts_cleanly(
     http_server: LocalHTTPServer, tmp_path: Path
 ) -> None:
     (http_server.root / "blob.bin").write_bytes(FILLER)
-    http_server.ignore_range("blob.bin")
     part = tmp_path / "blob.bin.part"
-    part.write_bytes(b"stale bytes from another file")
+    _cut_fetch(http_server, "blob.bin", part, after=1000)
+    http_server.ignore_range("blob.bin")
     with requests.Session() as session:
         fetch(session, http_server.url("blob.bin"), part, progress=False, backoff=0.0)
     assert part.read_bytes() == FILLER
@@ -247,7 +256,7 @@ def test_persistent_5xx_gives_up_after_retries(
     (http_server.root / "blob.bin").write_bytes(b"x")
     http_server.fail("blob.bin", times=10, status=502)
     url = http_server.url("blob.bin")
-    with requests.Session() as session, pytest.raises(DownloadError, match="after 3 attempts"):
+    with requests.Session() as session, pytest.raises(DownloadError, match="3 attempts failed"):
         fetch(session, url, tmp_path / "blob.bin.part", progress=False, retries=2, backoff=0.0)
     assert len(http_server.requests_for("blob.bin")) == 3
 
@@ -318,11 +327,13 @@ def test_wrong_archive_is_reported_and_not_marked_done(
     _zip(http_server.root / "SegmentationClassAug.zip", {"masks/2007_000032.png": b"x"})
     sums = {**sums, **_md5s(http_server.root)}
     out = tmp_path / "data"
-    with pytest.raises(ArchiveError, match="SegmentationClassAug"):
+    with pytest.raises(ArchiveError, match="SegmentationClassAug") as info:
         _download(http_server, "voc12", out, checksums=sums)
+    assert "matches its published checksum and is kept" in str(info.value)
     record = json.loads((out / MARKER_NAME).read_text())["files"]
     assert record[TRAINVAL]["installed"] is True
-    assert record["SegmentationClassAug.zip"]["installed"] is False
+    assert record["SegmentationClassAug.zip"] == {}  # not recorded as downloaded
+    assert (out / "downloads/SegmentationClassAug.zip").is_file()
     assert not list((out / VOC).glob(".sbd-*"))  # staging cleaned up
 
 

@@ -9,40 +9,48 @@ and ``download_dataset("coco14", out)``::
 
     <out>/coco2014/{train2014/, val2014/, annotations/instances_{train,val}2014.json}
 
-Archives are kept in ``<out>/downloads/``. Each one is streamed to ``<name>.part``,
-resumed with an HTTP Range request after a dropped connection (or an earlier killed run),
-retried with exponential backoff, checked against its published MD5 where one is known and
-only then renamed to its final name. What has been fetched and unpacked is recorded in
-``<out>/.vitpcm-download.json``, so running again does no work that is already done.
+Archives are kept in ``<out>/downloads/``. Each one is streamed to ``<name>.part`` (resumed
+only from the same file on the same server, see :mod:`vitpcm.data.http_fetch`), retried with
+exponential backoff, checked against its published size and checksum and only then renamed
+to its final name. It is then unpacked within :class:`~vitpcm.data.archives.UnpackLimits`.
+What has been fetched and unpacked is recorded in ``<out>/.vitpcm-download.json``, so running
+again does no work that is already done; a file that failed to unpack is not recorded (and,
+unless it matched a published checksum, removed), so the next run fetches it again.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
-import urllib3
-from tqdm import tqdm
 
-from vitpcm.data.archives import extract_archive, staging_dir, unpack
+from vitpcm.data.archives import UnpackLimits, extract_archive, staging_dir, unpack
+from vitpcm.data.http_fetch import (
+    DEFAULT_TIMEOUT_S,
+    commit_part,
+    discard_part,
+    fetch,
+    file_digest,
+    parse_checksum,
+)
 from vitpcm.errors import (
     ArchiveError,
     ChecksumError,
     ConfigError,
     DataError,
-    DownloadError,
     StorageError,
 )
+
+__all__ = ["DATASET_FILES", "DOWNLOADS_DIR", "MARKER_NAME", "download_dataset", "fetch"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +58,6 @@ MARKER_NAME = ".vitpcm-download.json"
 DOWNLOADS_DIR = "downloads"
 _VOC = "VOCdevkit/VOC2012"
 _SEG_SETS = f"{_VOC}/ImageSets/Segmentation"
-_CHUNK = 1024 * 1024
-_TIMEOUT = (30, 120)  # (connect, read) seconds: a stalled read counts as a dropped connection
-_MAX_BACKOFF_S = 120.0
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
@@ -63,7 +68,9 @@ class DatasetFile:
     Attributes:
         name: The official file name (also the name under a ``--mirror``).
         url: Default download URL.
-        md5: Published MD5, or None when no trustworthy value is known (not verified).
+        checksum: Published ``sha256:HEX`` or ``md5:HEX``, or None when no public value is
+            known (then the file's SHA-256 is recorded on first download, not verified).
+        size: Published size in bytes, or None.
         install: How the file becomes part of the layout: ``merge`` (unpack into ``dest``),
             ``sbd`` (move ``SegmentationClassAug/`` under VOC2012) or ``trainaug`` (normalise
             the id list into ImageSets/Segmentation/trainaug.txt).
@@ -73,18 +80,27 @@ class DatasetFile:
 
     name: str
     url: str
-    md5: str | None
+    checksum: str | None
+    size: int | None
     install: str
     dest: str
     provides: tuple[str, ...]
 
 
+# Published checksums and sizes. VOC: the SHA-256 and sizes of TensorFlow Datasets'
+# tensorflow_datasets/url_checksums/voc.txt (the trainval tar's MD5 there agrees with the
+# 6cd6e144f989b92b3379bac3b3de84fd of torchvision's torchvision/datasets/voc.py). COCO: the
+# SHA-256 and sizes of TensorFlow Datasets' tensorflow_datasets/url_checksums/coco.txt.
+# SegmentationClassAug.zip and trainaug.txt (community mirrors of SBD-derived files) have no
+# published checksum that we could find: their SHA-256 is recorded on first download and
+# shown, and `checksums=` pins them.
 DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
     "voc12": (
         DatasetFile(
             "VOCtrainval_11-May-2012.tar",
             "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-            "6cd6e144f989b92b3379bac3b3de84fd",
+            "sha256:e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb",
+            1_999_639_040,
             "merge",
             ".",
             (
@@ -99,7 +115,8 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
         DatasetFile(
             "VOC2012test.tar",
             "http://pjreddie.com/media/files/VOC2012test.tar",
-            None,
+            "sha256:f08582b1935816c5eab3bbb1eb6d06201a789eaa173cdf1cf400c26f0cac2fb3",
+            1_850_626_560,
             "merge",
             ".",
             (f"{_SEG_SETS}/test.txt",),
@@ -109,15 +126,17 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
             "SegmentationClassAug.zip",
             "https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1",
             None,
+            None,
             "sbd",
             _VOC,
             (f"{_VOC}/SegmentationClassAug",),
         ),
-        # Mirror: the 10,582-image trainaug id list.
+        # Mirror: the 10,582-image trainaug id list (a gist pinned to one revision).
         DatasetFile(
             "trainaug.txt",
             "https://gist.githubusercontent.com/sun11/2dbda6b31acc7c6292d14a872d0c90b7/raw/"
             "5f5a5270089239ef2f6b65b1cc55208355b5acca/trainaug.txt",
+            None,
             None,
             "trainaug",
             _SEG_SETS,
@@ -128,7 +147,8 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
         DatasetFile(
             "train2014.zip",
             "http://images.cocodataset.org/zips/train2014.zip",
-            "0da8c0bd3d6becc4dcb32757491aca88",
+            "sha256:ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775",
+            13_510_573_713,
             "merge",
             "coco2014",
             ("coco2014/train2014",),
@@ -136,7 +156,8 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
         DatasetFile(
             "val2014.zip",
             "http://images.cocodataset.org/zips/val2014.zip",
-            "a3d79f5ed8d289b7a7554ce06a5782b3",
+            "sha256:fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0",
+            6_645_013_297,
             "merge",
             "coco2014",
             ("coco2014/val2014",),
@@ -144,7 +165,8 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
         DatasetFile(
             "annotations_trainval2014.zip",
             "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
-            "0a379cfc70b0e71301e0f377548639bd",
+            "sha256:031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009",
+            252_872_794,
             "merge",
             "coco2014",
             (
@@ -154,10 +176,6 @@ DATASET_FILES: dict[str, tuple[DatasetFile, ...]] = {
         ),
     ),
 }
-
-
-class _RetryableError(Exception):
-    """A transient failure (dropped connection, 5xx, short body): try again."""
 
 
 def download_dataset(
@@ -170,6 +188,8 @@ def download_dataset(
     urls: Mapping[str, str] | None = None,
     retries: int = 5,
     backoff: float = 1.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    limits: UnpackLimits | None = None,
 ) -> Path:
     """Fetch and unpack a dataset into the standard layout; safe to run again.
 
@@ -177,33 +197,43 @@ def download_dataset(
         dataset: ``voc12`` or ``coco14``.
         out: Local folder to download and unpack into (created if missing).
         mirror: Base URL; every file is then fetched as ``<mirror>/<official name>``.
-        skip_checksum: Warn instead of failing when a file does not match its MD5.
+        skip_checksum: Warn instead of failing when a file does not match its published
+            checksum or size.
         progress: Show progress bars.
-        checksums: MD5 per file name, overriding the published ones (None: not verified).
+        checksums: Checksum per file name (``sha256:HEX``, ``md5:HEX`` or bare hex),
+            overriding the published ones; None: not verified. Sizes are then not checked.
         urls: URL per file name, overriding both the defaults and ``mirror``.
         retries: Consecutive failed attempts allowed per file (an attempt that moved the
             download forward resets the count) before giving up.
         backoff: First wait between attempts in seconds; doubles each time.
+        timeout: Seconds without an answer (connecting, or between two reads) after which
+            an attempt fails; the whole file fails after ``retries + 1`` such attempts.
+        limits: What each archive may unpack to (default :class:`UnpackLimits`()).
 
     Returns:
         ``out``, the folder holding ``VOCdevkit/`` or ``coco2014/``.
 
     Raises:
-        DownloadError: A file could not be fetched (404 and other HTTP errors name the URL).
-        ChecksumError: A file did not match its MD5 (it is removed).
-        ArchiveError: An archive is corrupt, unsafe, or lacks the expected content.
-        ConfigError: Unknown dataset or file name.
+        DownloadError: A file could not be fetched (404 and other HTTP errors name the URL),
+            or the server's file has another size than the published one.
+        ChecksumError: A file did not match its checksum (it is removed).
+        ArchiveError: An archive is corrupt, unsafe, over ``limits``, or lacks the expected
+            content (it is not recorded as downloaded).
+        ConfigError: Unknown dataset or file name, unreadable checksum.
     """
     if dataset not in DATASET_FILES:
         raise ConfigError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASET_FILES)}")
     if "://" in str(out):
         raise StorageError(f"download --out must be a local folder, not {out}")
+    if timeout <= 0:
+        raise ConfigError(f"timeout must be positive, got {timeout}")
     files = DATASET_FILES[dataset]
     known = {f.name for f in files}
     for label, overrides in (("checksums", checksums), ("urls", urls)):
         unknown = sorted(set(overrides or {}) - known)
         if unknown:
             raise ConfigError(f"{label} names files not in {dataset}: {unknown}")
+    expected = {spec.name: _expected(spec, checksums) for spec in files}
 
     root = Path(out)
     downloads = root / DOWNLOADS_DIR
@@ -216,13 +246,13 @@ def download_dataset(
         # identity: a transparently gzipped body would break byte offsets for Range resume.
         session.headers.update({"User-Agent": "vitpcm-download", "Accept-Encoding": "identity"})
         for spec in files:
-            expected = (checksums or {}).get(spec.name, spec.md5)
+            checksum, size = expected[spec.name]
             url = _url_for(spec, mirror, urls)
             state = marker.setdefault(spec.name, {})
             if (
                 state.get("installed")
                 and all((root / p).exists() for p in spec.provides)
-                and (expected is None or skip_checksum or state.get("md5") == expected)
+                and (checksum is None or skip_checksum or state.get("checksum") == checksum)
             ):
                 logger.info("%s already downloaded and unpacked", spec.name)
                 continue
@@ -230,21 +260,55 @@ def download_dataset(
             path = downloads / spec.name
             _ensure_downloaded(
                 session,
-                spec.name,
                 url,
                 path,
-                expected,
+                checksum,
+                None if skip_checksum else size,
                 state,
                 skip_checksum=skip_checksum,
                 progress=progress,
-                retries=retries,
-                backoff=backoff,
+                fetch_options={"retries": retries, "backoff": backoff, "timeout": timeout},
             )
             _save_marker(root, marker)
-            _install(spec, path, root, progress)
+            try:
+                _install(spec, path, root, progress, limits)
+            except (ArchiveError, DataError) as err:
+                _forget_failed(root, marker, spec.name, path, err)
             state["installed"] = True
             _save_marker(root, marker)
     return root
+
+
+def _expected(
+    spec: DatasetFile, overrides: Mapping[str, str | None] | None
+) -> tuple[str | None, int | None]:
+    """The normalised ``algo:hex`` to check a file against, and its size (None: unknown)."""
+    if overrides is not None and spec.name in overrides:
+        text, size = overrides[spec.name], None
+    else:
+        text, size = spec.checksum, spec.size
+    if text is None:
+        return None, size
+    algo, value = parse_checksum(text)
+    return f"{algo}:{value}", size
+
+
+def _forget_failed(
+    root: Path, marker: dict[str, dict[str, Any]], name: str, path: Path, err: Exception
+) -> None:
+    """After a failed unpack: record nothing for ``name``; remove an unverified download."""
+    state = marker.get(name, {})
+    if state.get("fetched") and not state.get("verified"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        what = f"{path} (no published checksum) was removed, so the next run fetches it again"
+    elif state.get("verified"):
+        what = f"{path} matches its published checksum and is kept"
+    else:
+        what = f"{path} was not downloaded by vitpcm and is kept: delete or replace it"
+    marker[name] = {}
+    _save_marker(root, marker)
+    raise type(err)(f"{err} [{what}]") from err
 
 
 def _url_for(spec: DatasetFile, mirror: str | None, urls: Mapping[str, str] | None) -> str:
@@ -255,240 +319,83 @@ def _url_for(spec: DatasetFile, mirror: str | None, urls: Mapping[str, str] | No
     return spec.url
 
 
-# -- fetching -------------------------------------------------------------------------------
-
-
 def _ensure_downloaded(
     session: requests.Session,
-    name: str,
     url: str,
     path: Path,
-    expected: str | None,
+    checksum: str | None,
+    size: int | None,
     state: dict[str, Any],
     *,
     skip_checksum: bool,
     progress: bool,
-    retries: int,
-    backoff: float,
+    fetch_options: Mapping[str, Any],
 ) -> None:
     """Make ``path`` a complete, verified copy of ``url``, reusing what is already there."""
+    algo = checksum.partition(":")[0] if checksum else "sha256"
     if path.is_file():
-        size = path.stat().st_size
-        if state.get("size") == size and (
-            expected is None or skip_checksum or state.get("md5") == expected
+        have = path.stat().st_size
+        if state.get("size") == have and (
+            checksum is None or skip_checksum or state.get("checksum") == checksum
         ):
-            logger.info("%s already downloaded", name)
+            logger.info("%s already downloaded", path.name)
             return
         # A file we did not record (placed by hand, or from before the marker existed):
         # accept it if it checks out, otherwise fetch it again.
-        actual = file_md5(path, progress)
-        if expected is None or actual == expected:
-            state.update(size=size, md5=actual, verified=expected is not None)
+        actual = file_digest(path, algo, progress)
+        if checksum is None or actual == checksum:
+            state.update(size=have, checksum=actual, verified=checksum is not None)
+            state.setdefault("fetched", False)
             return
         logger.warning("%s does not match its checksum; fetching it again", path)
         path.unlink()
 
     part = path.with_name(path.name + ".part")
-    fetch(session, url, part, progress=progress, retries=retries, backoff=backoff)
-    actual = file_md5(part, progress)
-    if expected is None:
+    fetch(session, url, part, progress=progress, expected_size=size, **fetch_options)
+    actual = file_digest(part, algo, progress)
+    if checksum is None:
         logger.warning(
-            "%s has no known checksum, so it was not verified (md5 %s, %d bytes)",
-            name,
+            "%s has no known checksum, so it was not verified (%s, %d bytes; pin it with "
+            "checksums= once you trust it)",
+            path.name,
             actual,
             part.stat().st_size,
         )
-    elif actual != expected:
+    elif actual != checksum:
         if not skip_checksum:
-            part.unlink()
+            discard_part(part)
             raise ChecksumError(
-                f"{name} from {url} has md5 {actual}, expected {expected}; the file was "
+                f"{path.name} from {url} has {actual}, expected {checksum}; the file was "
                 "removed. Run again to fetch it afresh, try --mirror, or pass --skip-checksum "
                 "if you trust this copy"
             )
         logger.warning(
-            "%s has md5 %s, expected %s; kept because checksums are skipped",
-            name,
+            "%s has %s, expected %s; kept because checksums are skipped",
+            path.name,
             actual,
-            expected,
+            checksum,
         )
-    os.replace(part, path)
-    state.update(url=url, size=path.stat().st_size, md5=actual, verified=expected == actual)
-
-
-def fetch(
-    session: requests.Session,
-    url: str,
-    part: Path,
-    progress: bool = True,
-    retries: int = 5,
-    backoff: float = 1.0,
-) -> None:
-    """Download ``url`` into ``part``, resuming whatever ``part`` already holds.
-
-    Raises:
-        DownloadError: On a 4xx answer (at once) or when ``retries`` consecutive attempts
-            failed without moving the download forward. The partial file is kept so the
-            next run resumes it.
-    """
-    failures = 0
-    while True:
-        before = _size(part)
-        try:
-            _attempt(session, url, part, progress)
-            return
-        except _RetryableError as err:
-            reason = str(err)
-        except requests.exceptions.InvalidURL as err:
-            raise DownloadError(f"invalid URL {url}: {err}; check --mirror") from err
-        except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema) as err:
-            raise DownloadError(
-                f"cannot fetch {url}: only http:// and https:// URLs are supported ({err})"
-            ) from err
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
-            reason = f"{type(err).__name__}: {err}"
-        if _size(part) > before:
-            # The connection works, it is just flaky: keep going as long as we advance.
-            failures = 0
-        failures += 1
-        if failures > retries:
-            raise DownloadError(
-                f"could not download {url} after {failures} attempts ({reason}); the partial "
-                f"file {part} is kept: run again to resume, or pass --mirror BASE_URL"
-            )
-        delay = min(backoff * 2 ** (failures - 1), _MAX_BACKOFF_S)
-        logger.warning("%s: %s; retrying in %.1f s (%d/%d)", url, reason, delay, failures, retries)
-        time.sleep(delay)
-
-
-def _attempt(session: requests.Session, url: str, part: Path, progress: bool) -> None:
-    """One GET, appending to ``part`` (Range) or rewriting it (full answer)."""
-    offset = _size(part)
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    with session.get(url, headers=headers, stream=True, timeout=_TIMEOUT) as resp:
-        code = resp.status_code
-        if code == 416 and offset:
-            total = _content_range_total(resp.headers.get("Content-Range", ""))
-            if total == offset:
-                return  # the previous run had fetched every byte already
-            part.unlink()
-            raise _RetryableError("server refused to resume the partial file; restarting")
-        if code == 404:
-            raise DownloadError(
-                f"{url} was not found (HTTP 404): the file may have moved; pass --mirror "
-                "BASE_URL pointing at a server that has the official file names"
-            )
-        if code >= 500 or code in (408, 429):
-            raise _RetryableError(f"HTTP {code}")
-        if code not in (200, 206):
-            raise DownloadError(
-                f"{url} answered HTTP {code} {resp.reason}; pass --mirror BASE_URL to fetch "
-                "from elsewhere"
-            )
-
-        length = _int_header(resp.headers.get("Content-Length"))
-        if code == 206:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start != offset:
-                part.unlink()
-                raise _RetryableError(f"server resumed at byte {start}, not {offset}")
-            mode = "ab"
-        else:
-            if offset:
-                logger.info("%s: server ignored the Range request; restarting", url)
-            offset = 0
-            total = length
-            mode = "wb"
-        _check_space(part, (total - offset) if total is not None else None)
-
-        received = 0
-        with (
-            part.open(mode) as f,
-            tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=part.name.removesuffix(".part"),
-                disable=not progress,
-            ) as bar,
-        ):
-            # The raw stream, undecoded: requests' iter_content keeps reading to fill a
-            # chunk and drops what it holds when the connection breaks, which would lose
-            # the bytes a resume should keep. Undecoded bytes are also what Range counts.
-            for chunk in resp.raw.stream(_CHUNK, decode_content=False):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if length is not None and received != length:
-            raise _RetryableError(f"transfer cut short: got {received} of {length} bytes")
-        if total is not None and _size(part) != total:
-            raise _RetryableError(f"size mismatch: have {_size(part)} of {total} bytes")
-
-
-def file_md5(path: Path, progress: bool = True) -> str:
-    """MD5 of a file as lowercase hex, with a progress bar for big files."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with (
-        path.open("rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"verify {path.name.removesuffix('.part')}",
-            disable=not progress or path.stat().st_size < 64 * _CHUNK,
-        ) as bar,
-    ):
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _int_header(value: str | None) -> int | None:
-    return int(value) if value and value.strip().isdigit() else None
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    """``bytes START-END/TOTAL`` -> (START, TOTAL or None for ``*``)."""
-    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
-    if not match:
-        raise _RetryableError(f"unreadable Content-Range {value!r}")
-    total = match.group(3)
-    return int(match.group(1)), (None if total == "*" else int(total))
-
-
-def _content_range_total(value: str) -> int | None:
-    match = re.search(r"/(\d+)\s*$", value)
-    return int(match.group(1)) if match else None
-
-
-def _check_space(part: Path, needed: int | None) -> None:
-    if needed is None:
-        return
-    free = shutil.disk_usage(part.parent).free
-    if free < needed:
-        raise DownloadError(
-            f"not enough disk space for {part.name.removesuffix('.part')} in {part.parent}: "
-            f"{needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
-        )
+    commit_part(part, path)
+    state.update(
+        url=url,
+        size=path.stat().st_size,
+        checksum=actual,
+        verified=actual == checksum,
+        fetched=True,
+    )
 
 
 # -- unpacking ------------------------------------------------------------------------------
 
 
-def _install(spec: DatasetFile, path: Path, root: Path, progress: bool) -> None:
+def _install(
+    spec: DatasetFile, path: Path, root: Path, progress: bool, limits: UnpackLimits | None
+) -> None:
     """Put one downloaded file's content into the layout and check it is there."""
     if spec.install == "merge":
-        extract_archive(path, root / spec.dest, progress=progress)
+        extract_archive(path, root / spec.dest, progress=progress, limits=limits)
     elif spec.install == "sbd":
-        _install_sbd(path, root / spec.dest, progress)
+        _install_sbd(path, root / spec.dest, progress, limits)
     elif spec.install == "trainaug":
         ids = normalise_id_list(path.read_bytes(), path)
         _write_text_atomic(root / spec.dest / "trainaug.txt", "\n".join(ids) + "\n")
@@ -498,21 +405,21 @@ def _install(spec: DatasetFile, path: Path, root: Path, progress: bool) -> None:
     if missing:
         raise ArchiveError(
             f"{path} was unpacked but {', '.join(missing)} is missing under {root}: is it the "
-            f"right file? Delete {path} and run again (or use --mirror)"
+            "right file? (try --mirror)"
         )
 
 
-def _install_sbd(archive: Path, voc_dir: Path, progress: bool) -> None:
+def _install_sbd(archive: Path, voc_dir: Path, progress: bool, limits: UnpackLimits | None) -> None:
     """Move the zip's ``SegmentationClassAug/`` folder to ``VOC2012/SegmentationClassAug``."""
     with staging_dir(voc_dir, "sbd") as staging:
-        unpack(archive, staging, progress=progress)
+        unpack(archive, staging, progress=progress, limits=limits)
         candidates = [staging / "SegmentationClassAug"]
         candidates += sorted(staging.glob("*/SegmentationClassAug"))
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
             raise ArchiveError(
-                f"{archive} has no SegmentationClassAug/ folder: is it the right file? Delete "
-                "it and run again (or use --mirror)"
+                f"{archive} has no SegmentationClassAug/ folder: is it the right file? (try "
+                "--mirror)"
             )
         target = voc_dir / "SegmentationClassAug"
         if target.exists():
