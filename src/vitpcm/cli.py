@@ -44,7 +44,18 @@ def _count(text: str) -> int:
 # ----------------------------------------------------------------------------- data
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _data_download(args: argparse.Namespace) -> int:
+    from vitpcm.data.archives import UnpackLimits
     from vitpcm.data.download import download_dataset
 
     root = download_dataset(
@@ -53,6 +64,9 @@ def _data_download(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         skip_checksum=args.skip_checksum,
         progress=not args.no_progress,
+        retries=args.retries,
+        timeout=args.timeout,
+        limits=UnpackLimits(max_bytes=int(args.max_unpacked_gib * 2**30), max_ratio=args.max_ratio),
     )
     print(f"{args.dataset} ready in {root}")
     return 0
@@ -79,14 +93,17 @@ def _data_convert(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from vitpcm.data.synth import make_synthetic
+    from vitpcm.data import synth
 
-    root = make_synthetic(
+    def given(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    root = synth.make_synthetic(
         args.out,
-        train=args.train,
-        val=args.val,
-        test=args.test,
-        size=args.size,
+        train=given(args.train, synth.DEFAULT_TRAIN),
+        val=given(args.val, synth.DEFAULT_VAL),
+        test=given(args.test, synth.DEFAULT_TEST),
+        size=given(args.size, synth.DEFAULT_SIZE),
         seed=args.seed,
         progress=not args.no_progress,
     )
@@ -169,6 +186,35 @@ def _test(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- predict
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vitpcm.predict import FAILURES_FILE, run_predict
+
+    summary = run_predict(
+        args.model,
+        args.inputs,
+        args.out,
+        crf=args.crf,
+        overlays=args.overlays,
+        size=args.size,
+        threshold=args.threshold,
+        workers=args.workers or 0,
+        progress=not args.no_progress,
+    )
+    print(f"{summary.images} masks and predictions.jsonl in {args.out}")
+    if summary.num_failed:
+        total = summary.images + summary.num_failed
+        print(
+            f"error: {summary.num_failed} of {total} images failed (listed in "
+            f"{args.out}/{FAILURES_FILE}); fix or remove them and run again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -245,6 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-checksum", action="store_true", help="warn instead of failing on a mismatch"
     )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="an attempt fails after this long without an answer (30)",
+    )
+    p.add_argument(
+        "--retries",
+        type=_count,
+        default=5,
+        help="failed attempts in a row before a file is given up (5); the worst case for a "
+        "silent server is (retries + 1) x timeout plus back-off",
+    )
+    p.add_argument(
+        "--max-unpacked-gib",
+        type=_positive_float,
+        default=64.0,
+        metavar="GIB",
+        help="refuse an archive that unpacks to more than this (64)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=_positive_float,
+        default=100.0,
+        help="refuse an archive that unpacks to more than this many times its size (100)",
+    )
     _add_common(p)
     p.set_defaults(handler=_data_download)
 
@@ -276,10 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=_positive_int, default=200, help="train images (200)")
-    p.add_argument("--val", type=_positive_int, default=50, help="val images (50)")
-    p.add_argument("--test", type=_count, default=50, help="test images (50)")
-    p.add_argument("--size", type=_positive_int, default=128, help="image side in px (128)")
+    # Defaults (None here, so --help stays instant) come from vitpcm.data.synth.DEFAULT_*:
+    # the sizes the learning benchmark measures with configs/synthetic.yaml.
+    p.add_argument("--train", type=_positive_int, help="train images (2000)")
+    p.add_argument("--val", type=_positive_int, help="val images, model selection (100)")
+    p.add_argument("--test", type=_count, help="held-out test images, with masks (200)")
+    p.add_argument("--size", type=_positive_int, help="image side in px (128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     _add_common(p)
     p.set_defaults(handler=_data_synth)
@@ -332,6 +407,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="also refine with the dense CRF")
     _add_common(p)
     p.set_defaults(handler=_test)
+
+    p = sub.add_parser(
+        "predict",
+        help="masks for your own images (JPEG/PNG files, folders, s3://)",
+        description=(
+            "Predict a VOC-palette mask per image at its own size, with the classes the model "
+            "itself finds present (image-level score >= --threshold, background always a "
+            "candidate) merged as in `vitpcm test`; one line per image in predictions.jsonl. "
+            "Bad images are skipped, listed in failures.jsonl, and make the exit code 1."
+        ),
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        help="model folder, .keras file, or MLflow URI (models:/NAME@champion, runs:/ID/model)",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders or s3:// prefixes"
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    p.add_argument("--crf", action="store_true", help="refine with the dense CRF (all cores)")
+    p.add_argument("--overlays", action="store_true", help="also write overlays/<stem>.jpg")
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        metavar="PX",
+        help="side the network sees (default: the config's data.test_size)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="image-level score at which a class is present (default: 0.5)",
+    )
+    p.add_argument("--workers", type=_positive_int, help="CRF processes (default: all cores)")
+    _add_common(p)
+    p.set_defaults(handler=_predict)
 
     cfg = sub.add_parser("config", help="show a resolved config")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
