@@ -21,6 +21,7 @@ _HOMES = {
     "evaluate_model": "components.evaluate",
     "infer_crf": "components.evaluate",
     "register_model": "components.register",
+    "gpu_placement": "components.placement",
 }
 
 __all__ = sorted(_HOMES)

@@ -7,7 +7,20 @@ so no credential appears in the Kubeflow UI or the run's recorded inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# The oldest Kubeflow Pipelines backend the compiled pipeline runs on (README's support
+# matrix; tests/test_backend_compat.py checks the package against its field lists): kfp-kubernetes
+# 1.5 writes `secretNameParameter`, which backends before 2.5 refuse as an unknown field.
+KFP_BACKEND_FLOOR = "2.5.0"
+
+# The ServiceAccount of manifests/rbac.yaml; `pipeline.submit` / `pipeline.schedule` run the
+# pipeline's pods under it (KFP_SERVICE_ACCOUNT or --service-account changes it; an empty
+# value leaves the profile's default-editor).
+SERVICE_ACCOUNT = "vitpcm-pipeline"
 
 # S3 / MinIO: checkpoints of resumable training, multi-worker training data and outputs, and
 # MLflow artifacts. Each key of the Secret becomes the environment variable of the same name
@@ -23,17 +36,80 @@ S3_SECRET_KEYS: tuple[str, ...] = (
 S3_ENDPOINT_FOR_MLFLOW = {"S3_ENDPOINT": "MLFLOW_S3_ENDPOINT_URL"}
 
 # MLflow server credentials (basic auth; the keys may hold empty strings for an open server).
+# Every step that talks to MLflow (train, register) gets them.
 MLFLOW_SECRET = "vitpcm-mlflow"
 MLFLOW_SECRET_KEYS: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-DEFAULT_MLFLOW_URI = "http://mlflow.kubeflow-user-example-com.svc.cluster.local:5000"
+# The Service of manifests/ by its short name: it resolves in the namespace the run's pods
+# run in (the profile namespace manifests/ is applied to), whichever that is. The run form's
+# mlflow_tracking_uri overrides it; VITPCM_MLFLOW_URI sets another default at compile time.
+MLFLOW_URI_ENV = "VITPCM_MLFLOW_URI"
+DEFAULT_MLFLOW_URI = os.environ.get(MLFLOW_URI_ENV, "").strip() or "http://mlflow:5000"
 
-# GPU nodes: the resource name and node label of the NVIDIA GPU operator / device plugin, and
-# the taint GPU node pools commonly carry so that CPU-only pods stay off them.
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_SELECTOR: dict[str, str] = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS: tuple[dict[str, str], ...] = (
+# GPU placement, set at compile time (`make compile-pipeline` with these variables):
+#   VITPCM_GPU_RESOURCE        extended resource name of the GPUs (default nvidia.com/gpu)
+#   VITPCM_GPU_NODE_SELECTOR   JSON object of node labels, e.g. '{"cloud.google.com/gke-
+#                              accelerator": "nvidia-l4"}' (default none: the GPU request
+#                              alone keeps the pod on nodes that have GPUs)
+#   VITPCM_GPU_TOLERATIONS     JSON list of tolerations (default: the nvidia.com/gpu taint
+#                              that GPU node pools commonly carry); '[]' for none
+# None of them is applied when the run asks for gpus=0 (the gpu-placement step decides).
+GPU_RESOURCE_ENV = "VITPCM_GPU_RESOURCE"
+GPU_NODE_SELECTOR_ENV = "VITPCM_GPU_NODE_SELECTOR"
+GPU_TOLERATIONS_ENV = "VITPCM_GPU_TOLERATIONS"
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_GPU_TOLERATIONS: tuple[dict[str, str], ...] = (
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
 )
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+@dataclass(frozen=True)
+class GpuPlacement:
+    """Where a pod that asks for GPUs goes: resource name, node labels, tolerations."""
+
+    resource: str = DEFAULT_GPU_RESOURCE
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, object]] = field(
+        default_factory=lambda: [dict(t) for t in DEFAULT_GPU_TOLERATIONS]
+    )
+
+
+def _json_env(env: Mapping[str, str], name: str, kind: type) -> object:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {kind.__name__}, got {text!r}")
+    return value
+
+
+def gpu_placement(environ: Mapping[str, str] | None = None) -> GpuPlacement:
+    """The GPU placement settings from the environment (see the comment above).
+
+    Raises:
+        ValueError: A variable that is not the JSON it should be.
+    """
+    env = os.environ if environ is None else environ
+    selector = _json_env(env, GPU_NODE_SELECTOR_ENV, dict)
+    tolerations = _json_env(env, GPU_TOLERATIONS_ENV, list)
+    placement = GpuPlacement(resource=env.get(GPU_RESOURCE_ENV, "").strip() or DEFAULT_GPU_RESOURCE)
+    if selector is not None:
+        if not all(isinstance(v, str) for v in selector.values()):
+            raise ValueError(f"{GPU_NODE_SELECTOR_ENV}: label values must be strings")
+        placement = GpuPlacement(placement.resource, selector, placement.tolerations)
+    if tolerations is not None:
+        for item in tolerations:
+            if not isinstance(item, dict) or not set(item) <= _TOLERATION_KEYS:
+                raise ValueError(
+                    f"{GPU_TOLERATIONS_ENV}: each toleration is an object with keys from "
+                    f"{sorted(_TOLERATION_KEYS)}, got {item!r}"
+                )
+        placement = GpuPlacement(placement.resource, placement.node_selector, tolerations)
+    return placement
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ STEP_LABELS = {
     "download-data": "download / synthesise data",
     "importer": "import dataset folder",
     "convert-data": "convert to TFRecords",
+    "gpu-placement": "GPU placement",
     "train-model": "train ViT-PCM",
     "evaluate-model": "evaluate baseline pseudo masks",
     "infer-crf": "infer pseudo masks + CRF",

@@ -14,6 +14,7 @@ from components import (
     convert_data,
     download_data,
     evaluate_model,
+    gpu_placement,
     infer_crf,
     register_model,
     train_model,
@@ -39,11 +40,26 @@ def _use_s3_secret(task: PipelineTask, for_mlflow: bool = False) -> None:
         kubernetes.use_secret_as_env(task, cluster.S3_SECRET, cluster.S3_ENDPOINT_FOR_MLFLOW)
 
 
-def _on_gpu_nodes(task: PipelineTask) -> None:
-    for key, value in cluster.GPU_NODE_SELECTOR.items():
-        kubernetes.add_node_selector(task, key, value)
-    for toleration in cluster.GPU_TOLERATIONS:
-        kubernetes.add_toleration(task, **toleration)
+def _use_mlflow_secret(task: PipelineTask) -> None:
+    """MLflow credentials, and the S3 endpoint under the name MLflow's artifact client reads."""
+    kubernetes.use_secret_as_env(
+        task, cluster.MLFLOW_SECRET, {key: key for key in cluster.MLFLOW_SECRET_KEYS}
+    )
+
+
+def _on_gpu_nodes(task: PipelineTask, gpus: int) -> None:
+    """Request ``gpus`` GPUs with the compile-time placement; none of it when ``gpus`` is 0."""
+    settings = cluster.gpu_placement()
+    placement = gpu_placement(
+        gpus=gpus,
+        resource=settings.resource,
+        node_selector=settings.node_selector,
+        tolerations=settings.tolerations,
+    ).set_display_name("GPU placement")
+    placement.set_caching_options(True).set_cpu_limit("100m").set_memory_limit("256Mi")
+    task.set_accelerator_type(placement.outputs["resource"]).set_accelerator_limit(gpus)
+    kubernetes.add_node_selector_json(task, placement.outputs["node_selector"])
+    kubernetes.add_toleration_json(task, placement.outputs["tolerations"])
 
 
 def _data_retries(task: PipelineTask) -> PipelineTask:
@@ -101,10 +117,10 @@ def add_train_step(
         tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
     ).set_display_name("train ViT-PCM")
-    train.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpus)
     _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
-    _on_gpu_nodes(train)
-    _use_s3_secret(train)
+    _on_gpu_nodes(train, gpus)
+    _use_s3_secret(train, for_mlflow=True)
+    _use_mlflow_secret(train)
     return train
 
 
@@ -127,8 +143,8 @@ def add_tfjob_train_step(
         epochs=epochs,
         workers=workers,
         gpus_per_worker=gpus,
-        node_selector=dict(cluster.GPU_NODE_SELECTOR),
-        tolerations=[dict(t) for t in cluster.GPU_TOLERATIONS],
+        node_selector=cluster.gpu_placement().node_selector,
+        tolerations=cluster.gpu_placement().tolerations,
         env_secrets=[cluster.S3_SECRET],
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_display_name("train ViT-PCM (TFJob)")
@@ -168,7 +184,5 @@ def add_scoring_steps(
     ).set_display_name("register in MLflow")
     _size(register, "register").set_caching_options(False)
     _use_s3_secret(register, for_mlflow=True)
-    kubernetes.use_secret_as_env(
-        register, cluster.MLFLOW_SECRET, {key: key for key in cluster.MLFLOW_SECRET_KEYS}
-    )
+    _use_mlflow_secret(register)
     return evaluate, infer, register

@@ -228,9 +228,8 @@ def test_service_reaches_the_mlflow_pods(rendered: list[dict[str, Any]]) -> None
     assert port["port"] == 5000
     names = {p["name"] for p in _container(rendered, "Deployment", "mlflow")["ports"]}
     assert port["targetPort"] in names
-    # The pipeline's default tracking URI names this Service and port.
-    assert cluster.DEFAULT_MLFLOW_URI.startswith("http://mlflow.")
-    assert cluster.DEFAULT_MLFLOW_URI.endswith(":5000")
+    # The pipeline's default tracking URI names this Service (in the run's own namespace).
+    assert cluster.DEFAULT_MLFLOW_URI == "http://mlflow:5000"
     claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]
     assert (
         claim["claimName"]

@@ -18,6 +18,7 @@ STEPS = {
     "evaluate-model",
     "infer-crf",
     "register-model",
+    "gpu-placement",
 }
 
 
@@ -116,12 +117,18 @@ def test_training_requests_gpus_from_the_gpus_parameter(cluster_package) -> None
     spec, _ = cluster_package
     executors = spec["deploymentSpec"]["executors"]
     accel = executors["exec-train-model"]["container"]["resources"]["accelerator"]
-    assert accel["resourceType"] == cluster.GPU_RESOURCE
+    # The resource name comes from the placement step: empty (no GPU limit) when gpus=0.
+    placeholder = "{{$.inputs.parameters['pipelinechannel--gpu-placement-resource']}}"
+    assert accel["resourceType"] == placeholder
     assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
     train_inputs = _all_tasks(spec)["train-model"]["inputs"]["parameters"]
     assert train_inputs["pipelinechannel--gpus"]["componentInputParameter"] == (
         "pipelinechannel--gpus"
     )
+    assert train_inputs["pipelinechannel--gpu-placement-resource"]["taskOutputParameter"] == {
+        "outputParameterKey": "resource",
+        "producerTask": "gpu-placement",
+    }
     # The TFJob launcher itself needs no GPU: its workers get them.
     assert "accelerator" not in executors["exec-train-model-tfjob"]["container"].get(
         "resources", {}
@@ -150,32 +157,71 @@ def test_secrets_reach_the_steps_as_environment(cluster_package) -> None:
         }
 
     s3 = {k: (cluster.S3_SECRET, k) for k in cluster.S3_SECRET_KEYS}
-    assert env_from("exec-train-model") == s3
+    mlflow = {
+        **{k: (cluster.MLFLOW_SECRET, k) for k in cluster.MLFLOW_SECRET_KEYS},
+        "MLFLOW_S3_ENDPOINT_URL": (cluster.S3_SECRET, "S3_ENDPOINT"),
+    }
     assert env_from("exec-train-model-tfjob") == s3
-    register = env_from("exec-register-model")
-    assert register["AWS_SECRET_ACCESS_KEY"] == (cluster.S3_SECRET, "AWS_SECRET_ACCESS_KEY")
-    assert register["MLFLOW_S3_ENDPOINT_URL"] == (cluster.S3_SECRET, "S3_ENDPOINT")
-    assert register["MLFLOW_TRACKING_PASSWORD"] == (
-        cluster.MLFLOW_SECRET,
-        "MLFLOW_TRACKING_PASSWORD",
-    )
+    # Both steps that talk to MLflow get its credentials and its artifact store.
+    assert env_from("exec-train-model") == {**s3, **mlflow}
+    assert env_from("exec-register-model") == {**s3, **mlflow}
     # Data and scoring steps touch no credentials.
     for executor in ("exec-download-data", "exec-convert-data", "exec-evaluate-model"):
         assert "secretAsEnv" not in platform.get(executor, {})
 
 
-def test_training_is_scheduled_on_gpu_nodes(cluster_package) -> None:
+def test_training_placement_comes_from_the_placement_step(cluster_package) -> None:
     spec, platform = cluster_package
     train = platform["exec-train-model"]
-    assert train["nodeSelector"]["labels"] == cluster.GPU_NODE_SELECTOR
-    assert train["tolerations"] == [dict(t) for t in cluster.GPU_TOLERATIONS]
+    step = {"producerTask": "gpu-placement"}
+    assert train["nodeSelector"] == {
+        "nodeSelectorJson": {"taskOutputParameter": {**step, "outputParameterKey": "node_selector"}}
+    }
+    assert train["tolerations"] == [
+        {"tolerationJson": {"taskOutputParameter": {**step, "outputParameterKey": "tolerations"}}}
+    ]
+    # The placement step gets the compile-time settings and the run's gpus.
+    settings = cluster.gpu_placement()
+    params = _all_tasks(spec)["gpu-placement"]["inputs"]["parameters"]
+    assert params["gpus"]["componentInputParameter"] == "pipelinechannel--gpus"
+    assert params["resource"]["runtimeValue"]["constant"] == settings.resource
+    assert params["tolerations"]["runtimeValue"]["constant"] == settings.tolerations
+    assert "gpu-placement" in _all_tasks(spec)["train-model"]["dependentTasks"]
     # The TFJob workers get the same placement through the launcher's parameters.
     params = _all_tasks(spec)["train-model-tfjob"]["inputs"]["parameters"]
-    assert params["node_selector"]["runtimeValue"]["constant"] == cluster.GPU_NODE_SELECTOR
-    assert params["tolerations"]["runtimeValue"]["constant"] == list(
-        map(dict, cluster.GPU_TOLERATIONS)
-    )
+    assert params["tolerations"]["runtimeValue"]["constant"] == settings.tolerations
     assert params["env_secrets"]["runtimeValue"]["constant"] == [cluster.S3_SECRET]
+
+
+def test_placement_step_applies_nothing_without_gpus() -> None:
+    from components import gpu_placement
+
+    selector = {"pool": "a100"}
+    tolerations = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    args = {"resource": "amd.com/gpu", "node_selector": selector, "tolerations": tolerations}
+    assert tuple(gpu_placement.python_func(gpus=0, **args)) == ("", {}, [])
+    assert tuple(gpu_placement.python_func(gpus=2, **args)) == (
+        "amd.com/gpu",
+        selector,
+        tolerations,
+    )
+
+
+def test_gpu_placement_settings_from_the_environment(tmp_path: Path) -> None:
+    assert cluster.gpu_placement({}) == cluster.GpuPlacement()
+    assert cluster.gpu_placement({}).node_selector == {}  # no vendor label by default
+    env = {
+        cluster.GPU_RESOURCE_ENV: "amd.com/gpu",
+        cluster.GPU_NODE_SELECTOR_ENV: '{"pool": "mi300"}',
+        cluster.GPU_TOLERATIONS_ENV: "[]",
+    }
+    assert cluster.gpu_placement(env) == cluster.GpuPlacement("amd.com/gpu", {"pool": "mi300"}, [])
+    with pytest.raises(ValueError, match="VITPCM_GPU_NODE_SELECTOR is not JSON"):
+        cluster.gpu_placement({cluster.GPU_NODE_SELECTOR_ENV: "pool=a100"})
+    with pytest.raises(ValueError, match="VITPCM_GPU_TOLERATIONS must be a JSON list"):
+        cluster.gpu_placement({cluster.GPU_TOLERATIONS_ENV: '{"key": "x"}'})
+    with pytest.raises(ValueError, match="each toleration is an object"):
+        cluster.gpu_placement({cluster.GPU_TOLERATIONS_ENV: '[{"kye": "x"}]'})
 
 
 def test_retries_and_caching(cluster_package) -> None:
