@@ -319,10 +319,10 @@ def _stream(
             disable=not progress,
         ) as bar,
     ):
-        # The raw stream, undecoded: requests' iter_content keeps reading to fill a chunk
-        # and drops what it holds when the connection breaks, which would lose the bytes a
-        # resume should keep. Undecoded bytes are also what Range counts.
-        for chunk in resp.raw.stream(CHUNK, decode_content=False):
+        # One socket read at a time (read1), undecoded: reading to fill a chunk would drop
+        # what it holds when the connection breaks or stalls, losing bytes a resume should
+        # keep. Undecoded bytes are also what Range counts.
+        while chunk := resp.raw.read1(CHUNK, decode_content=False):
             f.write(chunk)
             received += len(chunk)
             bar.update(len(chunk))
