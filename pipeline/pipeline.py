@@ -173,9 +173,9 @@ def vitpcm_single_node_pipeline(
     shards: int = 0,
     convert_workers: int = cluster.CONVERT_WORKERS,
     crf_workers: int = cluster.CRF_WORKERS,
-    synthetic_train: int = 200,
-    synthetic_val: int = 50,
-    synthetic_test: int = 50,
+    synthetic_train: int = 2000,  # = vitpcm data synth's defaults (vitpcm.data.synth)
+    synthetic_val: int = 100,
+    synthetic_test: int = 200,
     synthetic_size: int = 128,
 ) -> SingleNodeOutputs:
     """Train and evaluate ViT-PCM on one node, and register the model in MLflow.

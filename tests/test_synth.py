@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from vitpcm.data import synth
 from vitpcm.data.labels import check_label_values, decode_label_png, image_labels_from_mask
 from vitpcm.data.synth import (
     CLASS_HUES,
@@ -242,7 +244,7 @@ def test_rerun_into_own_output_and_refuse_foreign(tmp_path):
     ("kwargs", "message"),
     [
         ({"size": 31}, "--size 31 is too small"),
-        ({"train": 0}, "--train 0 and --val 50"),
+        ({"train": 0}, "--train 0 and --val 100"),
         ({"val": 0}, "--val 0 must both be at least 1"),
         ({"test": -1}, "--test -1"),
         ({"seed": -2}, "--seed -2"),
@@ -257,3 +259,49 @@ def test_bad_arguments(tmp_path, kwargs, message):
 def test_remote_output_refused():
     with pytest.raises(DataError, match="local folder"):
         make_synthetic("s3://bucket/synth", progress=False)
+
+
+def test_readme_defaults_are_the_benchmarked_ones(tmp_path, monkeypatch, capsys):
+    """`vitpcm data synth` without flags writes what bench/learning.py measures, and the
+    synthetic config scores the held-out test split (which has masks), not val."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from pipeline.pipeline import vitpcm_single_node_pipeline
+    from vitpcm import cli
+    from vitpcm.config import load_config
+
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs)
+        return Path(out)
+
+    monkeypatch.setattr(synth, "make_synthetic", fake)
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    defaults = {
+        "train": synth.DEFAULT_TRAIN, "val": synth.DEFAULT_VAL,
+        "test": synth.DEFAULT_TEST, "size": synth.DEFAULT_SIZE,
+    }  # fmt: skip
+    assert {k: seen[k] for k in defaults} == defaults
+    assert (defaults["train"], defaults["val"], defaults["test"]) == (2000, 100, 200)
+    # --help names the same numbers.
+    with pytest.raises(SystemExit):
+        cli.main(["data", "synth", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("train", "val", "test", "size"):
+        said = re.search(rf"--{flag} {flag.upper()} [^()]*\((\d+)\)", help_text)
+        assert said and int(said.group(1)) == defaults[flag], (flag, help_text)
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("learning", root / "bench" / "learning.py")
+    learning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learning)
+    assert {k: learning.FULL[k] for k in ("train", "val", "test")} == {
+        k: defaults[k] for k in ("train", "val", "test")
+    }
+    assert learning.FULL["overrides"] == []
+    params = inspect.signature(vitpcm_single_node_pipeline.pipeline_func).parameters
+    assert [params[f"synthetic_{k}"].default for k in defaults] == list(defaults.values())
+    cfg = load_config("synthetic")
+    assert (cfg.data.val_split, cfg.data.test_split) == ("val", "test")
