@@ -247,22 +247,43 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen = set()
+    seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue  # ``<<: *defaults`` merges are meant to be overridden by the keys after them
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (first set on line {seen[key]})",
+                key_node.start_mark,
             )
-        seen.add(key)
+        seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=True)
 
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping
 )
+
+
+def _yaml_error_line(source: str, exc: yaml.YAMLError) -> str:
+    """One line ``config FILE:LINE:COL: what`` (1-based, like compilers) for a YAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark is not mark:
+        what += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    if "constructor for the tag" in what:
+        tag = what.rpartition("for the tag ")[2].replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"config {where}: the tag {tag} is not allowed: config files hold plain YAML "
+            "values only"
+        )
+    return f"config {where}: not valid YAML: {what}"
 
 
 def _read_yaml(source: str) -> dict[str, Any]:
@@ -278,7 +299,7 @@ def _read_yaml(source: str) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
+        raise ConfigError(_yaml_error_line(source, exc)) from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):
