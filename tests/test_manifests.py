@@ -1,9 +1,9 @@
 """manifests/ renders with `kubectl kustomize`, validates, and keeps its promises.
 
 The promises: every object is valid Kubernetes (strict schema), the Secret templates hold no
-credentials and carry exactly the keys the pipeline reads, MLflow runs with --allowed-hosts
-and /health probes, RBAC is least privilege, the bucket job really creates buckets, and
-both Dockerfiles are hadolint clean.
+credentials and carry exactly the keys the pipeline reads, MLflow runs with --allowed-hosts,
+/health probes, basic auth from the pipeline's Secret and a NetworkPolicy, RBAC is least
+privilege, the bucket job really creates buckets, and both Dockerfiles are hadolint clean.
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def _args(container: dict[str, Any]) -> dict[str, str]:
 def test_renders_the_expected_objects_in_one_namespace(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     assert kinds == [
+        ("ConfigMap", "mlflow-auth"),
         ("Deployment", "mlflow"),
         ("Job", "vitpcm-create-buckets"),
+        ("NetworkPolicy", "mlflow"),
         ("PersistentVolumeClaim", "mlflow-db"),
         ("Role", "vitpcm-kfp-step"),
         ("Role", "vitpcm-tfjob-launcher"),
@@ -154,7 +156,11 @@ def test_secret_templates_hold_no_credentials(secret_templates: list[dict[str, A
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert PLACEHOLDER.match(s3[key]), f"{key} must be a REPLACE_WITH_... placeholder"
     mlflow = _one(secret_templates, "Secret", cluster.MLFLOW_SECRET)["stringData"]
-    assert set(mlflow.values()) == {""}
+    # Shorter than the 12 characters MLflow's basic auth requires: applied unchanged, the
+    # server refuses to create its admin user rather than start with a known password.
+    assert set(mlflow.values()) == {"REPLACE_ME"} and len("REPLACE_ME") < 12
+    server = _one(secret_templates, "Secret", "vitpcm-mlflow-server")["stringData"]
+    assert PLACEHOLDER.match(server["MLFLOW_FLASK_SERVER_SECRET_KEY"])
     # Well-known defaults (Kubeflow's MinIO, AWS docs) and real AWS key shapes.
     for path in sorted(MANIFESTS.rglob("*.yaml")):
         content = path.read_text(encoding="utf-8")
@@ -185,6 +191,106 @@ def test_mlflow_server_command(rendered: list[dict[str, Any]]) -> None:
     assert endpoint == {"name": cluster.S3_SECRET, "key": "S3_ENDPOINT"}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"]["name"] == cluster.S3_SECRET
+
+
+def test_mlflow_runs_basic_auth_with_the_pipelines_credentials(
+    rendered: list[dict[str, Any]],
+) -> None:
+    import configparser
+
+    container = _container(rendered, "Deployment", "mlflow")
+    assert _args(container)["--app-name"] == "basic-auth"
+    env = {e["name"]: e for e in container["env"]}
+    # The admin user is the one the pipeline's steps log in as (same Secret, same keys).
+    for server_var, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+    ):
+        ref = env[server_var]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": cluster.MLFLOW_SECRET, "key": key}
+        assert key in cluster.MLFLOW_SECRET_KEYS
+    flask_key = env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]
+    assert flask_key["name"] == "vitpcm-mlflow-server"
+    # The auth settings file is the ConfigMap, mounted where MLFLOW_AUTH_CONFIG_PATH says.
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {
+        v["name"]: v
+        for v in _one(rendered, "Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"]
+    }
+    (mount,) = [m for m in mounts.values() if m["mountPath"] == str(config_path.parent)]
+    assert mount["readOnly"] is True
+    config_map = _one(rendered, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"][config_path.name])
+    # Users and permissions outlive the pod: on the volume, beside the tracking database.
+    auth_db = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert auth_db.startswith(mounts["db"]["mountPath"] + "/")
+    assert ini["mlflow"]["default_permission"] in ("READ", "NO_PERMISSIONS")
+    assert "admin_password" not in ini["mlflow"]
+
+
+def _selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is evaluated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _admits(policy: dict[str, Any], pod: dict[str, str], namespace: str, port: int) -> bool:
+    """Whether a NetworkPolicy's ingress rules let ``pod`` in ``namespace`` reach ``port``.
+
+    The semantics of networking.k8s.io/v1: a peer without namespaceSelector means the
+    policy's own namespace; both selectors in one peer must match together.
+    """
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        for peer in rule.get("from", []):
+            if "namespaceSelector" in peer:
+                ns_ok = _selected(peer["namespaceSelector"], ns_labels)
+            else:
+                ns_ok = namespace == policy["metadata"]["namespace"]
+            if ns_ok and _selected(peer.get("podSelector", {}), pod):
+                return True
+    return False
+
+
+def test_network_policy_admits_only_pipeline_pods_and_the_kubeflow_ingress(
+    rendered: list[dict[str, Any]],
+) -> None:
+    policy = _one(rendered, "NetworkPolicy", "mlflow")
+    pod_labels = _one(rendered, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    assert _selected(policy["spec"]["podSelector"], pod_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    kfp_step = {
+        "pipelines.kubeflow.org/v2_component": "true",
+        "workflows.argoproj.io/workflow": "r",
+    }
+    tfjob_worker = {
+        "training.kubeflow.org/operator-name": "tfjob-controller",
+        "training.kubeflow.org/replica-type": "worker",
+    }
+    gateway = {"app": "istio-ingressgateway", "istio": "ingressgateway"}
+    dashboard = {"app": "centraldashboard"}
+    allowed = [
+        (kfp_step, NAMESPACE),
+        (tfjob_worker, NAMESPACE),
+        (gateway, "istio-system"),
+        (dashboard, "kubeflow"),
+    ]
+    refused = [
+        ({"app": "some-notebook"}, NAMESPACE),  # any other pod of the profile
+        ({}, NAMESPACE),
+        (kfp_step, "kubeflow-user-other"),  # another profile's pipelines
+        (tfjob_worker, "kubeflow-user-other"),
+        (gateway, NAMESPACE),  # the ingress labels, but not the ingress's namespace
+        ({"app": "ml-pipeline-ui"}, "kubeflow"),
+    ]
+    for labels, namespace in allowed:
+        assert _admits(policy, labels, namespace, 5000), (labels, namespace)
+        assert not _admits(policy, labels, namespace, 22), (labels, namespace)
+    for labels, namespace in refused:
+        assert not _admits(policy, labels, namespace, 5000), (labels, namespace)
 
 
 def test_allowed_hosts_accept_the_service_names_and_nothing_else(
