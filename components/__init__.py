@@ -5,7 +5,7 @@ and calls one function, so the same code runs in the cluster (in the images name
 :mod:`pipeline.images`) and on one machine under ``kfp.local``.
 
 Components are loaded on first use: inside a running step (``_KFP_RUNTIME``) kfp offers no
-``dsl.component``, yet the TFJob launcher step imports :mod:`components.tfjob` from here.
+``dsl.component``, yet the train step imports :mod:`components.launchers` from here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import importlib
 from typing import Any
 
 _HOMES = {
+    "check_run": "components.check",
     "download_data": "components.data",
     "convert_data": "components.data",
     "train_model": "components.train",
-    "train_model_tfjob": "components.train",
     "evaluate_model": "components.evaluate",
     "infer_crf": "components.evaluate",
     "register_model": "components.register",

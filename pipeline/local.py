@@ -52,7 +52,7 @@ _FILES = ("class_iou", "summary")
 _METRICS = {"train": "train_metrics", "eval": "eval_metrics", "test": "test_metrics"}
 # download (or the dataset folder's importer), convert, GPU placement, train, evaluate, infer,
 # register.
-_DAG_STEPS = 7  # with the GPU placement step
+_DAG_STEPS = 8  # with the GPU placement step and the dataset/config check
 _FAILURE_TAIL_LINES = 30
 
 
@@ -143,25 +143,35 @@ def check_source(source_dir: str | os.PathLike[str] | None, dataset: str) -> Pat
     return source
 
 
-def check_config(config: str, overrides: Sequence[str] | str = (), epochs: int = 0) -> None:
-    """Load the config as the training step will, so a bad key fails before anything runs.
+def check_config(
+    config: str | None,
+    overrides: Sequence[str] | str = (),
+    epochs: int = 0,
+    dataset: str = "synthetic",
+) -> str:
+    """Load the config as the training step will and check it fits the dataset
+    (:func:`vitpcm.run_plan.check_plan`), so a mismatch fails before anything runs.
+
+    Returns:
+        The config name the run uses: ``config``, or the dataset's default when it is empty.
 
     Raises:
-        ConfigError: an unknown config, key or value.
+        ConfigError: an unknown config, key or value, or a config for another dataset.
     """
-    from vitpcm.config import load_config
+    from vitpcm.run_plan import config_for, load_checked_config
 
     sets = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     if epochs > 0:
         sets.append(f"train.epochs={epochs}")
-    load_config(config, sets)
+    load_checked_config(dataset, config or None, sets)
+    return config_for(dataset, config or None)
 
 
 def run_local(
     *,
     pipeline_root: str | os.PathLike[str] = DEFAULT_ROOT,
     dataset: str = "synthetic",
-    config: str = "synthetic",
+    config: str = "",
     source_dir: str | os.PathLike[str] | None = None,
     mirror: str = "",
     epochs: int = 0,
@@ -181,7 +191,8 @@ def run_local(
     Args:
         pipeline_root: Local folder for every step's outputs (one subfolder per run).
         dataset: ``synthetic``, ``voc12`` or ``coco14``.
-        config: Config name or YAML path (e.g. ``synthetic``, ``voc12_vit_s16``).
+        config: Config name or YAML path (e.g. ``synthetic``, ``voc12_vit_s16``); empty for
+            the dataset's (:data:`vitpcm.run_plan.DEFAULT_CONFIGS`).
         source_dir: A downloaded dataset (holding ``VOCdevkit/`` or ``coco2014/``) to start
             from instead of downloading.
         mirror: Base URL serving the official archives (``voc12``/``coco14``).
@@ -206,7 +217,7 @@ def run_local(
         StepFailedError: A step failed (the end of its log is in the error).
     """
     source = check_source(source_dir, dataset)
-    check_config(config, overrides, epochs)
+    config = check_config(config, overrides, epochs, dataset)
     from kfp import local
 
     from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
@@ -285,7 +296,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"outputs folder ({DEFAULT_ROOT})")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "voc12", "coco14"])
-    parser.add_argument("-c", "--config", default="synthetic", help="config name or YAML path")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="",
+        help="config name or YAML path (default: the dataset's: synthetic, voc12_vit_s16, "
+        "coco14_vit_b16)",
+    )
     parser.add_argument("--source-dir", help="downloaded dataset folder (skips the download)")
     parser.add_argument("--mirror", default="", help="base URL serving the official archives")
     parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (config's)")
@@ -439,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         check_source(args.source_dir, args.dataset)
-        check_config(args.config, args.set, args.epochs)
+        args.config = check_config(args.config, args.set, args.epochs, args.dataset)
     except VitpcmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

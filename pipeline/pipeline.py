@@ -3,10 +3,10 @@
 Three pipelines share every step through :mod:`pipeline.steps`:
 
 * :func:`vitpcm_pipeline` (``vitpcm-wsss``), the one to upload: training runs in the step's
-  own GPU pod, or, with ``multi_worker``, as a Training Operator TFJob (a ``dsl.If``).
-* :func:`vitpcm_single_node_pipeline` (``vitpcm-wsss-single-node``): no branch, so
-  ``kfp.local`` can run it (``make run-local``); it also suits a cluster without the
-  Training Operator. It returns every step's outputs.
+  own GPU pod, or, with ``distributed``, the same step launches a Kubeflow Trainer v2
+  TrainJob or a Training Operator TFJob and waits for it; one step either way, so no branch.
+* :func:`vitpcm_single_node_pipeline` (``vitpcm-wsss-single-node``): training in the step's
+  pod only, so ``kfp.local`` can run it (``make run-local``). It returns every step's outputs.
 * :func:`prepared_data_pipeline`: the single-node DAG starting from a dataset folder on disk.
 """
 
@@ -19,9 +19,9 @@ from kfp.dsl.graph_component import GraphComponent
 
 from pipeline import cluster
 from pipeline.steps import (
+    add_check_step,
     add_data_steps,
     add_scoring_steps,
-    add_tfjob_train_step,
     add_train_step,
 )
 
@@ -38,11 +38,11 @@ SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
 )
 def vitpcm_pipeline(
     dataset: str = "voc12",
-    config: str = "voc12_vit_b16",
+    config: str = "",
     epochs: int = 0,
     overrides: str = "",
     gpus: int = 1,
-    multi_worker: bool = False,
+    distributed: str = "none",
     workers: int = 2,
     mirror: str = "",
     crf: bool = True,
@@ -56,40 +56,41 @@ def vitpcm_pipeline(
 
     Args:
         dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
-        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic.
+        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
+            empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
         epochs: Fine-tuning epochs; 0 keeps the config's value.
         overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
-        gpus: GPUs of the training pod (per worker when multi_worker): 0, 1, 2, 4, 8 or 16.
-        multi_worker: Train as a TFJob over several GPU nodes (Training Operator required).
-        workers: Worker pods of the multi-worker TFJob.
+        gpus: GPUs of the training pod (of each worker when distributed): 0, 1, 2, 4, 8, 16.
+        distributed: none (train in the step's pod), trainjob (Kubeflow Trainer v2 TrainJob,
+            manifests/trainer/ applied) or tfjob (Training Operator v1 TFJob).
+        workers: Worker pods of a distributed job.
         mirror: Base URL serving the official dataset archives; empty for the official hosts.
         crf: Refine the pseudo masks with the dense CRF.
         mlflow_tracking_uri: MLflow server; empty to skip MLflow.
         experiment: MLflow experiment.
         registered_model: MLflow registered model name.
         checkpoint_root: s3:// prefix for training checkpoints (resume after a restart);
-            required when multi_worker.
+            required when distributed.
         shards: TFRecord shards per split; 0 for about 1000 images per shard.
     """
-    convert = add_data_steps(dataset, mirror, shards)
+    check = add_check_step(dataset, config, overrides)
+    convert = add_data_steps(dataset, mirror, shards, after=check)
     tfrecords = convert.outputs["tfrecords"]
-    with dsl.If(multi_worker == True, "multi-worker"):  # noqa: E712  (kfp builds a condition)
-        tfjob = add_tfjob_train_step(
-            tfrecords, config, overrides, epochs, gpus, workers, checkpoint_root
-        )
-    with dsl.Else("single-node"):
-        single = add_train_step(
-            tfrecords,
-            config,
-            overrides,
-            epochs,
-            gpus,
-            checkpoint_root,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            experiment=experiment,
-        )
-    model = dsl.OneOf(tfjob.outputs["model"], single.outputs["model"])
-    add_scoring_steps(model, tfrecords, crf, experiment, registered_model, mlflow_tracking_uri)
+    train = add_train_step(
+        convert,
+        check.output,
+        overrides,
+        epochs,
+        gpus,
+        checkpoint_root,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        experiment=experiment,
+        distributed=distributed,
+        workers=workers,
+    )
+    add_scoring_steps(
+        train.outputs["model"], tfrecords, crf, experiment, registered_model, mlflow_tracking_uri
+    )
 
 
 class SingleNodeOutputs(NamedTuple):
@@ -123,7 +124,7 @@ def _single_node_dag(
     """Training and scoring after the data steps, shared by the single-node pipelines."""
     tfrecords = convert.outputs["tfrecords"]
     train = add_train_step(
-        tfrecords,
+        convert,
         config,
         overrides,
         epochs,
@@ -160,7 +161,7 @@ def _single_node_dag(
 )
 def vitpcm_single_node_pipeline(
     dataset: str = "synthetic",
-    config: str = "synthetic",
+    config: str = "",
     epochs: int = 0,
     overrides: str = "",
     gpus: int = 1,
@@ -182,7 +183,8 @@ def vitpcm_single_node_pipeline(
 
     Args:
         dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
-        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic.
+        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
+            empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
         epochs: Fine-tuning epochs; 0 keeps the config's value.
         overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
         gpus: GPUs of the training pod: 0, 1, 2, 4, 8 or 16.
@@ -200,11 +202,13 @@ def vitpcm_single_node_pipeline(
         synthetic_test: Synthetic test images.
         synthetic_size: Synthetic image side in pixels.
     """
+    check = add_check_step(dataset, config, overrides)
     convert = add_data_steps(
         dataset,
         mirror,
         shards,
         workers=convert_workers,
+        after=check,
         synthetic_train=synthetic_train,
         synthetic_val=synthetic_val,
         synthetic_test=synthetic_test,
@@ -212,7 +216,7 @@ def vitpcm_single_node_pipeline(
     )
     return _single_node_dag(
         convert,
-        config=config,
+        config=check.output,
         epochs=epochs,
         overrides=overrides,
         gpus=gpus,
@@ -238,7 +242,7 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
     )
     def pipeline(
         dataset: str = "voc12",
-        config: str = "voc12_vit_s16",
+        config: str = "",
         epochs: int = 0,
         overrides: str = "",
         gpus: int = 1,
@@ -253,10 +257,13 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
     ) -> SingleNodeOutputs:
         raw = dsl.importer(artifact_uri=source_dir, artifact_class=Dataset, reimport=False)
         raw.set_display_name("dataset folder")
-        convert = add_data_steps(dataset, "", shards, workers=convert_workers, raw=raw.output)
+        check = add_check_step(dataset, config, overrides)
+        convert = add_data_steps(
+            dataset, "", shards, workers=convert_workers, raw=raw.output, after=check
+        )
         return _single_node_dag(
             convert,
-            config=config,
+            config=check.output,
             epochs=epochs,
             overrides=overrides,
             gpus=gpus,

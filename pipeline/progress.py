@@ -28,6 +28,7 @@ from typing import IO, Any
 
 # Display names of the DAG's tasks (their kfp names are the component names).
 STEP_LABELS = {
+    "check-run": "check dataset and config",
     "download-data": "download / synthesise data",
     "importer": "import dataset folder",
     "convert-data": "convert to TFRecords",

@@ -6,11 +6,14 @@ retries, caching), so every pipeline in :mod:`pipeline.pipeline` gets the same s
 ``kfp.local`` ignores these settings.
 """
 
+import json
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.pipeline_channel import PipelineChannel
 
 from components import (
+    check_run,
     convert_data,
     download_data,
     evaluate_model,
@@ -18,7 +21,6 @@ from components import (
     infer_crf,
     register_model,
     train_model,
-    train_model_tfjob,
 )
 from pipeline import cluster, images
 
@@ -47,11 +49,13 @@ def _use_mlflow_secret(task: PipelineTask) -> None:
     )
 
 
-def _on_gpu_nodes(task: PipelineTask, gpus: int) -> None:
-    """Request ``gpus`` GPUs with the compile-time placement; none of it when ``gpus`` is 0."""
+def _on_gpu_nodes(task: PipelineTask, gpus: int, distributed: str = "none") -> None:
+    """Request ``gpus`` GPUs with the compile-time placement; none of it when ``gpus`` is 0
+    or the task only launches a ``distributed`` job."""
     settings = cluster.gpu_placement()
     placement = gpu_placement(
         gpus=gpus,
+        distributed=distributed,
         resource=settings.resource,
         node_selector=settings.node_selector,
         tolerations=settings.tolerations,
@@ -71,33 +75,49 @@ def _data_retries(task: PipelineTask) -> PipelineTask:
     )
 
 
+def add_check_step(dataset: str, config: str, overrides: str) -> PipelineTask:
+    """The first step: dataset, config and pre-trained weights fit (``vitpcm.run_plan``).
+
+    Its output is the config name the training step loads (the dataset's default when
+    ``config`` is empty). Not cached: it is cheap, and a local checkpoint may have gone.
+    """
+    check = check_run(dataset=dataset, config=config, overrides=overrides)
+    check.set_display_name("check dataset and config").set_caching_options(False)
+    return check.set_cpu_limit("500m").set_memory_limit("512Mi")
+
+
 def add_data_steps(
     dataset: str,
     mirror: str,
     shards: int,
     workers: int = cluster.CONVERT_WORKERS,
     raw: PipelineChannel | None = None,
+    after: PipelineTask | None = None,
     **synthetic: int,
 ) -> PipelineTask:
     """Download (or synthesise) and convert; returns the convert task (``tfrecords``).
 
     ``raw``, when given, is an already downloaded dataset (an importer's output) and the
-    download step is left out.
+    download step is left out. ``after`` (the check step) runs before either.
     """
     if raw is None:
         download = download_data(dataset=dataset, mirror=mirror, **synthetic)
         download.set_display_name("download data")
         _size(_data_retries(download), "download").set_caching_options(True)
+        if after is not None:
+            download.after(after)
         raw = download.outputs["raw"]
     convert = convert_data(
         raw=raw, dataset=dataset, shards=shards, workers=workers
     ).set_display_name("convert to TFRecords")
     _size(_data_retries(convert), "convert").set_caching_options(True)
+    if after is not None:
+        convert.after(after)
     return convert
 
 
 def add_train_step(
-    tfrecords: PipelineChannel,
+    convert: PipelineTask,
     config: str,
     overrides: str,
     epochs: int,
@@ -105,10 +125,26 @@ def add_train_step(
     checkpoint_root: str,
     mlflow_tracking_uri: str = "",
     experiment: str = "",
+    distributed: str = "none",
+    workers: int = 2,
 ) -> PipelineTask:
-    """Single-node training on ``gpus`` GPUs of one GPU node, logging epochs to MLflow."""
+    """Training, logging epochs to MLflow: on ``gpus`` GPUs of this step's pod, or, with
+    ``distributed`` (trainjob, tfjob), as a job of ``workers`` pods with ``gpus`` GPUs each.
+
+    The step reads the dataset from the convert step's artifact by its URI (its ``Output``),
+    so KFP downloads nothing into a pod that only launches a job.
+    """
+    placement = cluster.gpu_placement()
+    size = cluster.POD_SIZES["train"]
+    worker_size = {
+        "gpu_resource": placement.resource,
+        "cpu_request": size.cpu_request,
+        "memory_request": size.memory_request,
+        "cpu_limit": size.cpu_limit,
+        "memory_limit": size.memory_limit,
+    }
     train = train_model(
-        tfrecords=tfrecords,
+        tfrecords_uri=convert.outputs["Output"],
         config=config,
         overrides=overrides,
         epochs=epochs,
@@ -116,41 +152,19 @@ def add_train_step(
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
+        distributed=distributed,
+        workers=workers,
+        gpus_per_worker=gpus,
+        worker_image=images.gpu_image(),
+        worker_size=json.dumps(worker_size, sort_keys=True),
+        worker_node_selector=placement.node_selector,
+        worker_tolerations=placement.tolerations,
     ).set_display_name("train ViT-PCM")
     _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
-    _on_gpu_nodes(train, gpus)
+    _on_gpu_nodes(train, gpus, distributed)
     _use_s3_secret(train, for_mlflow=True)
     _use_mlflow_secret(train)
     return train
-
-
-def add_tfjob_train_step(
-    tfrecords: PipelineChannel,
-    config: str,
-    overrides: str,
-    epochs: int,
-    gpus: int,
-    workers: int,
-    checkpoint_root: str,
-) -> PipelineTask:
-    """Multi-worker training: a launcher pod creates a TFJob and waits for it."""
-    launch = train_model_tfjob(
-        tfrecords=tfrecords,
-        image=images.gpu_image(),
-        work_root=checkpoint_root,
-        config=config,
-        overrides=overrides,
-        epochs=epochs,
-        workers=workers,
-        gpus_per_worker=gpus,
-        node_selector=cluster.gpu_placement().node_selector,
-        tolerations=cluster.gpu_placement().tolerations,
-        env_secrets=[cluster.S3_SECRET],
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("train ViT-PCM (TFJob)")
-    _size(launch, "tfjob").set_caching_options(False)
-    _use_s3_secret(launch)
-    return launch
 
 
 def add_scoring_steps(

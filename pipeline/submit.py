@@ -127,7 +127,31 @@ def parse_params(spec: Mapping[str, Any], items: Sequence[str]) -> dict[str, Any
                 f"{', '.join(sorted(declared))}"
             )
         params[name] = _coerce(name, text, declared[name].get("parameterType", "STRING"))
+    check_run_params(declared, params)
     return params
+
+
+def check_run_params(declared: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Dataset, config and overrides of a run (given, else the package's defaults) fit
+    together (:func:`vitpcm.run_plan.check_plan`), checked here before anything is uploaded.
+
+    Raises:
+        ConfigError: A bad config or override, or a config for another dataset.
+    """
+    if "dataset" not in declared:
+        return
+
+    def value(name: str) -> str:
+        given = params.get(name, declared.get(name, {}).get("defaultValue", ""))
+        return str(given or "")
+
+    import shlex
+
+    from vitpcm.run_plan import load_checked_config
+
+    overrides = shlex.split(value("overrides"))
+    # A local checkpoint path is one inside the training pod: not checked from here.
+    load_checked_config(value("dataset"), value("config") or None, overrides, local_files=False)
 
 
 def version_name_for(package: str | os.PathLike[str]) -> str:

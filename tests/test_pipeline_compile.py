@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from pipeline import cluster, images
 from pipeline.compile import compile_pipeline, main
 
 STEPS = {
+    "check-run",
     "download-data",
     "convert-data",
     "train-model",
@@ -48,17 +50,30 @@ def single_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict
     return _load(compile_pipeline(tmp_path_factory.mktemp("s") / "p.yaml", "single-node"))
 
 
-def test_cluster_pipeline_has_every_step_and_the_multi_worker_branch(cluster_package) -> None:
+def test_cluster_pipeline_trains_in_one_step_whichever_way(cluster_package) -> None:
     spec, _ = cluster_package
     assert spec["pipelineInfo"]["name"] == "vitpcm-wsss"
     tasks = _all_tasks(spec)
-    assert {*STEPS, "train-model-tfjob"} <= set(tasks)
-    conditions = {t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t}
-    assert "inputs.parameter_values['pipelinechannel--multi_worker'] == true" in conditions
-    assert "!(inputs.parameter_values['pipelinechannel--multi_worker'] == true)" in conditions
-    # Downstream steps take whichever branch's model ran (dsl.OneOf).
+    # One train step, no branch and no artifact OneOf (resolved to the wrong branch by KFP
+    # backends before 2.17): the step itself launches a distributed job when asked.
+    assert set(tasks) == STEPS
+    assert not any("triggerPolicy" in t for t in tasks.values())
+    assert not [c for c in spec["components"].values() if "dag" in c]
     evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]["model"]
-    assert evaluate["taskOutputArtifact"]["producerTask"] == "condition-branches-1"
+    assert evaluate["taskOutputArtifact"] == {
+        "outputArtifactKey": "model",
+        "producerTask": "train-model",
+    }
+    params = tasks["train-model"]["inputs"]["parameters"]
+    assert params["distributed"] == {"componentInputParameter": "distributed"}
+    assert params["workers"] == {"componentInputParameter": "workers"}
+    assert params["gpus_per_worker"] == {"componentInputParameter": "gpus"}
+    # The dataset arrives as the convert step's URI, not an artifact KFP would download.
+    assert params["tfrecords_uri"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output",
+        "producerTask": "convert-data",
+    }
+    assert "artifacts" not in tasks["train-model"]["inputs"]
 
 
 def test_single_node_pipeline_has_no_condition(single_package) -> None:
@@ -75,7 +90,8 @@ def test_single_node_pipeline_has_no_condition(single_package) -> None:
         for step in STEPS
     }
     assert producer["convert-data"] == {"download-data"}
-    assert producer["train-model"] == {"convert-data"}
+    assert producer["train-model"] == set()  # the dataset's URI, a parameter (see above)
+    assert "convert-data" in tasks["train-model"]["dependentTasks"]
     assert producer["evaluate-model"] == {"train-model", "convert-data"}
     assert producer["infer-crf"] == {"train-model", "convert-data"}
     # convert-data too: the TFRecords give the sample overlays logged to MLflow.
@@ -100,7 +116,7 @@ def test_pipeline_form_parameters(cluster_package) -> None:
         "config": "STRING",
         "epochs": "NUMBER_INTEGER",
         "gpus": "NUMBER_INTEGER",
-        "multi_worker": "BOOLEAN",
+        "distributed": "STRING",
         "workers": "NUMBER_INTEGER",
         "mlflow_tracking_uri": "STRING",
         "experiment": "STRING",
@@ -108,7 +124,7 @@ def test_pipeline_form_parameters(cluster_package) -> None:
         "crf": "BOOLEAN",
     }
     assert {k: params[k]["parameterType"] for k in expected} == expected
-    assert params["multi_worker"]["defaultValue"] is False
+    assert params["distributed"]["defaultValue"] == "none"
     # The docstring becomes the form's help text.
     assert all(p.get("description") for p in params.values())
 
@@ -122,17 +138,15 @@ def test_training_requests_gpus_from_the_gpus_parameter(cluster_package) -> None
     assert accel["resourceType"] == placeholder
     assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
     train_inputs = _all_tasks(spec)["train-model"]["inputs"]["parameters"]
-    assert train_inputs["pipelinechannel--gpus"]["componentInputParameter"] == (
-        "pipelinechannel--gpus"
-    )
+    # At the root of the DAG now (no branch): the pipeline's own parameter.
+    assert train_inputs["pipelinechannel--gpus"]["componentInputParameter"] == "gpus"
     assert train_inputs["pipelinechannel--gpu-placement-resource"]["taskOutputParameter"] == {
         "outputParameterKey": "resource",
         "producerTask": "gpu-placement",
     }
-    # The TFJob launcher itself needs no GPU: its workers get them.
-    assert "accelerator" not in executors["exec-train-model-tfjob"]["container"].get(
-        "resources", {}
-    )
+    # A step that launches a distributed job holds no GPU: the placement step gets the mode.
+    placement = _all_tasks(spec)["gpu-placement"]["inputs"]["parameters"]
+    assert placement["distributed"] == {"componentInputParameter": "distributed"}
 
 
 def test_images_come_from_the_images_module(cluster_package) -> None:
@@ -141,9 +155,9 @@ def test_images_come_from_the_images_module(cluster_package) -> None:
     used = {name: e["container"]["image"] for name, e in executors.items()}
     assert used.pop("exec-train-model") == images.gpu_image()
     assert set(used.values()) == {images.cpu_image()}
-    # The workers' image is passed to the launcher as a constant.
-    tfjob = _all_tasks(spec)["train-model-tfjob"]["inputs"]["parameters"]["image"]
-    assert tfjob["runtimeValue"]["constant"] == images.gpu_image()
+    # The workers' image is passed to the train step as a constant.
+    worker = _all_tasks(spec)["train-model"]["inputs"]["parameters"]["worker_image"]
+    assert worker["runtimeValue"]["constant"] == images.gpu_image()
 
 
 def test_secrets_reach_the_steps_as_environment(cluster_package) -> None:
@@ -161,7 +175,6 @@ def test_secrets_reach_the_steps_as_environment(cluster_package) -> None:
         **{k: (cluster.MLFLOW_SECRET, k) for k in cluster.MLFLOW_SECRET_KEYS},
         "MLFLOW_S3_ENDPOINT_URL": (cluster.S3_SECRET, "S3_ENDPOINT"),
     }
-    assert env_from("exec-train-model-tfjob") == s3
     # Both steps that talk to MLflow get its credentials and its artifact store.
     assert env_from("exec-train-model") == {**s3, **mlflow}
     assert env_from("exec-register-model") == {**s3, **mlflow}
@@ -187,10 +200,20 @@ def test_training_placement_comes_from_the_placement_step(cluster_package) -> No
     assert params["resource"]["runtimeValue"]["constant"] == settings.resource
     assert params["tolerations"]["runtimeValue"]["constant"] == settings.tolerations
     assert "gpu-placement" in _all_tasks(spec)["train-model"]["dependentTasks"]
-    # The TFJob workers get the same placement through the launcher's parameters.
-    params = _all_tasks(spec)["train-model-tfjob"]["inputs"]["parameters"]
-    assert params["tolerations"]["runtimeValue"]["constant"] == settings.tolerations
-    assert params["env_secrets"]["runtimeValue"]["constant"] == [cluster.S3_SECRET]
+    # The TFJob workers get the same placement, and the train pod's size, through the train
+    # step's parameters (a TrainJob's tolerations come from its TrainingRuntime).
+    params = _all_tasks(spec)["train-model"]["inputs"]["parameters"]
+    assert params["worker_tolerations"]["runtimeValue"]["constant"] == settings.tolerations
+    assert params["worker_node_selector"]["runtimeValue"]["constant"] == settings.node_selector
+    size = json.loads(params["worker_size"]["runtimeValue"]["constant"])
+    train = cluster.POD_SIZES["train"]
+    assert size == {
+        "gpu_resource": settings.resource,
+        "cpu_request": train.cpu_request,
+        "memory_request": train.memory_request,
+        "cpu_limit": train.cpu_limit,
+        "memory_limit": train.memory_limit,
+    }
 
 
 def test_placement_step_applies_nothing_without_gpus() -> None:
@@ -200,6 +223,9 @@ def test_placement_step_applies_nothing_without_gpus() -> None:
     tolerations = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     args = {"resource": "amd.com/gpu", "node_selector": selector, "tolerations": tolerations}
     assert tuple(gpu_placement.python_func(gpus=0, **args)) == ("", {}, [])
+    # A pod that launches a distributed job gets no GPU either: its workers do.
+    for mode in ("trainjob", "tfjob"):
+        assert tuple(gpu_placement.python_func(gpus=2, distributed=mode, **args)) == ("", {}, [])
     assert tuple(gpu_placement.python_func(gpus=2, **args)) == (
         "amd.com/gpu",
         selector,
@@ -233,7 +259,7 @@ def test_retries_and_caching(cluster_package) -> None:
         assert retry["maxRetryCount"] == cluster.DATA_RETRIES
         assert retry["backoffDuration"] == cluster.RETRY_BACKOFF
         assert retry["backoffFactor"] == cluster.RETRY_BACKOFF_FACTOR
-    for step in ("train-model", "train-model-tfjob", "evaluate-model", "infer-crf"):
+    for step in ("train-model", "evaluate-model", "infer-crf"):
         assert not tasks[step]["cachingOptions"].get("enableCache", False), step
     assert not tasks["register-model"]["cachingOptions"].get("enableCache", False)
     assert tasks["train-model"]["retryPolicy"]["maxRetryCount"] == cluster.TRAIN_RETRIES

@@ -115,9 +115,24 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _load_cfg(args: argparse.Namespace):
+    """The config of train/eval/test: ``-c``, else the default of ``--data``'s dataset;
+    checked against that dataset (vitpcm.run_plan) before any work."""
+    from vitpcm import run_plan
     from vitpcm.config import load_config
+    from vitpcm.errors import ConfigError
 
-    return load_config(args.config, args.set)
+    data = getattr(args, "data", None)
+    if not args.config:
+        if not data:
+            raise ConfigError(
+                "no config: give -c CONFIG, or --data with a converted dataset to use its "
+                "default config"
+            )
+        args.config = run_plan.config_for_data(data)
+        log.info("config %s (the default for the dataset in %s)", args.config, data)
+    cfg = load_config(args.config, args.set)
+    run_plan.check_data(cfg, data or cfg.data.uri, args.config)
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -215,6 +230,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- weights
+
+
+def _weights_import_reference(args: argparse.Namespace) -> int:
+    from vitpcm.model.reference_weights import import_reference
+
+    cfg = _load_cfg(args)
+    import_reference(cfg, args.file, out=args.out)
+    print(
+        f"imported {args.file} into {args.out} (model.keras, config.yaml with model.gelu=exact); "
+        f"use it as -m {args.out} with eval, test, predict"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -243,12 +273,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars (logs only)")
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, follows_data: bool = False) -> None:
+    follows = (
+        "; default: the one for --data's dataset (synthetic, voc12_vit_s16, coco14_vit_b16)"
+        if follows_data
+        else ""
+    )
     parser.add_argument(
         "-c",
         "--config",
-        required=True,
-        help="config YAML path, or a name from configs/ such as voc12_vit_s16 or synthetic",
+        required=not follows_data,
+        help="config YAML path, or a name from configs/ such as voc12_vit_s16 or synthetic"
+        + follows,
     )
     parser.add_argument(
         "--set",
@@ -369,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
             "epoch is logged live to one MLflow run; an outage never stops training."
         ),
     )
-    _add_config_args(p)
+    _add_config_args(p, follows_data=True)
     p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
     _add_common(p)
@@ -383,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             "original resolution; writes metrics.json and confusion-matrix plots."
         ),
     )
-    _add_config_args(p)
+    _add_config_args(p, follows_data=True)
     p.add_argument("-m", "--model", required=True, help="model.keras or a train output folder")
     p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
     p.add_argument("--out", default="eval-out", help="output folder (default: eval-out)")
@@ -399,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
             "VOC-palette PNG per image; with --crf, dense CRF over the present classes."
         ),
     )
-    _add_config_args(p)
+    _add_config_args(p, follows_data=True)
     p.add_argument("-m", "--model", required=True, help="model.keras or a train output folder")
     p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
     p.add_argument("--out", default="test-out", help="output folder (default: test-out)")
@@ -445,6 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="CRF processes (default: all cores)")
     _add_common(p)
     p.set_defaults(handler=_predict)
+
+    weights = sub.add_parser("weights", help="fetch pretrained ViT weights, import released ones")
+    weights_sub = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    p = weights_sub.add_parser(
+        "import-reference",
+        help="convert the ViT-PCM authors' Keras 2 .h5 checkpoint into a model folder",
+        description=(
+            "Read a checkpoint written by the authors' TF 2.9 / Keras 2 code (HDF5 weights "
+            "file), check every array against the model of -c (missing, extra or mis-shaped "
+            "arrays are refused), and write a model folder (model.keras + config.yaml, exact "
+            "GELU) that eval, test, predict and registration accept."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", help="the authors' .h5 checkpoint (path or s3://)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="model folder to write (path or s3://)")
+    p.set_defaults(handler=_weights_import_reference)
 
     cfg = sub.add_parser("config", help="show a resolved config")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
