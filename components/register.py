@@ -45,12 +45,12 @@ def register_model(
             replayed from here with ``vitpcm mlflow replay``.
         tfrecords: Converted dataset; when given, test images with ground truth and
             pseudo masks are logged as sample overlays.
-        tracking_uri: MLflow tracking URI; empty skips MLflow.
+        tracking_uri: MLflow tracking URI; empty skips MLflow on purpose. When set, the
+            step fails unless the model is registered with every record sent.
         experiment: MLflow experiment name (a run the training created keeps its own).
         model_name: Registered model name in the MLflow model registry.
         kfp_run_id: Kubeflow run id, recorded as an MLflow tag.
     """
-    import importlib.util
     import json
     import logging
     import os
@@ -68,15 +68,27 @@ def register_model(
         "test": dict(test_metrics.metadata),
         "mlflow": None,
     }
-    log_run = None
-    if tracking_uri and importlib.util.find_spec("vitpcm.tracking") is not None:
-        from vitpcm import tracking
 
-        log_run = getattr(tracking, "log_pipeline_run", None)
-    if log_run is None:
-        logging.warning("MLflow logging skipped (no tracking_uri or no vitpcm.tracking)")
-    else:
-        record["mlflow"] = log_run(
+    def write_summary() -> None:
+        with open(summary.path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+        summary.metadata["tracked"] = bool(record["mlflow"] and record["mlflow"].get("version"))
+
+    if not tracking_uri:
+        logging.warning(
+            "MLflow skipped on purpose: mlflow_tracking_uri is empty, so this run is not "
+            "logged or registered (set it to the MLflow server to register the model)"
+        )
+        write_summary()
+        return
+
+    from components.registration import keep_spool, registration_failure
+    from vitpcm.tracking import log_pipeline_run
+
+    error = None
+    try:
+        record["mlflow"] = log_pipeline_run(
             tracking_uri=tracking_uri,
             experiment=experiment,
             model_name=model_name,
@@ -87,7 +99,19 @@ def register_model(
             data_dir=None if tfrecords is None else tfrecords.path,
             spool_dir=mlflow_spool.path,
         )
-    with open(summary.path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    summary.metadata["tracked"] = record["mlflow"] is not None
+        problem = registration_failure(record["mlflow"])
+    except Exception as exc:  # reported below with the spool's place, then re-raised
+        problem, error = f"{type(exc).__name__}: {exc}", exc
+    if problem is None:
+        write_summary()
+        return
+    # MLflow was asked for and the model is not registered: fail the run (a green run here
+    # would hide that scheduled retraining registers nothing), keeping what was not sent.
+    record["mlflow_error"] = problem
+    write_summary()
+    kept = keep_spool(mlflow_spool.path, mlflow_spool.uri)
+    raise RuntimeError(
+        f"MLflow registration at {tracking_uri} failed ({problem}); the records wait in "
+        f"{kept}: once MLflow answers, copy that folder here and run "
+        "`vitpcm mlflow replay FOLDER` (or rerun the pipeline)"
+    ) from error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,6 +22,7 @@ from components import (
     register_model,
     train_model,
 )
+from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from helpers.tiny import TINY_OVERRIDES
 
 pytest_plugins = ("helpers.http_server",)
@@ -63,7 +65,7 @@ def trained(
     model = artifact(dsl.Model, root, "model")
     metrics = artifact(dsl.Metrics, root, "metrics")
     train_model.python_func(
-        tfrecords=tfrecords,
+        tfrecords_uri=tfrecords.uri,
         model=model,
         metrics=metrics,
         config="synthetic",
@@ -164,7 +166,7 @@ def test_train_rejects_a_bad_override_before_reading_data(tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match="train.nope"):
         train_model.python_func(
-            tfrecords=artifact(dsl.Dataset, tmp_path, "missing"),
+            tfrecords_uri=str(tmp_path / "missing"),
             model=artifact(dsl.Model, tmp_path, "model"),
             metrics=artifact(dsl.Metrics, tmp_path, "metrics"),
             config="synthetic",
@@ -232,9 +234,13 @@ def _register_inputs(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def test_register_without_mlflow_writes_the_summary(tmp_path: Path) -> None:
+def test_register_without_mlflow_writes_the_summary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     inputs = _register_inputs(tmp_path)
     register_model.python_func(**inputs, tracking_uri="", kfp_run_id="run-7")
+    # An empty URI is a choice, said out loud, not a failure.
+    assert any("MLflow skipped on purpose" in r.getMessage() for r in caplog.records)
     summary = json.loads(Path(inputs["summary"].path).read_text())
     assert summary["kfp_run_id"] == "run-7"
     assert summary["eval"] == {"miou": 0.5, "pixel_accuracy": 0.8}
@@ -254,7 +260,7 @@ def test_register_hands_the_run_to_vitpcm_tracking(
 
     def log_pipeline_run(**kwargs: Any) -> dict[str, Any]:
         calls.append(kwargs)
-        return {"run_id": "abc", "model_version": "3", "champion": True}
+        return {"run_id": "abc", "version": "3", "promoted": True, "pending": 0}
 
     fake = types.ModuleType("vitpcm.tracking")
     fake.__spec__ = importlib.machinery.ModuleSpec("vitpcm.tracking", None)
@@ -287,8 +293,80 @@ def test_register_hands_the_run_to_vitpcm_tracking(
         }
     ]
     summary = json.loads(Path(inputs["summary"].path).read_text())
-    assert summary["mlflow"] == {"run_id": "abc", "model_version": "3", "champion": True}
+    assert summary["mlflow"] == {"run_id": "abc", "version": "3", "promoted": True, "pending": 0}
     assert inputs["summary"].metadata["tracked"] is True
+
+
+def _closed_port_uri() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
+
+
+def test_register_fails_the_run_when_mlflow_is_unreachable(
+    trained: tuple[dsl.Model, dsl.Metrics], tmp_path: Path
+) -> None:
+    """MLflow asked for but down: the step fails, the summary says why, the spool stays."""
+    model, _ = trained
+    inputs = _register_inputs(tmp_path)
+    inputs["model"] = model
+    uri = _closed_port_uri()
+    with pytest.raises(RuntimeError, match=f"MLflow registration at {uri} failed") as failure:
+        register_model.python_func(**inputs, tracking_uri=uri, kfp_run_id="run-9")
+    spool = Path(inputs["mlflow_spool"].path)
+    assert f"the records wait in {spool}" in str(failure.value)
+    summary = json.loads(Path(inputs["summary"].path).read_text())
+    assert summary["mlflow"]["version"] is None
+    assert summary["mlflow"]["pending"] > 0
+    assert "not sent" in summary["mlflow_error"]
+    assert inputs["summary"].metadata["tracked"] is False
+    # The pending records are there to replay: the same count the result reported.
+    from vitpcm.tracking.spool import Spool
+
+    assert len(Spool(spool).pending()) == summary["mlflow"]["pending"]
+
+
+@pytest.mark.slow
+def test_a_failed_registration_keeps_the_spool_in_the_artifact_store(
+    tmp_path: Path,
+    s3_bucket: Any,  # noqa: F811  (fixture)
+) -> None:
+    """On a cluster the failing step uploads nothing: the spool is copied to its URI."""
+    from components.registration import keep_spool, registration_failure
+
+    spool = tmp_path / "spool"
+    (spool / "records").mkdir(parents=True)
+    (spool / "meta.json").write_text('{"run": 1}')
+    (spool / "records" / "000001.json").write_text('{"metric": 2}')
+    target = s3_bucket.uri("v2/artifacts/run/register/mlflow_spool")
+    # In a child: tensorflow-io's S3 filesystem aborts the process that used it at exit.
+    script = (
+        "import sys; from components.registration import keep_spool; "
+        "from vitpcm import storage; print(keep_spool(sys.argv[1], sys.argv[2])); "
+        "sys.stdout.flush(); storage.exit_process(0)"
+    )
+    uri = "minio://" + target.split("://", 1)[1]
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(spool), uri],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **s3_bucket.env()},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == target
+    keys = sorted(s3_bucket.list_keys("v2/artifacts/run/register/mlflow_spool/"))
+    assert [k.rsplit("mlflow_spool/", 1)[1] for k in keys] == ["meta.json", "records/000001.json"]
+    assert s3_bucket.read(keys[1]) == b'{"metric": 2}'
+    # kfp.local: the artifact is the local folder itself.
+    assert keep_spool(str(spool), str(spool)) == str(spool)
+    assert registration_failure({"version": "4", "pending": 0}) is None
+    assert registration_failure({"version": "4", "pending": 2}) == "2 record(s) not sent"
+    assert registration_failure(None) == "no result"
 
 
 # ----------------------------------------------------------------------------- kfp.local
