@@ -208,11 +208,25 @@ def test_bad_arguments_give_one_error_and_write_nothing(
     images = str(setup["images"])
     assert main(["predict", "-m", model, images, "--out", str(out), "--size", "60"]) == 2
     assert "multiple of the model's patch size 8" in capsys.readouterr().err
-    assert main(["predict", "-m", str(tmp_path), images, "--out", str(out)]) == 2
+    assert main(["predict", "-m", str(tmp_path / "no-model"), images, "--out", str(out)]) == 2
     assert "cannot read model" in capsys.readouterr().err
     assert not out.exists()
     mine = tmp_path / "someone-elses"
     mine.mkdir()
     (mine / "keep.txt").write_text("x")
     assert main(["predict", "-m", model, images, "--out", str(mine), "--no-progress"]) != 0
+    assert "not empty and was not written by `vitpcm predict`" in capsys.readouterr().err
     assert (mine / "keep.txt").read_text() == "x" and len(list(mine.iterdir())) == 1
+    inside = setup["images"] / "masks"
+    assert main(["predict", "-m", model, images, "--out", str(inside), "--no-progress"]) != 0
+    assert "inside the input INPUT" in capsys.readouterr().err and not inside.exists()
+
+
+def test_predict_replaces_its_own_output(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    first = sorted(setup["images"].iterdir())
+    assert main(["predict", "-m", str(setup["model"]), str(first[0]), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["predict", "-m", str(setup["model"]), str(first[1]), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{first[1].stem}.png"]

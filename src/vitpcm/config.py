@@ -28,6 +28,7 @@ from vitpcm.errors import ConfigError, StorageError
 
 DATASETS = ("voc12", "coco14", "synthetic")
 POOLINGS = ("max", "avg")
+GELU_FORMS = ("tanh", "exact")
 CUSTOM_BACKBONE = "custom"
 BACKBONE_DIMS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")
 
@@ -98,6 +99,10 @@ class ModelConfig:
     pooling: str = "max"
     l2: float = 0.01
     pos_embed_grid: int | None = None
+    # GELU in the ViT MLPs: "tanh" (approximation) is what the public Google checkpoints were
+    # trained with; "exact" (erf) is what the authors' released ViT-PCM weights expect
+    # (`vitpcm weights import-reference` sets it). Recorded in the saved model.
+    gelu: str = "tanh"
 
 
 @dataclass
@@ -602,6 +607,7 @@ def _validate(cfg: Config, sources: _Sources) -> None:
         f"{model.num_heads} does not divide model.hidden_dim ({model.hidden_dim})",
     )
     check(model.pooling in POOLINGS, "model.pooling", f"must be one of {list(POOLINGS)}")
+    check(model.gelu in GELU_FORMS, "model.gelu", f"must be one of {list(GELU_FORMS)}")
     in_unit("model.dropout", model.dropout, closed=False)
     in_unit("model.backbone_dropout", model.backbone_dropout, closed=False)
     check(model.l2 >= 0, "model.l2", f"must be >= 0, got {model.l2}")

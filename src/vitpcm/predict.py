@@ -430,14 +430,17 @@ def run_predict(
 
     from vitpcm.crf import crf_map
     from vitpcm.data.labels import encode_palette_png
+    from vitpcm.outputs import claim_output
 
     paths = list_inputs(inputs)
-    # TODO(outputs): call the shared output-ownership check on out_dir here.
+    given = {f"INPUT {item}": item for item in inputs}
+    model_input = None if str(model_uri).startswith(MLFLOW_SCHEMES) else model_uri
+    claim_output(out_dir, "predict", inputs={"-m": model_input, **given})
     predictor = load_predictor(model_uri, size=size, threshold=threshold)
     summary = PredictSummary(out=str(out_dir))
     stems = _Stems()
     with (
-        storage.atomic_dir(out_dir, overwrite=False) as tmp,
+        storage.atomic_dir(out_dir, kind="predict") as tmp,
         tempfile.TemporaryDirectory() as local,
     ):
         lines_path = os.path.join(local, PREDICTIONS_FILE)

@@ -13,7 +13,14 @@ from typing import Any
 import keras
 
 from vitpcm.errors import ModelError
-from vitpcm.model.vit_layers import LAYER_NORM_EPSILON, PatchEmbedding, PatchGrid, ViTEncoderBlock
+from vitpcm.model.vit_layers import (
+    DEFAULT_GELU,
+    LAYER_NORM_EPSILON,
+    PatchEmbedding,
+    PatchGrid,
+    ViTEncoderBlock,
+    check_gelu,
+)
 
 _DIMS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")
 
@@ -32,6 +39,7 @@ class ViTBackbone(keras.Model):
             384 px checkpoints at patch 16); other input grids are interpolated bicubically.
         dropout: Dropout rate inside the encoder (inactive in frozen blocks).
         layer_norm_epsilon: LayerNorm epsilon.
+        gelu: GELU form in the MLPs: ``"tanh"`` (the Google checkpoints) or ``"exact"``.
         image_shape: Input shape without the batch; (None, None, 3) accepts any size.
         **kwargs: ``name`` (default ``"backbone"``) and ``trainable``.
     """
@@ -47,6 +55,7 @@ class ViTBackbone(keras.Model):
         pos_embed_grid: int,
         dropout: float = 0.0,
         layer_norm_epsilon: float = LAYER_NORM_EPSILON,
+        gelu: str = DEFAULT_GELU,
         image_shape: tuple[int | None, int | None, int] = (None, None, 3),
         **kwargs: Any,
     ) -> None:
@@ -61,6 +70,7 @@ class ViTBackbone(keras.Model):
         for key, value in dims.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ModelError(f"backbone {key} must be a positive integer, got {value!r}")
+        check_gelu(gelu)
         if not 0.0 <= dropout < 1.0:
             raise ModelError(f"backbone dropout must be in [0, 1), got {dropout}")
         kwargs.setdefault("name", "backbone")
@@ -76,6 +86,7 @@ class ViTBackbone(keras.Model):
                 mlp_dim,
                 dropout=dropout,
                 layer_norm_epsilon=layer_norm_epsilon,
+                gelu=gelu,
                 name=f"encoderblock_{index}",
             )(tokens)
         tokens = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="encoder_norm")(
@@ -92,6 +103,7 @@ class ViTBackbone(keras.Model):
         self.pos_embed_grid = pos_embed_grid
         self.dropout = float(dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.gelu = gelu
         self.image_shape = tuple(image_shape)
 
     @property
@@ -121,6 +133,7 @@ class ViTBackbone(keras.Model):
             "pos_embed_grid": self.pos_embed_grid,
             "dropout": self.dropout,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "gelu": self.gelu,
             "image_shape": list(self.image_shape),
         }
 
@@ -157,8 +170,8 @@ class ViTBackbone(keras.Model):
         """A backbone from a ``cfg.model``-like object.
 
         Reads ``patch_size``, ``hidden_dim``, ``depth``, ``num_heads``, ``mlp_dim``,
-        ``pos_embed_grid`` and ``backbone_dropout``; dimensions left ``None`` are taken from
-        the preset named by ``model_cfg.backbone`` when there is one.
+        ``pos_embed_grid``, ``backbone_dropout`` and ``gelu``; dimensions left ``None`` are
+        taken from the preset named by ``model_cfg.backbone`` when there is one.
         """
         from vitpcm.config import BACKBONE_PRESETS, PRESET_PRETRAIN_SIZE
 
@@ -179,5 +192,6 @@ class ViTBackbone(keras.Model):
             **dims,
             pos_embed_grid=grid,
             dropout=float(getattr(model_cfg, "backbone_dropout", 0.0) or 0.0),
+            gelu=getattr(model_cfg, "gelu", None) or DEFAULT_GELU,
             name=name,
         )

@@ -26,6 +26,17 @@ from vitpcm.errors import ModelError
 
 # flax.linen.LayerNorm's default, used by every public ViT checkpoint.
 LAYER_NORM_EPSILON = 1e-6
+# GELU forms: "tanh" is flax's default approximation, the one the public Google checkpoints
+# were trained with; "exact" (erf) is what the ViT-PCM authors' Keras 2 model computes.
+GELU_FORMS = ("tanh", "exact")
+DEFAULT_GELU = "tanh"
+
+
+def check_gelu(gelu: str) -> str:
+    """``gelu`` if it is one of :data:`GELU_FORMS`; a :class:`ModelError` otherwise."""
+    if gelu not in GELU_FORMS:
+        raise ModelError(f"unknown GELU form {gelu!r}; choose one of {list(GELU_FORMS)}")
+    return gelu
 
 
 def dropout_active(layer: keras.layers.Layer, training: Any) -> bool:
@@ -217,6 +228,8 @@ class ViTEncoderBlock(keras.layers.Layer):
         mlp_dim: Hidden width of the MLP.
         dropout: Dropout rate after the attention and after each MLP dense layer.
         layer_norm_epsilon: LayerNorm epsilon (flax default 1e-6).
+        gelu: ``"tanh"`` (approximation, the Google checkpoints) or ``"exact"`` (erf, the
+            ViT-PCM authors' released weights).
         **kwargs: Standard layer arguments.
     """
 
@@ -227,6 +240,7 @@ class ViTEncoderBlock(keras.layers.Layer):
         mlp_dim: int,
         dropout: float = 0.0,
         layer_norm_epsilon: float = LAYER_NORM_EPSILON,
+        gelu: str = DEFAULT_GELU,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -235,6 +249,7 @@ class ViTEncoderBlock(keras.layers.Layer):
         self.mlp_dim = int(mlp_dim)
         self.dropout = float(dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.gelu = check_gelu(gelu)
         policy = self.dtype_policy
         self.layer_norm_0 = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype=policy
@@ -262,8 +277,9 @@ class ViTEncoderBlock(keras.layers.Layer):
         attended = self.attention(self.layer_norm_0(tokens))
         tokens = tokens + self.dropout_layer(attended, training=active)
         hidden = self.dense_0(self.layer_norm_2(tokens))
-        # The JAX checkpoints were trained with flax's default, tanh-approximate GELU.
-        hidden = ops.gelu(hidden, approximate=True)
+        # The JAX checkpoints were trained with flax's default, tanh-approximate GELU; the
+        # authors' released ViT-PCM weights with the exact one.
+        hidden = ops.gelu(hidden, approximate=self.gelu == "tanh")
         hidden = self.dropout_layer(hidden, training=active)
         hidden = self.dense_1(hidden)
         return tokens + self.dropout_layer(hidden, training=active)
@@ -279,6 +295,7 @@ class ViTEncoderBlock(keras.layers.Layer):
             mlp_dim=self.mlp_dim,
             dropout=self.dropout,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu=self.gelu,
         )
         return config
 
