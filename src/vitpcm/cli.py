@@ -233,6 +233,15 @@ def _predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- weights
 
 
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from vitpcm.model.pretrained import fetch_pretrained
+
+    uri = fetch_pretrained(args.name, args.out, mirror=args.mirror, progress=not args.no_progress)
+    print(f"{args.name} ready: {uri}")
+    print(f"model.pretrained={uri}")
+    return 0
+
+
 def _weights_import_reference(args: argparse.Namespace) -> int:
     from vitpcm.model.reference_weights import import_reference
 
@@ -484,6 +493,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = sub.add_parser("weights", help="fetch pretrained ViT weights, import released ones")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    p = weights_sub.add_parser(
+        "fetch",
+        help="download a public Google ViT checkpoint (resumable, verified)",
+        description=(
+            "Download the .npz checkpoint a config starts from (model.pretrained), resuming a "
+            "partial file, and check it holds the named backbone; its SHA-256 is recorded and "
+            "checked on later runs. Prints the model.pretrained=... value to use. Names: "
+            "vit_s16 (AugReg S/16, 384 px), vit_b16 and vit_l16 (ImageNet-21k + 1k, 384 px)."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", choices=["vit_s16", "vit_b16", "vit_l16"])
+    p.add_argument("--out", required=True, help="folder or s3://bucket/prefix to put it in")
+    p.add_argument("--mirror", metavar="BASE_URL", help="fetch BASE_URL/<file name> instead")
+    _add_common(p)
+    p.set_defaults(handler=_weights_fetch)
+
     p = weights_sub.add_parser(
         "import-reference",
         help="convert the ViT-PCM authors' Keras 2 .h5 checkpoint into a model folder",
