@@ -206,6 +206,7 @@ def make_config(
 
     base = "voc12_vit_b16" if model == "vit_b16" else "voc12_vit_s16"
     overrides = [
+        "model.pretrained=null",  # speed only: no checkpoint download
         f"model.backbone={model}",
         f"data.image_size={size}",
         f"model.pos_embed_grid={size // 16}",

@@ -23,6 +23,7 @@ def download_data(
     synthetic_test: int = 50,
     synthetic_size: int = 128,
     seed: int = 0,
+    data_version: str = "",
 ):
     """Download and unpack a dataset, or generate the synthetic one, into ``raw``.
 
@@ -37,6 +38,8 @@ def download_data(
         synthetic_test: Synthetic test images (unlabelled).
         synthetic_size: Synthetic image side in pixels.
         seed: Seed of the synthetic generator.
+        data_version: Any label of the dataset's version (e.g. a date): part of the step's
+            cache key, so a new value downloads again instead of reusing a cached copy.
     """
     import os
     import shutil
@@ -64,6 +67,7 @@ def download_data(
             # again: a repeated run is served from the step cache.
             shutil.rmtree(os.path.join(raw.path, DOWNLOADS_DIR), ignore_errors=True)
     raw.metadata["dataset"] = dataset
+    raw.metadata["data_version"] = data_version
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)
@@ -74,7 +78,8 @@ def convert_data(
     shards: int = 0,
     workers: int = 0,
     skip_bad: bool = False,
-):
+    data_version: str = "",
+) -> str:
     """Convert a downloaded dataset to sharded TFRecords plus ``dataset.json``.
 
     Args:
@@ -84,6 +89,10 @@ def convert_data(
         shards: Shards per split; 0 for about 1000 images per shard.
         workers: Encoding processes; 0 for all CPU cores.
         skip_bad: Skip unreadable samples (listed in dataset.json) instead of failing.
+        data_version: The download's data_version, part of this step's cache key too.
+
+    Returns:
+        The URI of ``tfrecords``, which the train step reads the shards from.
     """
     from vitpcm.data.convert import convert_dataset
 
@@ -98,7 +107,11 @@ def convert_data(
     )
     # Shown next to the artifact in the Kubeflow UI.
     tfrecords.metadata["dataset"] = dataset
+    tfrecords.metadata["data_version"] = data_version
     tfrecords.metadata["num_classes"] = int(info["num_classes"])
     for split, entry in info["splits"].items():
         tfrecords.metadata[f"{split}_examples"] = int(entry["num_examples"])
     tfrecords.metadata["skipped"] = len(info.get("skipped") or [])
+    # The train step reads the shards from the artifact store itself (KFP would download an
+    # input artifact into its pod, unused when the step only launches a distributed job).
+    return tfrecords.uri

@@ -20,6 +20,7 @@ def gpu_placement(
     resource: str = "nvidia.com/gpu",
     node_selector: dict = {},  # noqa: B006  (kfp takes the default as a constant)
     tolerations: list = [],  # noqa: B006
+    distributed: str = "none",
 ) -> NamedTuple("Placement", [("resource", str), ("node_selector", dict), ("tolerations", list)]):
     """Scheduling settings of the training pod: all of them with GPUs, none without.
 
@@ -28,6 +29,8 @@ def gpu_placement(
         resource: Extended resource name of the GPUs.
         node_selector: Node labels the training pod requires when it has GPUs.
         tolerations: Tolerations of the training pod when it has GPUs.
+        distributed: none, or the kind of job the training pod launches (trainjob, tfjob):
+            then its workers get the GPUs, and the launching pod none.
 
     Returns:
         resource (empty without GPUs), node_selector and tolerations (empty without GPUs).
@@ -35,6 +38,6 @@ def gpu_placement(
     from collections import namedtuple
 
     out = namedtuple("Placement", ["resource", "node_selector", "tolerations"])
-    if gpus <= 0:
+    if gpus <= 0 or distributed != "none":
         return out("", {}, [])
     return out(resource, dict(node_selector), list(tolerations))

@@ -39,6 +39,7 @@ SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
 def vitpcm_pipeline(
     dataset: str = "voc12",
     config: str = "",
+    pretrained: str = "",
     epochs: int = 0,
     overrides: str = "",
     gpus: int = 1,
@@ -48,9 +49,10 @@ def vitpcm_pipeline(
     crf: bool = True,
     mlflow_tracking_uri: str = cluster.DEFAULT_MLFLOW_URI,
     experiment: str = "vitpcm",
-    registered_model: str = "vitpcm",
+    registered_model: str = "",
     checkpoint_root: str = "",
     shards: int = 0,
+    data_version: str = "",
 ):
     """Train and evaluate ViT-PCM, and register the model in MLflow.
 
@@ -58,6 +60,8 @@ def vitpcm_pipeline(
         dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
         config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
             empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
+        pretrained: Backbone checkpoint: empty for the config's (the public Google ViT .npz
+            of the paper configs), a path, s3:// or https:// URI, or none for random weights.
         epochs: Fine-tuning epochs; 0 keeps the config's value.
         overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
         gpus: GPUs of the training pod (of each worker when distributed): 0, 1, 2, 4, 8, 16.
@@ -68,13 +72,16 @@ def vitpcm_pipeline(
         crf: Refine the pseudo masks with the dense CRF.
         mlflow_tracking_uri: MLflow server; empty to skip MLflow.
         experiment: MLflow experiment.
-        registered_model: MLflow registered model name.
+        registered_model: MLflow registered model name; empty for the config's
+            (mlflow.registered_model: vitpcm-voc12, vitpcm-coco14, vitpcm-synthetic).
         checkpoint_root: s3:// prefix for training checkpoints (resume after a restart);
             required when distributed.
         shards: TFRecord shards per split; 0 for about 1000 images per shard.
+        data_version: Any label of the dataset's version (e.g. 2026-12): a new value makes the
+            data steps fetch and convert again instead of reusing their cached outputs.
     """
-    check = add_check_step(dataset, config, overrides)
-    convert = add_data_steps(dataset, mirror, shards, after=check)
+    check = add_check_step(dataset, config, overrides, pretrained)
+    convert = add_data_steps(dataset, mirror, shards, after=check, data_version=data_version)
     tfrecords = convert.outputs["tfrecords"]
     train = add_train_step(
         convert,
@@ -87,6 +94,8 @@ def vitpcm_pipeline(
         experiment=experiment,
         distributed=distributed,
         workers=workers,
+        pretrained=pretrained,
+        registered_model=registered_model,
     )
     add_scoring_steps(
         train.outputs["model"], tfrecords, crf, experiment, registered_model, mlflow_tracking_uri
@@ -111,6 +120,7 @@ def _single_node_dag(
     convert: PipelineTask,
     *,
     config: str,
+    pretrained: str,
     epochs: int,
     overrides: str,
     gpus: int,
@@ -132,6 +142,8 @@ def _single_node_dag(
         checkpoint_root,
         mlflow_tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
+        pretrained=pretrained,
+        registered_model=registered_model,
     )
     evaluate, infer, register = add_scoring_steps(
         train.outputs["model"],
@@ -162,6 +174,7 @@ def _single_node_dag(
 def vitpcm_single_node_pipeline(
     dataset: str = "synthetic",
     config: str = "",
+    pretrained: str = "",
     epochs: int = 0,
     overrides: str = "",
     gpus: int = 1,
@@ -169,7 +182,7 @@ def vitpcm_single_node_pipeline(
     crf: bool = True,
     mlflow_tracking_uri: str = "",
     experiment: str = "vitpcm",
-    registered_model: str = "vitpcm",
+    registered_model: str = "",
     checkpoint_root: str = "",
     shards: int = 0,
     convert_workers: int = cluster.CONVERT_WORKERS,
@@ -178,6 +191,7 @@ def vitpcm_single_node_pipeline(
     synthetic_val: int = 100,
     synthetic_test: int = 200,
     synthetic_size: int = 128,
+    data_version: str = "",
 ) -> SingleNodeOutputs:
     """Train and evaluate ViT-PCM on one node, and register the model in MLflow.
 
@@ -185,6 +199,8 @@ def vitpcm_single_node_pipeline(
         dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
         config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
             empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
+        pretrained: Backbone checkpoint: empty for the config's (the public Google ViT .npz
+            of the paper configs), a path, s3:// or https:// URI, or none for random weights.
         epochs: Fine-tuning epochs; 0 keeps the config's value.
         overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
         gpus: GPUs of the training pod: 0, 1, 2, 4, 8 or 16.
@@ -192,7 +208,8 @@ def vitpcm_single_node_pipeline(
         crf: Refine the pseudo masks with the dense CRF.
         mlflow_tracking_uri: MLflow server; empty to skip MLflow.
         experiment: MLflow experiment.
-        registered_model: MLflow registered model name.
+        registered_model: MLflow registered model name; empty for the config's
+            (mlflow.registered_model: vitpcm-voc12, vitpcm-coco14, vitpcm-synthetic).
         checkpoint_root: s3:// prefix for training checkpoints (resume after a restart).
         shards: TFRecord shards per split; 0 for about 1000 images per shard.
         convert_workers: TFRecord encoding processes; 0 for every core of the machine.
@@ -201,14 +218,17 @@ def vitpcm_single_node_pipeline(
         synthetic_val: Synthetic validation images.
         synthetic_test: Synthetic test images.
         synthetic_size: Synthetic image side in pixels.
+        data_version: Any label of the dataset's version (e.g. 2026-12): a new value makes the
+            data steps fetch and convert again instead of reusing their cached outputs.
     """
-    check = add_check_step(dataset, config, overrides)
+    check = add_check_step(dataset, config, overrides, pretrained)
     convert = add_data_steps(
         dataset,
         mirror,
         shards,
         workers=convert_workers,
         after=check,
+        data_version=data_version,
         synthetic_train=synthetic_train,
         synthetic_val=synthetic_val,
         synthetic_test=synthetic_test,
@@ -217,6 +237,7 @@ def vitpcm_single_node_pipeline(
     return _single_node_dag(
         convert,
         config=check.output,
+        pretrained=pretrained,
         epochs=epochs,
         overrides=overrides,
         gpus=gpus,
@@ -243,13 +264,14 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
     def pipeline(
         dataset: str = "voc12",
         config: str = "",
+        pretrained: str = "",
         epochs: int = 0,
         overrides: str = "",
         gpus: int = 1,
         crf: bool = True,
         mlflow_tracking_uri: str = "",
         experiment: str = "vitpcm",
-        registered_model: str = "vitpcm",
+        registered_model: str = "",
         checkpoint_root: str = "",
         shards: int = 0,
         convert_workers: int = cluster.CONVERT_WORKERS,
@@ -257,13 +279,14 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
     ) -> SingleNodeOutputs:
         raw = dsl.importer(artifact_uri=source_dir, artifact_class=Dataset, reimport=False)
         raw.set_display_name("dataset folder")
-        check = add_check_step(dataset, config, overrides)
+        check = add_check_step(dataset, config, overrides, pretrained)
         convert = add_data_steps(
             dataset, "", shards, workers=convert_workers, raw=raw.output, after=check
         )
         return _single_node_dag(
             convert,
             config=check.output,
+            pretrained=pretrained,
             epochs=epochs,
             overrides=overrides,
             gpus=gpus,

@@ -75,13 +75,13 @@ def _data_retries(task: PipelineTask) -> PipelineTask:
     )
 
 
-def add_check_step(dataset: str, config: str, overrides: str) -> PipelineTask:
+def add_check_step(dataset: str, config: str, overrides: str, pretrained: str = "") -> PipelineTask:
     """The first step: dataset, config and pre-trained weights fit (``vitpcm.run_plan``).
 
     Its output is the config name the training step loads (the dataset's default when
     ``config`` is empty). Not cached: it is cheap, and a local checkpoint may have gone.
     """
-    check = check_run(dataset=dataset, config=config, overrides=overrides)
+    check = check_run(dataset=dataset, config=config, overrides=overrides, pretrained=pretrained)
     check.set_display_name("check dataset and config").set_caching_options(False)
     return check.set_cpu_limit("500m").set_memory_limit("512Mi")
 
@@ -93,22 +93,26 @@ def add_data_steps(
     workers: int = cluster.CONVERT_WORKERS,
     raw: PipelineChannel | None = None,
     after: PipelineTask | None = None,
+    data_version: str = "",
     **synthetic: int,
 ) -> PipelineTask:
     """Download (or synthesise) and convert; returns the convert task (``tfrecords``).
 
     ``raw``, when given, is an already downloaded dataset (an importer's output) and the
     download step is left out. ``after`` (the check step) runs before either.
+    ``data_version`` enters both steps' cache keys: a new value fetches the data again.
     """
     if raw is None:
-        download = download_data(dataset=dataset, mirror=mirror, **synthetic)
+        download = download_data(
+            dataset=dataset, mirror=mirror, data_version=data_version, **synthetic
+        )
         download.set_display_name("download data")
         _size(_data_retries(download), "download").set_caching_options(True)
         if after is not None:
             download.after(after)
         raw = download.outputs["raw"]
     convert = convert_data(
-        raw=raw, dataset=dataset, shards=shards, workers=workers
+        raw=raw, dataset=dataset, shards=shards, workers=workers, data_version=data_version
     ).set_display_name("convert to TFRecords")
     _size(_data_retries(convert), "convert").set_caching_options(True)
     if after is not None:
@@ -127,6 +131,8 @@ def add_train_step(
     experiment: str = "",
     distributed: str = "none",
     workers: int = 2,
+    pretrained: str = "",
+    registered_model: str = "",
 ) -> PipelineTask:
     """Training, logging epochs to MLflow: on ``gpus`` GPUs of this step's pod, or, with
     ``distributed`` (trainjob, tfjob), as a job of ``workers`` pods with ``gpus`` GPUs each.
@@ -152,6 +158,8 @@ def add_train_step(
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
+        registered_model=registered_model,
+        pretrained=pretrained,
         distributed=distributed,
         workers=workers,
         gpus_per_worker=gpus,

@@ -82,7 +82,7 @@ def test_download_synthetic_writes_the_voc_layout(tmp_path: Path) -> None:
     assert len((lists / "train.txt").read_text().split()) == 16
     assert len((lists / "val.txt").read_text().split()) == 8
     assert len(list((Path(raw.path) / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 28
-    assert raw.metadata == {"dataset": "synthetic"}
+    assert raw.metadata == {"dataset": "synthetic", "data_version": ""}
 
 
 def test_download_rejects_an_unknown_dataset(tmp_path: Path) -> None:
@@ -367,6 +367,52 @@ def test_a_failed_registration_keeps_the_spool_in_the_artifact_store(
     assert registration_failure({"version": "4", "pending": 0}) is None
     assert registration_failure({"version": "4", "pending": 2}) == "2 record(s) not sent"
     assert registration_failure(None) == "no result"
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+
+@pytest.mark.parametrize(
+    ("config", "file_name"),
+    [
+        ("voc12_vit_s16", "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"),
+        ("voc12_vit_b16", "imagenet21k+imagenet2012/ViT-B_16.npz"),
+        ("coco14_vit_b16", "imagenet21k+imagenet2012/ViT-B_16.npz"),
+    ],
+)
+def test_paper_configs_start_from_the_official_checkpoint(config: str, file_name: str) -> None:
+    from vitpcm.config import load_config
+    from vitpcm.run_plan import checkpoint_backbone
+
+    cfg = load_config(config)
+    assert cfg.model.pretrained.startswith("https://storage.googleapis.com/vit_models/")
+    assert file_name in cfg.model.pretrained
+    assert checkpoint_backbone(cfg.model.pretrained) == cfg.model.backbone
+
+
+def test_pretrained_choice_becomes_an_override() -> None:
+    from components.pretrained import pretrained_overrides
+
+    assert pretrained_overrides("") == []
+    assert pretrained_overrides(" none ") == ["model.pretrained=null"]
+    assert pretrained_overrides("RANDOM") == ["model.pretrained=null"]
+    assert pretrained_overrides("s3://w/ViT-B_16.npz") == ["model.pretrained=s3://w/ViT-B_16.npz"]
+
+
+def test_random_weights_on_a_real_dataset_are_logged_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from components.pretrained import pretrained_overrides, warn_if_random
+    from vitpcm.config import load_config
+
+    assert not warn_if_random(load_config("voc12_vit_b16"))
+    assert not warn_if_random(load_config("synthetic"))  # random by design, said in its YAML
+    assert not caplog.records
+    cfg = load_config("voc12_vit_b16", pretrained_overrides("none"))
+    assert warn_if_random(cfg)
+    (record,) = caplog.records
+    assert record.levelname == "ERROR"
+    assert "TRAINING vit_b16 FROM RANDOM WEIGHTS on voc12" in record.getMessage()
 
 
 # ----------------------------------------------------------------------------- kfp.local

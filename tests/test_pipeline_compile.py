@@ -122,11 +122,31 @@ def test_pipeline_form_parameters(cluster_package) -> None:
         "experiment": "STRING",
         "mirror": "STRING",
         "crf": "BOOLEAN",
+        "pretrained": "STRING",
+        "data_version": "STRING",
     }
     assert {k: params[k]["parameterType"] for k in expected} == expected
     assert params["distributed"]["defaultValue"] == "none"
+    # Empty: the config's checkpoint (the official .npz) and the cached data.
+    assert params["pretrained"]["defaultValue"] == ""
+    assert params["data_version"]["defaultValue"] == ""
+    assert params["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow:5000"
     # The docstring becomes the form's help text.
     assert all(p.get("description") for p in params.values())
+
+
+@pytest.mark.parametrize("variant", ["cluster", "single-node"])
+def test_form_fields_reach_their_steps(variant: str, tmp_path: Path) -> None:
+    spec, _ = _load(compile_pipeline(tmp_path / "p.yaml", variant))
+    tasks = _all_tasks(spec)
+
+    def source(task: str, name: str) -> str:
+        return tasks[task]["inputs"]["parameters"][name]["componentInputParameter"]
+
+    # A new data_version changes both data steps' cache keys (their inputs).
+    assert source("download-data", "data_version") == "data_version"
+    assert source("convert-data", "data_version") == "data_version"
+    assert source("train-model", "pretrained") == "pretrained"
 
 
 def test_training_requests_gpus_from_the_gpus_parameter(cluster_package) -> None:
@@ -196,7 +216,7 @@ def test_training_placement_comes_from_the_placement_step(cluster_package) -> No
     # The placement step gets the compile-time settings and the run's gpus.
     settings = cluster.gpu_placement()
     params = _all_tasks(spec)["gpu-placement"]["inputs"]["parameters"]
-    assert params["gpus"]["componentInputParameter"] == "pipelinechannel--gpus"
+    assert params["gpus"]["componentInputParameter"] == "gpus"
     assert params["resource"]["runtimeValue"]["constant"] == settings.resource
     assert params["tolerations"]["runtimeValue"]["constant"] == settings.tolerations
     assert "gpu-placement" in _all_tasks(spec)["train-model"]["dependentTasks"]
