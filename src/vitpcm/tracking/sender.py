@@ -18,6 +18,7 @@ Outages cost seconds, not minutes (see :mod:`vitpcm.tracking.connection`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -238,6 +239,20 @@ class SpoolSender:
         ]
         self.client.log_batch(state.run_id, metrics=metrics, synchronous=True)
 
+    def _send_inputs(self, record: Record, state: SpoolState) -> None:
+        """Dataset inputs (``mlflow.log_input``): one per split, with its context tag.
+        MLflow keeps one input per dataset digest and context, so a resend adds nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d["profile"]),
+                [InputTag("mlflow.data.context", d["context"])],
+            )
+            for d in record.data["datasets"]
+        ]
+        self.client.log_inputs(state.run_id, datasets=inputs)
+
     def _send_artifact(self, record: Record, state: SpoolState) -> None:
         path = self.spool.file_path(record.data["file"])
         artifact_path = record.data.get("artifact_path") or None
@@ -330,6 +345,38 @@ def decision_of(state: SpoolState, record_id: str) -> ChampionDecision | None:
     return ChampionDecision.from_dict(raw) if raw else None
 
 
+def _update_run_file(spool: Spool, pending: int) -> None:
+    """Bring the training's ``mlflow_run.json`` next to the spool up to date after a replay.
+
+    Only a file that names this spool (``spool_id``) is rewritten, in place and atomically:
+    its run, experiment and tracking URI as MLflow now knows them, and what is still pending.
+    """
+    from vitpcm.tracking.training import RUN_FILE
+
+    path = spool.path.parent / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no run file here (a register step's spool, or a spool copied elsewhere)
+    if not isinstance(info, dict) or info.get("spool_id") != spool.spool_id:
+        return
+    state = spool.load_state()
+    info.update(pending=pending)
+    if state.run_id:
+        info.update(
+            run_id=state.run_id,
+            experiment_id=state.experiment_id,
+            tracking_uri=state.tracking_uri or info.get("tracking_uri"),
+        )
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot update %s after the replay: %s", path, exc)
+
+
 def replay_spool(
     directory: str | os.PathLike[str], tracking_uri: str | None = None, progress: bool = True
 ) -> int:
@@ -342,7 +389,8 @@ def replay_spool(
         progress: show a progress bar.
 
     Returns:
-        How many records were sent (0 when nothing was pending).
+        How many records were sent (0 when nothing was pending). The training's
+        ``mlflow_run.json`` beside the spool is updated (run id, records still pending).
 
     Raises:
         TrackingError: no spool there, no tracking URI known, or MLflow still unreachable
@@ -364,6 +412,7 @@ def replay_spool(
     started = time.monotonic()
     sent = sender.flush(blocking=True, progress=progress)
     left = len(spool.pending())
+    _update_run_file(spool, left)
     if left:
         reason = (sender.outage or "another process is sending").splitlines()[0][:300]
         raise TrackingError(
