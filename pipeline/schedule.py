@@ -3,16 +3,28 @@
 Kubeflow Pipelines reads cron expressions with a leading *seconds* field (six fields:
 ``second minute hour day-of-month month day-of-week``), so the common five-field form is
 refused with the six-field expression it most likely meant. The endpoint comes from
-``KFP_HOST`` / ``KFP_NAMESPACE`` / ``KFP_TOKEN`` as for ``python -m pipeline.submit``.
+``KFP_HOST`` / ``KFP_NAMESPACE`` / ``KFP_TOKEN`` as for ``python -m pipeline.submit``, and
+the pods run as the same ServiceAccount.
+
+A retraining schedule exists to see new data, but KFP's step cache never expires: the
+download and convert steps would be served from the first run's cache forever. So the
+recurring run gets a version of the package with caching off for those two steps (uploaded
+as its own pipeline version); ``--cache-data`` keeps them cached (a ``data_version``
+parameter then decides when they run again).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline.submit import (
     DEFAULT_EXPERIMENT,
@@ -22,6 +34,7 @@ from pipeline.submit import (
     parse_params,
     read_package,
     run_cli,
+    service_account_for,
     upload_version,
 )
 from vitpcm.errors import ConfigError
@@ -40,6 +53,8 @@ _FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ),
     ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
 )
+# The components whose outputs depend on data outside the pipeline (the dataset's hosts).
+DATA_COMPONENTS = ("comp-download-data", "comp-convert-data")
 _PART = re.compile(r"^(?P<range>\*|\?|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/(?P<step>[0-9]+))?$")
 
 
@@ -92,6 +107,39 @@ def validate_cron(cron: str) -> str:
     return " ".join(fields)
 
 
+def without_data_cache(package: str | os.PathLike[str]) -> Path:
+    """A copy of ``package`` with caching off for the data steps: ``<stem>-recurring.yaml``
+    next to it (written whole, then renamed). Every DAG's data tasks are changed.
+
+    Raises:
+        ConfigError: The package has no data step to change.
+    """
+    source = Path(package)
+    read_package(source)  # a clear error for a missing or foreign file
+    docs = list(yaml.safe_load_all(source.read_text(encoding="utf-8")))
+    spec = docs[0]
+    dags = [spec["root"].get("dag", {})]
+    dags += [c.get("dag", {}) for c in spec.get("components", {}).values()]
+    changed = 0
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            if task.get("componentRef", {}).get("name") in DATA_COMPONENTS:
+                task["cachingOptions"] = {}  # how the SDK writes set_caching_options(False)
+                changed += 1
+    if not changed:
+        raise ConfigError(f"{source} has no download/convert step to run uncached")
+    target = source.with_name(f"{source.stem}-recurring{source.suffix}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yaml.safe_dump_all(docs, handle, sort_keys=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def schedule(
     cron: str,
     package: str = DEFAULT_PACKAGE,
@@ -102,15 +150,22 @@ def schedule(
     max_concurrency: int = 1,
     catchup: bool = False,
     client: Any = None,
+    service_account: str | None = None,
+    cache_data: bool = False,
 ) -> Any:
-    """Upload ``package`` and create an enabled recurring run; returns the server's object."""
+    """Upload ``package`` and create an enabled recurring run; returns the server's object.
+
+    Unless ``cache_data``, the uploaded version has the data steps' caching off (see the
+    module docstring). ``service_account`` is the pods' ServiceAccount (None: the default).
+    """
     cron = validate_cron(cron)
     if max_concurrency < 1:
         raise ConfigError(f"--max-concurrency must be at least 1, got {max_concurrency}")
     spec = read_package(package)
     values = parse_params(spec, params)
     client = client if client is not None else client_from_env()
-    version = upload_version(client, package, spec["pipelineInfo"]["name"], version_name)
+    upload = str(package if cache_data else without_data_cache(package))
+    version = upload_version(client, upload, spec["pipelineInfo"]["name"], version_name)
     exp = client.create_experiment(name=experiment)
     return client.create_recurring_run(
         experiment_id=exp.experiment_id,
@@ -124,6 +179,7 @@ def schedule(
         pipeline_id=version.pipeline_id,
         version_id=version.version_id,
         enabled=True,
+        service_account=service_account,
     )
 
 
@@ -141,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="vitpcm-scheduled-retraining", help="recurring run")
     parser.add_argument("--max-concurrency", type=int, default=1, help="parallel runs (1)")
     parser.add_argument("--catchup", action="store_true", help="also run missed intervals")
+    parser.add_argument(
+        "--cache-data",
+        action="store_true",
+        help="keep the download/convert steps cached (default: every run fetches the data)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -154,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.version_name,
             args.max_concurrency,
             args.catchup,
+            service_account=service_account_for(args.service_account),
+            cache_data=args.cache_data,
         )
         print(f"recurring run {job.recurring_run_id} created: {validate_cron(args.cron)}")
 

@@ -6,6 +6,9 @@ The Kubeflow Pipelines endpoint comes from the environment:
   ``kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80``.
 * ``KFP_NAMESPACE``: the profile namespace the run belongs to (default ``kubeflow``).
 * ``KFP_TOKEN``: a bearer token, when the endpoint requires one.
+* ``KFP_SERVICE_ACCOUNT``: the ServiceAccount the run's pods use (default
+  ``vitpcm-pipeline``, from ``manifests/rbac.yaml``; empty for the profile's
+  ``default-editor``); ``--service-account`` overrides it.
 
 Uploading is idempotent: the version is named after the package's content, so submitting
 the same YAML twice reuses the version instead of failing on a duplicate name.
@@ -30,6 +33,7 @@ from vitpcm.errors import ConfigError
 HOST_ENV = "KFP_HOST"
 NAMESPACE_ENV = "KFP_NAMESPACE"
 TOKEN_ENV = "KFP_TOKEN"
+SERVICE_ACCOUNT_ENV = "KFP_SERVICE_ACCOUNT"
 DEFAULT_NAMESPACE = "kubeflow"
 DEFAULT_PACKAGE = "build/vitpcm_pipeline.yaml"
 DEFAULT_EXPERIMENT = "vitpcm"
@@ -65,6 +69,18 @@ def client_from_env(environ: Mapping[str, str] | None = None) -> Any:
         namespace=env.get(NAMESPACE_ENV, "").strip() or DEFAULT_NAMESPACE,
         existing_token=env.get(TOKEN_ENV, "").strip() or None,
     )
+
+
+def service_account_for(
+    flag: str | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The ServiceAccount of the run: ``--service-account``, else ``KFP_SERVICE_ACCOUNT``, else
+    the one ``manifests/rbac.yaml`` creates; an empty value means the profile's default."""
+    from pipeline.cluster import SERVICE_ACCOUNT
+
+    env = os.environ if environ is None else environ
+    value = flag if flag is not None else env.get(SERVICE_ACCOUNT_ENV, SERVICE_ACCOUNT)
+    return value.strip() or None
 
 
 def read_package(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -150,6 +166,11 @@ def check_run_params(declared: Mapping[str, Any], params: Mapping[str, Any]) -> 
     from vitpcm.run_plan import load_checked_config
 
     overrides = shlex.split(value("overrides"))
+    pretrained = value("pretrained")
+    if pretrained:
+        overrides.append(
+            "model.pretrained=null" if pretrained == "none" else f"model.pretrained={pretrained}"
+        )
     # A local checkpoint path is one inside the training pod: not checked from here.
     load_checked_config(value("dataset"), value("config") or None, overrides, local_files=False)
 
@@ -196,8 +217,12 @@ def submit(
     run_name: str | None = None,
     version_name: str | None = None,
     client: Any = None,
+    service_account: str | None = None,
 ) -> Any:
-    """Upload ``package`` and start one run; returns the server's run object."""
+    """Upload ``package`` and start one run; returns the server's run object.
+
+    ``service_account`` is the pods' ServiceAccount (None: the profile's default).
+    """
     spec = read_package(package)
     values = parse_params(spec, params)
     client = client if client is not None else client_from_env()
@@ -210,6 +235,7 @@ def submit(
         params=values,
         pipeline_id=version.pipeline_id,
         version_id=version.version_id,
+        service_account=service_account,
     )
 
 
@@ -225,6 +251,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="Kubeflow experiment")
     parser.add_argument("--version-name", help="pipeline version name (default: content hash)")
+    parser.add_argument(
+        "--service-account",
+        help=f"ServiceAccount of the run's pods (default: ${SERVICE_ACCOUNT_ENV}, else "
+        "vitpcm-pipeline from manifests/rbac.yaml; '' for the profile's default-editor)",
+    )
 
 
 def run_cli(action: Any) -> int:
@@ -253,7 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
-        run = submit(args.package, args.param, args.experiment, args.run_name, args.version_name)
+        run = submit(
+            args.package,
+            args.param,
+            args.experiment,
+            args.run_name,
+            args.version_name,
+            service_account=service_account_for(args.service_account),
+        )
         host = os.environ.get(HOST_ENV, "").rstrip("/")
         print(f"started run {run.run_id}: {host}/#/runs/details/{run.run_id}")
 

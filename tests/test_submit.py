@@ -1,27 +1,28 @@
-"""``make submit`` / ``make schedule`` against a recording kfp.Client, and the TFJob launcher."""
+"""``make submit`` / ``make schedule`` against a recording kfp.Client."""
 
 from __future__ import annotations
 
+import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import kfp
 import pytest
+import yaml
 
-from components import tfjob
 from pipeline import schedule as schedule_mod
 from pipeline import submit as submit_mod
 from pipeline.compile import compile_pipeline
 from vitpcm.errors import ConfigError
 
+REAL_CLIENT = kfp.Client
+
 
 class RecordingClient:
-    """Stands in for ``kfp.Client``: records every call, answers like a fresh server."""
+    """Stands in for ``kfp.Client``: records every call (checked against the real client's
+    signature, so a misspelt or unknown argument fails), answers like a fresh server."""
 
     instances: ClassVar[list[RecordingClient]] = []
 
@@ -33,6 +34,7 @@ class RecordingClient:
         RecordingClient.instances.append(self)
 
     def _record(self, call: str, /, **kwargs: Any) -> None:
+        inspect.signature(getattr(REAL_CLIENT, call)).bind(self, **kwargs)
         self.calls.append((call, kwargs))
 
     def get_pipeline_id(self, name: str) -> str | None:
@@ -102,7 +104,7 @@ def test_submit_uploads_a_version_and_starts_a_typed_run(
             "--param",
             "epochs=3",
             "--param",
-            "multi_worker=true",
+            "distributed=tfjob",
             "--param",
             "dataset=coco14",
             "--run-name",
@@ -125,11 +127,40 @@ def test_submit_uploads_a_version_and_starts_a_typed_run(
     assert run == {
         "experiment_id": "exp-1",
         "job_name": "nightly",
-        "params": {"epochs": 3, "multi_worker": True, "dataset": "coco14"},
+        "params": {"epochs": 3, "distributed": "tfjob", "dataset": "coco14"},
         "pipeline_id": "pipe-1",
         "version_id": "ver-0",
+        # The ServiceAccount of manifests/rbac.yaml, so its RBAC is the one in force.
+        "service_account": "vitpcm-pipeline",
     }
     assert "run-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "expected"),
+    [
+        (None, None, "vitpcm-pipeline"),
+        ("team-sa", None, "team-sa"),
+        ("team-sa", "other-sa", "other-sa"),
+        ("team-sa", "", None),  # the profile's default-editor
+    ],
+)
+def test_runs_use_the_chosen_service_account(
+    client: type[RecordingClient],
+    package: str,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str | None,
+    flag: str | None,
+    expected: str | None,
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("KFP_SERVICE_ACCOUNT", env)
+    argv = ["--package", package] + ([] if flag is None else ["--service-account", flag])
+    assert submit_mod.main(argv) == 0
+    assert schedule_mod.main(["--cron", "0 0 3 * * 1", *argv]) == 0
+    (submitted,) = client.instances[0].called("run_pipeline")
+    (scheduled,) = client.instances[1].called("create_recurring_run")
+    assert submitted["service_account"] == scheduled["service_account"] == expected
 
 
 def test_submitting_the_same_package_twice_reuses_its_version(
@@ -161,7 +192,7 @@ def test_submit_without_kfp_host_names_the_variable(
     ("param", "message"),
     [
         ("epochs=three", "epochs expects a number"),
-        ("multi_worker=maybe", "multi_worker expects true or false"),
+        ("crf=maybe", "crf expects true or false"),
         ("nope=1", "unknown pipeline parameter 'nope'"),
         ("epochs", "is not KEY=VALUE"),
     ],
@@ -195,8 +226,42 @@ def test_schedule_creates_a_recurring_run(
     assert job["max_concurrency"] == 1
     assert job["no_catchup"] is True
     assert job["enabled"] is True
+    assert job["service_account"] == "vitpcm-pipeline"
     assert kfp_client.called("create_experiment") == [{"name": "vitpcm"}]
     assert "rec-1" in capsys.readouterr().out
+
+
+def _tasks(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    spec = docs[0]
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_the_recurring_run_fetches_the_data_every_time(
+    client: type[RecordingClient], package: str
+) -> None:
+    """KFP's cache never expires: a schedule uploads a version with the data steps uncached."""
+    fake = RecordingClient()
+    schedule_mod.schedule("0 0 3 * * 1", package, client=fake)
+    (upload,) = fake.called("upload_pipeline")
+    uploaded = Path(upload["pipeline_package_path"])
+    assert uploaded.name == "vitpcm_pipeline-recurring.yaml"
+    original = list(yaml.safe_load_all(Path(package).read_text()))
+    recurring = list(yaml.safe_load_all(uploaded.read_text()))
+    for step in ("download-data", "convert-data"):
+        assert _tasks(original)[step]["cachingOptions"] == {"enableCache": True}
+        assert _tasks(recurring)[step]["cachingOptions"] == {}
+        _tasks(recurring)[step]["cachingOptions"] = {"enableCache": True}
+    assert recurring == original  # nothing else changed, the platform spec included
+    # Its own version (its content differs), reused when scheduled again.
+    (version,) = fake.called("upload_pipeline_version")
+    assert version["pipeline_version_name"] == submit_mod.version_name_for(uploaded)
+    assert version["pipeline_version_name"] != submit_mod.version_name_for(package)
+    # --cache-data: the package as compiled.
+    schedule_mod.schedule("0 0 3 * * 1", package, client=fake, cache_data=True)
+    assert fake.called("upload_pipeline_version")[-1]["pipeline_package_path"] == package
 
 
 def test_five_field_cron_is_refused_with_the_six_field_form(
@@ -234,172 +299,3 @@ def test_valid_crons(cron: str) -> None:
 def test_invalid_crons(cron: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         schedule_mod.validate_cron(cron)
-
-
-# ----------------------------------------------------------------------------- TFJob launcher
-
-
-class FakeCustomObjects:
-    """CustomObjectsApi stand-in: the job goes Created -> Running -> ``final``."""
-
-    def __init__(self, final: str = "Succeeded", on_success: Any = None) -> None:
-        self.created: list[dict[str, Any]] = []
-        self.deleted: list[str] = []
-        self.polls = 0
-        self.final = final
-        self.on_success = on_success
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        assert (group, version, plural) == ("kubeflow.org", "v1", "tfjobs")
-        self.created.append(body)
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.polls += 1
-        states = ["Created", "Running", self.final]
-        state = states[min(self.polls - 1, 2)]
-        if state == "Succeeded" and self.on_success:
-            self.on_success()
-        return {
-            "status": {
-                "conditions": [
-                    {"type": s, "status": "True" if s == state else "False", "message": s}
-                    for s in states[: min(self.polls, 3)]
-                ]
-            }
-        }
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.deleted.append(name)
-
-
-def test_tfjob_manifest() -> None:
-    manifest = tfjob.tfjob_manifest(
-        name="vitpcm-train-abc",
-        namespace="team-a",
-        image="reg/vitpcm-gpu:1",
-        command=tfjob.train_command("voc12_vit_b16", "s3://b/d", "s3://b/o", ["train.lr=1e-4"]),
-        workers=4,
-        gpus_per_worker=2,
-        node_selector={"nvidia.com/gpu.present": "true"},
-        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        env_secrets=["vitpcm-s3"],
-        owner={"name": "launcher-pod", "uid": "u-1"},
-    )
-    assert (manifest["apiVersion"], manifest["kind"]) == ("kubeflow.org/v1", "TFJob")
-    assert manifest["metadata"]["ownerReferences"][0]["uid"] == "u-1"
-    worker = manifest["spec"]["tfReplicaSpecs"]["Worker"]
-    assert worker["replicas"] == 4
-    pod = worker["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["name"] == "tensorflow"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 2}
-    assert container["envFrom"] == [{"secretRef": {"name": "vitpcm-s3"}}]
-    assert container["command"] == [
-        "vitpcm", "train", "-c", "voc12_vit_b16", "--data", "s3://b/d", "--out", "s3://b/o",
-        "--set", "train.lr=1e-4", "--no-progress",
-    ]  # fmt: skip
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    with pytest.raises(ConfigError, match="workers"):
-        tfjob.tfjob_manifest(
-            name="x", namespace="n", image="i", command=["c"], workers=0, gpus_per_worker=1
-        )
-
-
-def test_artifact_and_output_uris() -> None:
-    assert tfjob.artifact_s3_uri("minio://mlpipeline/v2/a/tfrecords") == (
-        "s3://mlpipeline/v2/a/tfrecords"
-    )
-    assert tfjob.artifact_s3_uri("s3://bucket/x") == "s3://bucket/x"
-    with pytest.raises(ConfigError, match="multi_worker=false"):
-        tfjob.artifact_s3_uri("gs://bucket/x")
-    assert tfjob.training_out_uri("s3://vitpcm/runs/", "r1") == "s3://vitpcm/runs/r1/train"
-    with pytest.raises(ConfigError, match="checkpoint_root"):
-        tfjob.training_out_uri("", "r1")
-    assert tfjob.job_name("0F3A_9b") == "vitpcm-train-0f3a-9b"
-    assert len(tfjob.job_name("x" * 100)) == 63
-
-
-def test_run_training_tfjob_waits_and_collects_outputs(tmp_path: Path) -> None:
-    out = tmp_path / "work" / "train"
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-
-    def chief_finishes() -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in tfjob.OUTPUT_FILES:
-            (out / name).write_text(name)
-        (out / "metrics.json").write_text(json.dumps({"miou": 0.4, "best_epoch": 2}))
-
-    api = FakeCustomObjects(on_success=chief_finishes)
-    result = tfjob.run_training_tfjob(
-        run_id="run-9",
-        image="img",
-        config="synthetic",
-        overrides=[],
-        data_uri="s3://b/data",
-        out_uri=str(out),
-        model_dir=str(model_dir),
-        workers=2,
-        gpus_per_worker=1,
-        poll_s=0.0,
-        api=api,
-        namespace="team-a",
-    )
-    assert result == {"miou": 0.4, "best_epoch": 2}
-    assert api.created[0]["metadata"]["name"] == "vitpcm-train-run-9"
-    assert api.polls == 3
-    assert sorted(p.name for p in model_dir.iterdir()) == sorted(tfjob.OUTPUT_FILES)
-
-
-def test_failed_tfjob_raises_with_the_log_command() -> None:
-    api = FakeCustomObjects(final="Failed")
-    with pytest.raises(tfjob.TFJobError, match="kubectl logs -n ns"):
-        tfjob.wait_for_tfjob(api, "ns", "job", timeout_s=60, poll_s=0, sleep=lambda s: None)
-
-
-def test_tfjob_timeout_deletes_the_job() -> None:
-    api = FakeCustomObjects(final="Running")
-    ticks = iter(range(0, 10_000, 100))
-    with pytest.raises(tfjob.TFJobError, match="did not finish"):
-        tfjob.wait_for_tfjob(
-            api,
-            "ns",
-            "job",
-            timeout_s=250,
-            poll_s=0,
-            sleep=lambda s: None,
-            clock=lambda: next(ticks),
-        )
-    assert api.deleted == ["job"]
-
-
-def test_existing_tfjob_is_reused_and_missing_operator_is_explained() -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    class Conflict(FakeCustomObjects):
-        def __init__(self, status: int) -> None:
-            super().__init__()
-            self.status = status
-
-        def create_namespaced_custom_object(self, *args: Any) -> None:
-            raise ApiException(status=self.status, reason="x")
-
-    manifest = {"metadata": {"name": "j", "namespace": "ns"}}
-    tfjob.create_or_attach(Conflict(409), manifest)  # a retried launcher attaches
-    with pytest.raises(tfjob.TFJobError, match="Training Operator"):
-        tfjob.create_or_attach(Conflict(404), manifest)
-    with pytest.raises(tfjob.TFJobError, match="RBAC"):
-        tfjob.create_or_attach(Conflict(403), manifest)
-
-
-def test_launcher_helpers_import_inside_a_running_step() -> None:
-    """In a step kfp offers no dsl.component; the launcher still imports its helpers."""
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "_KFP_RUNTIME": "true", "PYTHONPATH": str(repo)}
-    code = "import components.tfjob as t; print(t.job_name('R1'))"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "vitpcm-train-r1"
