@@ -355,3 +355,22 @@ def test_prepared_data_pipeline_imports_the_folder_instead_of_downloading(
     assert importer["artifactUri"] == {"constant": "/data/voc"}
     convert_input = tasks["convert-data"]["inputs"]["artifacts"]["raw"]
     assert convert_input["taskOutputArtifact"]["producerTask"] == "importer"
+
+
+def test_readme_says_what_every_form_field_does(cluster_package) -> None:
+    """The Kubeflow UI hides the descriptions: README's table is where users read them."""
+    spec, _ = cluster_package
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### The run form", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| `")]
+    documented = {name.strip().strip("`"): default.strip() for name, default, _ in rows}
+    assert set(documented) == set(params)
+    for name, default in documented.items():
+        value = params[name].get("defaultValue", "")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # the spec stores integers as JSON numbers
+        shown = "empty" if value == "" else str(value).lower().strip()
+        assert default.strip("`") == shown, name
+    # Essentials first: what a first run chooses.
+    assert list(documented)[:4] == ["dataset", "config", "pretrained", "epochs"]
