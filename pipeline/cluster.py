@@ -128,10 +128,9 @@ POD_SIZES: dict[str, PodSize] = {
     "download": PodSize("1", "2Gi", "2", "4Gi"),
     # One process per core encodes shards (`workers` below keeps them equal).
     "convert": PodSize("4", "8Gi", "4", "16Gi"),
-    # Input pipeline (decode, jitter, second views) runs on the CPU next to the GPU.
+    # Input pipeline (decode, jitter, second views) runs on the CPU next to the GPU. Also
+    # the size of every worker of a distributed job (requests and limits beside the GPUs).
     "train": PodSize("8", "32Gi", "16", "64Gi"),
-    # Launcher only: the TFJob workers get the GPUs.
-    "tfjob": PodSize("500m", "1Gi", "1", "2Gi"),
     # Evaluation at original resolution, one image at a time after the batched forward pass.
     "evaluate": PodSize("4", "16Gi", "8", "32Gi"),
     # Dense CRF: one process per core over the 960 px test-size probabilities.

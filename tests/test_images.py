@@ -31,7 +31,9 @@ import pytest
 import yaml
 
 from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
-from pipeline.images import image
+from pipeline.images import DIGESTS_ENV, image, record_digest, tagged
+from pipeline.images import image as pinned
+from pipeline.images import main as images_main
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "images" / "build.sh"
@@ -124,6 +126,15 @@ if [ "$1" = build ]; then
     for last; do :; done
     (cd "$last" && find . -type f | sort) > "$FAKE_ENGINE_LOG.context"
 fi
+# push: podman writes the manifest digest to --digestfile; docker's is read by inspect.
+if [ "$1" = push ] && [ "$2" = --digestfile ]; then
+    printf 'sha256:%064d' 1 > "$3"
+fi
+if [ "$1" = inspect ]; then
+    for last; do :; done
+    echo "mirror.example/other@sha256:$(printf '%064d' 3)"
+    echo "${last%:*}@sha256:$(printf '%064d' 2)"
+fi
 """
 
 
@@ -147,6 +158,7 @@ def fake_engines(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     }
     for var in ("CONTAINER_ENGINE", "BASE_IMAGE", "BUILD_NETWORK", "CA_BUNDLE"):
         env.pop(var, None)
+    env["VITPCM_IMAGE_DIGESTS"] = str(tmp_path / "digests" / "images.json")
     yield log, env
 
 
@@ -177,10 +189,52 @@ def test_build_script_uses_pipeline_image_names_and_a_small_context(
     assert {"./pyproject.toml", "./README.md", "./images/requirements.py"} <= set(context)
     assert "./src/vitpcm/cli.py" in context
     assert "./configs/synthetic.yaml" in context
-    # The package also holds the KFP components and pipeline (the TFJob launcher imports them).
-    assert {"./components/tfjob.py", "./pipeline/images.py"} <= set(context)
+    # The package also holds the KFP components and pipeline (the train step's launchers).
+    assert {"./components/launchers/tfjob.py", "./pipeline/images.py"} <= set(context)
     assert not [f for f in context if f.startswith(("./.venv", "./tests", "./.git"))]
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]
+
+
+@pytest.mark.parametrize(
+    ("engine", "digest"),
+    [("podman", f"sha256:{1:064d}"), ("docker", f"sha256:{2:064d}")],
+)
+def test_pushed_images_are_pinned_by_digest(
+    fake_engines: tuple[Path, dict[str, str]], engine: str, digest: str
+) -> None:
+    log, env = fake_engines
+    settings = {k: env[k] for k in ("VITPCM_IMAGE_REGISTRY", "VITPCM_IMAGE_TAG", DIGESTS_ENV)}
+    assert pinned("cpu", settings) == tagged("cpu", settings)  # nothing pushed yet: the tag
+    done = _build(env, "--engine", engine, "--push", "cpu")
+    assert done.returncode == 0, done.stderr
+    calls = [c.split()[0] for c in log.read_text(encoding="utf-8").splitlines()]
+    assert calls == (["build", "push"] if engine == "podman" else ["build", "push", "inspect"])
+    reference = "registry.example/ml/vitpcm-cpu:t1"
+    assert pinned("cpu", settings) == f"{reference}@{digest}"
+    assert pinned("gpu", settings) == tagged("gpu", settings)  # not pushed: by tag
+    # Another tag configured since: the recorded digest is not that image's.
+    assert pinned("cpu", {**settings, "VITPCM_IMAGE_TAG": "t2"}).endswith("vitpcm-cpu:t2")
+    # What the compiled pipeline then names.
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.images", "--print", "cpu", "--pinned"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.stdout.strip() == f"{reference}@{digest}"
+
+
+def test_digest_records_refuse_what_is_not_a_digest(tmp_path: Path) -> None:
+    env = {DIGESTS_ENV: str(tmp_path / "images.json")}
+    with pytest.raises(ValueError, match="is not an image digest"):
+        record_digest("cpu", "r/vitpcm-cpu:1", "latest", env)
+    assert not (tmp_path / "images.json").exists()
+    (tmp_path / "images.json").write_text('{"cpu": {"image": "x"}}')
+    with pytest.raises(ValueError, match="entry 'cpu' is not"):
+        pinned("cpu", env)
+    assert images_main(["--record", "cpu", "r/vitpcm-cpu:1", "sha256:abc"]) == 2
 
 
 def test_build_script_podman_flags(fake_engines: tuple[Path, dict[str, str]]) -> None:
@@ -299,7 +353,10 @@ def test_vitpcm_help_and_bare_config_names(cpu_image: str) -> None:
 @needs_image_build
 @pytest.mark.slow
 def test_image_carries_the_kfp_components_and_names_itself(cpu_image: str) -> None:
-    script = "import components.tfjob, pipeline.images as i; print(i.image('cpu', environ={}))"
+    script = (
+        "import components.launchers.trainjob, pipeline.images as i; "
+        "print(i.image('cpu', environ={}))"
+    )
     assert _run(cpu_image, "python3", "-c", script).strip() == image("cpu", environ={})
 
 

@@ -89,9 +89,9 @@ def test_renders_the_expected_objects_in_one_namespace(rendered: list[dict[str, 
         ("NetworkPolicy", "mlflow"),
         ("PersistentVolumeClaim", "mlflow-db"),
         ("Role", "vitpcm-kfp-step"),
-        ("Role", "vitpcm-tfjob-launcher"),
+        ("Role", "vitpcm-train-launcher"),
         ("RoleBinding", "vitpcm-kfp-step"),
-        ("RoleBinding", "vitpcm-tfjob-launcher"),
+        ("RoleBinding", "vitpcm-train-launcher"),
         ("Service", "mlflow"),
         ("ServiceAccount", "vitpcm-pipeline"),
     ]
@@ -128,6 +128,16 @@ def test_image_is_the_one_pipeline_images_names(rendered: list[dict[str, Any]]) 
     expected = image("cpu", environ={})
     for kind, name in (("Deployment", "mlflow"), ("Job", "vitpcm-create-buckets")):
         assert _container(rendered, kind, name)["image"] == expected
+
+
+def test_trainer_runtime_renders_apart_in_the_profile_namespace() -> None:
+    """manifests/trainer/ (Trainer v2 clusters only) renders on its own, with the GPU image;
+    its schema is checked against Trainer's CRDs in tests/test_launchers.py."""
+    (runtime,) = _kustomize(MANIFESTS / "trainer")
+    assert (runtime["kind"], runtime["metadata"]["namespace"]) == ("TrainingRuntime", NAMESPACE)
+    (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    (container,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == image("gpu", environ={})
 
 
 # ----------------------------------------------------------------------------- secrets
@@ -266,8 +276,10 @@ def test_network_policy_admits_only_pipeline_pods_and_the_kubeflow_ingress(
         "pipelines.kubeflow.org/v2_component": "true",
         "workflows.argoproj.io/workflow": "r",
     }
+    # The labels both launchers put on their worker pods (TrainJob through the runtime).
     tfjob_worker = {
-        "training.kubeflow.org/operator-name": "tfjob-controller",
+        "app.kubernetes.io/name": "vitpcm",
+        "app.kubernetes.io/component": "train-worker",
         "training.kubeflow.org/replica-type": "worker",
     }
     gateway = {"app": "istio-ingressgateway", "istio": "ingressgateway"}
@@ -432,13 +444,14 @@ def _verbs(role: dict[str, Any], group: str, resource: str) -> set[str]:
     }
 
 
-def test_tfjob_launcher_can_do_what_it_needs(rendered: list[dict[str, Any]]) -> None:
-    role = _one(rendered, "Role", "vitpcm-tfjob-launcher")
-    assert _verbs(role, "kubeflow.org", "tfjobs") == {"create", "get", "list", "watch", "delete"}
+def test_train_launcher_role_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
+    # tests/test_launchers.py checks these are exactly the calls the launchers make.
+    role = _one(rendered, "Role", "vitpcm-train-launcher")
+    assert _verbs(role, "trainer.kubeflow.org", "trainjobs") == {"create", "get", "delete"}
+    assert _verbs(role, "trainer.kubeflow.org", "trainingruntimes") == {"get"}
+    assert _verbs(role, "kubeflow.org", "tfjobs") == {"create", "get", "delete"}
+    assert _verbs(role, "", "pods") == {"list"}
     assert _verbs(role, "", "pods/log") == {"get"}
-    assert "get" in _verbs(role, "", "pods")
-    # Nothing that would let it change other workloads.
-    assert not _verbs(role, "", "pods") & {"create", "delete", "patch", "update"}
 
 
 def test_bindings_give_the_roles_to_the_pipeline_service_account(

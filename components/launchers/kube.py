@@ -38,7 +38,9 @@ POD_NAME_ENV = "KFP_POD_NAME"
 POD_UID_ENV = "KFP_POD_UID"
 # Kubeflow profile namespaces inject Istio sidecars; a worker with one never completes.
 ISTIO_OPT_OUT = {"sidecar.istio.io/inject": "false"}
-LABELS = {"app.kubernetes.io/name": "vitpcm", "app.kubernetes.io/component": "train"}
+# On the jobs and their worker pods (manifests/mlflow-networkpolicy.yaml admits these pods:
+# the chief logs its epochs to MLflow). The shipped TrainingRuntime sets the same.
+LABELS = {"app.kubernetes.io/name": "vitpcm", "app.kubernetes.io/component": "train-worker"}
 
 
 class LaunchError(VitpcmError):
@@ -198,6 +200,8 @@ class Worker0Log:
         self.core, self.namespace, self.selector = core, namespace, selector
         self.container, self.out, self.poll_s = container, out or sys.stdout, poll_s
         self._stop = threading.Event()
+        self._finish = threading.Event()
+        self._wake = threading.Event()  # set by finish() and stop(): no more waiting
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, name="worker0-log", daemon=True)
         self.streamed: list[tuple[str, int]] = []  # (pod uid, container restarts) followed
@@ -206,9 +210,17 @@ class Worker0Log:
         self._thread.start()
         return self
 
+    def finish(self, timeout: float = 30.0) -> None:
+        """The job ended: copy what is left of worker 0's log (its stream ends), then stop."""
+        self._finish.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop following (the current stream is closed) and wait for the thread."""
+        """Stop following now: close the current stream and wait for the thread."""
         self._stop.set()
+        self._wake.set()
         response = self._response
         if response is not None:
             with contextlib.suppress(Exception):  # a dead stream: nothing left to stop
@@ -250,6 +262,7 @@ class Worker0Log:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            last_round = self._finish.is_set()
             try:
                 found = self._worker0()
                 if found is not None and found[1] not in self.streamed:
@@ -259,7 +272,9 @@ class Worker0Log:
             except Exception as exc:  # a log is a convenience: never fail the step for it
                 if not self._stop.is_set():
                     log.warning("worker 0 log: %s", exc)
-            self._stop.wait(self.poll_s)
+            if last_round:
+                return
+            self._wake.wait(self.poll_s)
 
 
 def wait_for_job(
@@ -338,6 +353,7 @@ def run_job(
             core, namespace, kind.worker0_selector(name), kind.container, out, log_poll_s
         ).start()
         wait_for_job(api, kind, namespace, name, timeout_s=timeout_s, poll_s=poll_s)
+        streamer.finish()  # the rest of the finished worker's log
     except BaseException:
         # No SIGTERM may interrupt the clean-up itself.
         if in_main:
