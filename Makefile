@@ -63,8 +63,8 @@ submit: compile-pipeline ## Upload a pipeline version and start a run (needs KFP
 schedule: compile-pipeline ## Create a recurring retraining run (CRON="0 0 3 * * 1": 6 fields, seconds first)
 	$(BIN)/python -m pipeline.schedule --package $(PIPELINE_YAML) --cron "$(CRON)" $(addprefix --param ,$(PARAMS))
 
-images: setup ## Build the CPU and GPU images with podman or docker (names from pipeline/images.py; BASE_IMAGE=...)
-	PYTHON=$(BIN)/python images/build.sh cpu gpu
+images: setup ## Build the CPU and GPU images with podman or docker (ARGS=--push: push and pin the pipeline to their digests)
+	PYTHON=$(BIN)/python images/build.sh $(ARGS) cpu gpu
 
 test-images: setup ## Build the CPU image with podman on a debootstrapped Debian base and test it in a container (root; 5-15 min)
 	images/setup-podman.sh

@@ -13,7 +13,9 @@
 #   --network MODE          build network, e.g. host (env BUILD_NETWORK)
 #   --ca-bundle FILE        podman only: mount FILE as the build's CA bundle, for networks
 #                           whose TLS is re-signed by a local CA (env CA_BUNDLE)
-#   --push                  push each image after building it
+#   --push                  push each image after building it, and record the registry's
+#                           digest in build/images.json (env VITPCM_IMAGE_DIGESTS), so
+#                           the compiled pipeline names the image by digest, not by tag
 #
 # On a machine that reaches only Debian's archive and PyPI (images/README.md):
 #   images/make-base.sh
@@ -86,6 +88,18 @@ for variant in "${variants[@]}"; do
     "$engine" "${args[@]}" "$context"
     echo "build: $image built in $((SECONDS - start)) s"
     if ((push)); then
-        "$engine" push "$image"
+        # The digest the registry stores the manifest under: what pods pull when pinned.
+        if [[ $engine == podman ]]; then
+            "$engine" push --digestfile "$context/digest" "$image"
+            digest=$(<"$context/digest")
+        else
+            "$engine" push "$image"
+            repo_name=${image%:*}
+            digest=$("$engine" inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$image" |
+                awk -v repo="$repo_name" 'index($0, repo "@") == 1 { sub(/^[^@]*@/, ""); print; exit }')
+        fi
+        [[ -n $digest ]] || die "$engine push gave no digest for $image"
+        (cd "$repo" && "$python" -m pipeline.images --record "$variant" "$image" "$digest") ||
+            die "cannot record the digest of $image"
     fi
 done

@@ -22,7 +22,7 @@ import yaml
 
 from helpers.s3_server import s3_server  # noqa: F401  (pytest fixture)
 from pipeline import cluster
-from pipeline.images import image
+from pipeline.images import tagged
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -125,7 +125,7 @@ def test_validation_would_catch_a_broken_object(rendered: list[dict[str, Any]]) 
 
 
 def test_image_is_the_one_pipeline_images_names(rendered: list[dict[str, Any]]) -> None:
-    expected = image("cpu", environ={})
+    expected = tagged("cpu", environ={})  # the tag: kustomize pins nothing
     for kind, name in (("Deployment", "mlflow"), ("Job", "vitpcm-create-buckets")):
         assert _container(rendered, kind, name)["image"] == expected
 
@@ -137,7 +137,7 @@ def test_trainer_runtime_renders_apart_in_the_profile_namespace() -> None:
     assert (runtime["kind"], runtime["metadata"]["namespace"]) == ("TrainingRuntime", NAMESPACE)
     (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     (container,) = rjob["template"]["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == image("gpu", environ={})
+    assert container["image"] == tagged("gpu", environ={})
 
 
 # ----------------------------------------------------------------------------- secrets
