@@ -102,14 +102,19 @@ def test_zip_bomb_is_refused_removed_and_not_recorded(
     bomb_size = (http_server.root / "SegmentationClassAug.zip").stat().st_size
     assert bomb_size < 200_000
     out = tmp_path / "data"
-    out.mkdir()
+    # An earlier run stopped at a 404 (the folder is now a download of ours), then someone
+    # put a file of their own in it.
+    tar_bytes = (http_server.root / TRAINVAL).read_bytes()
+    (http_server.root / TRAINVAL).unlink()
+    args = ("--dataset", "voc12", "--out", str(out), "--mirror", http_server.base_url)
+    rc, message = _cli(capsys, *args, "--skip-checksum")
+    assert rc == 4 and "HTTP 404" in message
+    (http_server.root / TRAINVAL).write_bytes(tar_bytes)
     (out / "notes.txt").write_text("mine, not the tool's")
-    before = _tree(out)
+    before = {k: v for k, v in _tree(out).items() if not Path(k).name.startswith(".vitpcm-")}
+    assert "notes.txt" in before
 
-    rc, message = _cli(
-        capsys, "--dataset", "voc12", "--out", str(out), "--mirror", http_server.base_url,
-        "--skip-checksum",
-    )  # fmt: skip
+    rc, message = _cli(capsys, *args, "--skip-checksum")
     assert rc == 2
     assert message.count("\n") == 0
     assert "SegmentationClassAug.zip" in message and "archive bomb" in message
@@ -127,11 +132,9 @@ def test_zip_bomb_is_refused_removed_and_not_recorded(
     # The mirror is fixed: the next run fetches the zip again and finishes.
     _zip(http_server.root / "SegmentationClassAug.zip", {"SegmentationClassAug/a.png": b"aug"})
     http_server.clear_requests()
-    rc, message = _cli(
-        capsys, "--dataset", "voc12", "--out", str(out), "--mirror", http_server.base_url,
-        "--skip-checksum",
-    )  # fmt: skip
+    rc, message = _cli(capsys, *args, "--skip-checksum")
     assert (rc, message) == (0, "")
+    assert (out / "notes.txt").read_text() == "mine, not the tool's"
     assert (out / VOC / "SegmentationClassAug/a.png").read_bytes() == b"aug"
     # Only what was not installed yet: the zip, and the id list that came after it.
     assert [r.name for r in http_server.requests] == ["SegmentationClassAug.zip", "trainaug.txt"]
@@ -436,3 +439,39 @@ def test_timeout_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "expected a positive number" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="timeout"):
         download_dataset("voc12", tmp_path, timeout=0)
+
+
+def test_server_that_trickles_is_given_up(tmp_path: Path) -> None:
+    # One byte every 50 ms: every read is within the timeout, yet it would take days.
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BLOB)))
+            self.end_headers()
+            for byte in BLOB[:60]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.05)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    part = tmp_path / "blob.bin.part"
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/blob.bin"
+    try:
+        started = time.monotonic()
+        with requests.Session() as session, pytest.raises(DownloadError) as info:
+            fetch(session, url, part, progress=False, retries=1, backoff=0.0, timeout=0.5)
+        # Two attempts of one 0.5 s window each, although each moved the file forward.
+        assert time.monotonic() - started < 2.5
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(info.value)
+    assert "2 attempts failed" in message and "under 1024 bytes/s" in message
+    assert 0 < part.stat().st_size < 60 and f"({part.stat().st_size} bytes) is kept" in message

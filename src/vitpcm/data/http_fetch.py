@@ -38,12 +38,19 @@ logger = logging.getLogger("vitpcm.data.download")
 
 CHUNK = 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
+# Slower than this over a whole ``timeout`` window counts as a stall, so a server that
+# trickles a byte now and then (each read within the timeout) cannot hold a download forever.
+MIN_BYTES_PER_S = 1024
 _MAX_BACKOFF_S = 60.0
 _ALGORITHMS = {32: "md5", 64: "sha256"}
 
 
 class _RetryableError(Exception):
     """A transient failure (dropped connection, 5xx, short body): try again."""
+
+
+class _TooSlowError(_RetryableError):
+    """The server trickles: bytes arrive, but too few to count as progress."""
 
 
 # -- checksums ------------------------------------------------------------------------------
@@ -139,6 +146,9 @@ def fetch(
 ) -> None:
     """Download ``url`` into ``part``, resuming what ``part`` holds when it is the same file.
 
+    A server that sends under 1 KiB/s for ``timeout`` seconds counts as stalled, and such
+    attempts do not reset the count of failures even though they moved a few bytes.
+
     Args:
         session: The HTTP session.
         url: What to fetch.
@@ -159,9 +169,12 @@ def fetch(
     started = time.monotonic()
     while True:
         before = _size(part)
+        advanced = True
         try:
             _attempt(session, url, part, progress, timeout, expected_size)
             return
+        except _TooSlowError as err:
+            reason, advanced = str(err), False
         except _RetryableError as err:
             reason = str(err)
         except requests.exceptions.InvalidURL as err:
@@ -174,7 +187,7 @@ def fetch(
             reason = f"no answer within {timeout:g} s ({type(err).__name__})"
         except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
             reason = f"{type(err).__name__}: {err}"
-        if _size(part) > before:
+        if advanced and _size(part) > before:
             # The connection works, it is just flaky: keep going as long as we advance.
             failures = 0
         failures += 1
@@ -294,7 +307,7 @@ def _attempt(
                     "last_modified": resp.headers.get("Last-Modified"),
                 },
             )
-        _stream(resp, part, mode, offset, total, length, progress)
+        _stream(resp, part, mode, offset, total, length, progress, timeout)
 
 
 def _stream(
@@ -305,8 +318,10 @@ def _stream(
     total: int | None,
     length: int | None,
     progress: bool,
+    timeout: float,
 ) -> None:
     received = 0
+    window_start, window_bytes = time.monotonic(), 0
     with (
         part.open(mode) as f,
         tqdm(
@@ -326,6 +341,15 @@ def _stream(
             f.write(chunk)
             received += len(chunk)
             bar.update(len(chunk))
+            window_bytes += len(chunk)
+            elapsed = time.monotonic() - window_start
+            if elapsed >= timeout:
+                if window_bytes < MIN_BYTES_PER_S * elapsed:
+                    raise _TooSlowError(
+                        f"only {window_bytes} bytes in {elapsed:.1f} s (under "
+                        f"{MIN_BYTES_PER_S} bytes/s)"
+                    )
+                window_start, window_bytes = time.monotonic(), 0
     if length is not None and received != length:
         raise _RetryableError(f"transfer cut short: got {received} of {length} bytes")
     if total is not None and _size(part) != total:
