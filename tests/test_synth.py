@@ -20,6 +20,7 @@ from vitpcm.data.synth import (
     make_synthetic,
 )
 from vitpcm.errors import DataError
+from vitpcm.outputs import OutputError
 
 SIZE = 96
 COUNTS = {"train": 60, "val": 10, "test": 10}
@@ -230,7 +231,7 @@ def test_rerun_into_own_output_and_refuse_foreign(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty and was not written by"):
+    with pytest.raises(OutputError, match="not empty and was not written by"):
         make_synthetic(foreign, **kwargs)
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
 

@@ -55,9 +55,14 @@ def _positive_float(text: str) -> float:
 
 
 def _data_download(args: argparse.Namespace) -> int:
+    from vitpcm import outputs
     from vitpcm.data.archives import UnpackLimits
     from vitpcm.data.download import download_dataset
 
+    # Downloads merge into --out and resume there: it must be new, empty or a download.
+    if "://" not in args.out:  # download_dataset explains why --out must be local
+        outputs.claim_output(args.out, "data download")
+        outputs.write_marker(args.out, "data download")
     root = download_dataset(
         args.dataset,
         args.out,
@@ -139,7 +144,13 @@ def _train(args: argparse.Namespace) -> int:
     from vitpcm.train import train
 
     cfg = _load_cfg(args)
-    result = train(cfg, data_uri=args.data, out_uri=args.out, progress=not args.no_progress)
+    result = train(
+        cfg,
+        data_uri=args.data,
+        out_uri=args.out,
+        progress=not args.no_progress,
+        force_config=args.force_config,
+    )
     train_miou = result.get("train_miou")
     also = "" if train_miou is None else f", train mIoU {train_miou:.4f}"
     print(
@@ -150,6 +161,11 @@ def _train(args: argparse.Namespace) -> int:
     if run:
         where = f"MLflow run {run['run_id']}" if run.get("run_id") else "MLflow run (not created)"
         line = f"{where}, experiment {run['experiment']} at {run['tracking_uri']}"
+        if run.get("run_id") and run.get("experiment_id") and run.get("tracking_uri"):
+            from vitpcm.tracking.naming import ui_run_url
+
+            url = ui_run_url(run["tracking_uri"], str(run["experiment_id"]), run["run_id"])
+            line += f"\n  {url}"
         if run.get("pending"):
             line += (
                 f"; {run['pending']} record(s) not sent yet: "
@@ -416,7 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, follows_data=True)
     p.add_argument("--data", help="TFRecord folder or s3:// URI (default: data.uri)")
-    p.add_argument("--out", required=True, help="output folder or s3:// URI")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder or s3:// URI: new, empty, or an earlier run to resume",
+    )
+    p.add_argument(
+        "--force-config",
+        action="store_true",
+        help="resume a run whose config.yaml differs from this config (kept as config.<n>.yaml)",
+    )
     _add_common(p)
     p.set_defaults(handler=_train)
 

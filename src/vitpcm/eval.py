@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from vitpcm import storage
+from vitpcm import outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError, DataError, ModelError
 from vitpcm.metrics import ConfusionMatrix
@@ -23,6 +23,7 @@ from vitpcm.metrics import ConfusionMatrix
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+KIND = "eval"
 
 
 def load_model(uri: str) -> Any:
@@ -168,6 +169,8 @@ def run_eval(
     if not data_uri:
         raise ConfigError("no evaluation data: pass --data URI or set data.uri in the config")
     split = split or cfg.data.val_split
+    out_dir = out_dir or "eval-out"
+    outputs.claim_output(out_dir, KIND, inputs={"-m": model_uri, "--data": data_uri})
     info = read_split_info(data_uri, split, cfg.data.num_classes)
     model = load_model(model_uri)
     check_model_matches(model, cfg, model_uri)
@@ -181,8 +184,7 @@ def run_eval(
         total=info.num_examples,
     )
     metrics["split"] = split
-    out_dir = out_dir or "eval-out"
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, kind=KIND) as tmp:
         with tempfile.TemporaryDirectory() as local:
             np.save(os.path.join(local, "confusion_matrix.npy"), matrix.matrix)
             plot_confusion_matrix(

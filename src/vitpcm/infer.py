@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from vitpcm import storage
+from vitpcm import outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError
 from vitpcm.metrics import ConfusionMatrix
@@ -29,6 +29,7 @@ from vitpcm.metrics import ConfusionMatrix
 log = logging.getLogger(__name__)
 
 PREDICTED_LABEL_THRESHOLD = 0.5
+KIND = "test"
 
 
 def _stem(filename: str) -> str:
@@ -73,6 +74,8 @@ def run_test(
     if not data_uri:
         raise ConfigError("no test data: pass --data URI or set data.uri in the config")
     split = split or cfg.data.test_split
+    out_dir = out_dir or "test-out"
+    outputs.claim_output(out_dir, KIND, inputs={"-m": model_uri, "--data": data_uri})
     info = read_split_info(data_uri, split, cfg.data.num_classes)
     has_masks = split_has_masks(info)
     model = load_model(model_uri)
@@ -91,10 +94,9 @@ def run_test(
     bpm_matrix = ConfusionMatrix(k, class_names=names)
     crf_matrix = ConfusionMatrix(k, class_names=names)
     masks: dict[str, Any] = {}
-    out_dir = out_dir or "test-out"
     counts = {"images": 0}
 
-    with storage.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir, kind=KIND) as tmp:
         bar = tqdm(total=info.num_examples, desc="inference", unit="img", disable=not progress)
 
         def samples() -> Iterator[tuple[str, Any, Any, Any]]:

@@ -7,9 +7,11 @@ environment (``S3_ENDPOINT`` with its scheme, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRE
 
 Two facts shape this module:
 
-* S3 has no rename, so :func:`atomic_dir` writes under a temporary prefix and copies into
-  place, the commit marker (``dataset.json``, ``metrics.json``...) last: a reader that
-  requires the marker never sees a half-written folder as whole.
+* S3 has no rename, so :func:`atomic_dir` (:mod:`vitpcm.atomic`) writes under a temporary
+  prefix and copies into place, the commit marker (``dataset.json``, ``metrics.json``...)
+  last: a reader that requires the marker never sees a half-written folder as whole.
+* tensorflow-io reports an object S3 refused (HTTP 403) as missing; :func:`raise_if_refused`
+  asks S3 directly, so access denied is reported as such.
 * A process that touched ``s3://`` aborts at interpreter exit (tensorflow/io#2039), so
   entry points leave through :func:`exit_process`.
 """
@@ -24,7 +26,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -142,6 +144,7 @@ def read_bytes(uri: str | os.PathLike[str], *, retries: int = 3, timeout: float 
         with gfile.GFile(text, "rb") as handle:
             return handle.read()
     except Exception as exc:
+        raise_if_refused(text, "read")
         raise _storage_error("read", text, exc) from exc
 
 
@@ -176,6 +179,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
             with gfile.GFile(text, "wb") as handle:
                 handle.write(data)
         except Exception as exc:
+            raise_if_refused(text, "write")
             raise _storage_error("write", text, exc) from exc
         return
     path = Path(text)
@@ -198,9 +202,92 @@ def exists(uri: str | os.PathLike[str]) -> bool:
         return os.path.exists(text)
     gfile = _gfile(text)
     try:
-        return bool(gfile.exists(text))
+        found = bool(gfile.exists(text))
     except Exception as exc:
         raise _storage_error("check", text, exc) from exc
+    if not found:
+        raise_if_refused(text, "read")
+    return found
+
+
+def s3_entry_state(uri: str) -> str:
+    """``missing``, ``file`` (an object) or ``dir`` (a prefix holding objects) of an ``s3://`` URI.
+
+    Raises:
+        StorageError: The credentials are refused or the bucket does not exist.
+    """
+    gfile = _gfile(uri)
+    try:
+        if gfile.isdir(uri):
+            return "dir"
+        if gfile.exists(uri):
+            return "file"
+    except Exception as exc:
+        raise _storage_error("check", uri, exc) from exc
+    raise_if_refused(uri, "read")
+    return "missing"
+
+
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403"}
+)
+
+
+def raise_if_refused(uri: str, action: str) -> None:
+    """Raise a true error when S3 refused ``uri`` rather than not having it.
+
+    tensorflow-io reports an object it was not allowed to see (HTTP 403: wrong secret,
+    unknown key, a policy that denies it) as *not found*, which would send the user off to
+    recreate data that exists. One direct request, signed with the same credentials, tells
+    the two apart.
+
+    Raises:
+        StorageError: Access denied, or the bucket does not exist.
+    """
+    reason = _s3_refusal(uri)
+    if reason == "denied":
+        raise StorageError(
+            f"cannot {action} {uri}: access denied by S3 (the credentials are wrong or not "
+            "allowed this bucket/prefix); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+            "(in Kubeflow, the vitpcm-s3 Secret) and the bucket's policy"
+        )
+    if reason == "no-bucket":
+        bucket = uri[len("s3://") :].split("/", 1)[0]
+        raise StorageError(
+            f"cannot {action} {uri}: bucket {bucket!r} does not exist on "
+            f"{os.environ.get('S3_ENDPOINT') or 'AWS'}; create it or fix the URI"
+        )
+
+
+def _s3_refusal(uri: str) -> str | None:
+    """``denied``, ``no-bucket`` or None (allowed; or the probe itself could not run)."""
+    if not is_s3(uri):
+        return None
+    try:
+        import boto3
+        from botocore.config import Config as BotoConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    client = boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("S3_ENDPOINT") or None,
+        region_name=os.environ.get("AWS_REGION") or None,
+        config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=15),
+    )
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if error.get("Code") in _DENIED_CODES or status == "403":
+            return "denied"
+        if error.get("Code") == "NoSuchBucket":
+            return "no-bucket"
+    except BotoCoreError:
+        return None
+    return None
 
 
 def makedirs(uri: str | os.PathLike[str]) -> None:
@@ -226,6 +313,7 @@ def listdir(uri: str | os.PathLike[str]) -> list[str]:
     try:
         return sorted(name.rstrip("/") for name in gfile.listdir(text))
     except Exception as exc:
+        raise_if_refused(text, "list")
         raise _storage_error("list", text, exc) from exc
 
 
@@ -234,9 +322,13 @@ def glob(pattern: str) -> list[str]:
     text = local_path(pattern)
     gfile = _gfile(text)
     try:
-        return sorted(gfile.glob(text))
+        found = sorted(gfile.glob(text))
     except Exception as exc:
+        raise_if_refused(text.split("*", 1)[0].split("?", 1)[0], "list")
         raise _storage_error("list", text, exc) from exc
+    if not found and is_s3(text):
+        raise_if_refused(posixpath.dirname(text.split("*", 1)[0].split("?", 1)[0]), "list")
+    return found
 
 
 def _walk_files(root: str) -> list[str]:
@@ -257,71 +349,39 @@ def _walk_files(root: str) -> list[str]:
     return sorted(found)
 
 
+def list_files(uri: str | os.PathLike[str]) -> list[str]:
+    """Paths of every file under a folder or ``s3://`` prefix, relative to it, ``/``-separated."""
+    return _walk_files(local_path(uri).rstrip("/"))
+
+
+def remove_files(uri: str | os.PathLike[str], relative: Sequence[str]) -> None:
+    """Delete the named files under ``uri`` (missing ones are fine)."""
+    text = local_path(uri).rstrip("/")
+    gfile = _gfile(text) if is_s3(text) else None
+    for rel in relative:
+        path = join(text, rel)
+        if gfile is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        else:
+            with contextlib.suppress(Exception):
+                gfile.remove(path)
+
+
 def remove_tree(uri: str | os.PathLike[str]) -> None:
     """Delete a folder and everything in it; a missing folder is fine."""
     text = local_path(uri)
     if not is_s3(text):
         shutil.rmtree(text, ignore_errors=True)
         return
-    gfile = _gfile(text)
-    for rel in _walk_files(text):
-        with contextlib.suppress(Exception):
-            gfile.remove(join(text, rel))
+    remove_files(text, _walk_files(text))
 
 
-def _commit_order(files: Sequence[str], commit_last: Sequence[str]) -> list[str]:
-    """Files in copy order: the commit markers after everything else."""
-    last = set(commit_last)
-    return [f for f in files if posixpath.basename(f) not in last] + [
-        f for f in files if posixpath.basename(f) in last
-    ]
+# Atomic output folders live in their own module; re-exported here, where callers look.
 
 
-@contextlib.contextmanager
-def atomic_dir(
-    final_uri: str | os.PathLike[str],
-    *,
-    overwrite: bool = True,
-    commit_last: Sequence[str] = ("dataset.json", "metrics.json", "model.json"),
-) -> Iterator[str]:
-    """Yield a temporary folder URI that becomes ``final_uri`` only if the block succeeds.
-
-    Locally the folder is renamed into place (atomic on one filesystem). On ``s3://`` the
-    objects are copied from ``<final>.tmp-<id>/`` to the final prefix with the files named in
-    ``commit_last`` copied last, so a reader keyed on them never sees a half folder. On any
-    exception the temporary folder is removed and the final one is left untouched.
-    """
-    final = local_path(final_uri).rstrip("/")
-    if is_http(final):
-        raise StorageError(f"cannot write {final}: http(s) URLs are read-only")
-    if exists(final) and not overwrite:
-        raise StorageError(f"{final} already exists; remove it or choose another output")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    if not is_s3(final):
-        old = None
-        if os.path.exists(final):
-            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    gfile = _gfile(final)
-    try:
-        if gfile.exists(final):
-            remove_tree(final)
-        for rel in _commit_order(_walk_files(tmp), commit_last):
-            gfile.copy(join(tmp, rel), join(final, rel), overwrite=True)
-    except Exception as exc:
-        raise _storage_error("commit", final, exc) from exc
-    finally:
-        remove_tree(tmp)
+# Atomic output folders live in their own module; re-exported here, where callers look.
+from vitpcm.atomic import atomic_dir, remove_stale_temporaries  # noqa: E402, F401
 
 
 def exit_process(rc: int) -> None:

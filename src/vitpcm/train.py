@@ -19,6 +19,15 @@ Resumability: after every epoch the model, both optimizers, the dropout RNG stat
 loop state are checkpointed under ``<out>/checkpoints``; a run started again with the same
 ``--out`` continues from the last completed epoch. Each epoch's data order is seeded by
 ``(train.seed, epoch)``, so a resumed run ends in the same state as an uninterrupted one.
+``state.json`` names its checkpoint relative to ``<out>``, so a run resumes from any working
+directory (or after the folder moved). A run started again with a config that differs from
+its ``config.yaml`` is refused, naming the differing keys, unless ``force_config``
+(``--force-config``) is given; the old config is then kept as ``config.<n>.yaml``.
+
+Output ownership: ``<out>`` must be new, empty or a ``vitpcm train`` output
+(:func:`vitpcm.outputs.claim_output`). A start that fails before its first checkpoint
+removes what it wrote, so no half-made run folder is left; a TensorFlow error reaches the
+user as one line (:class:`TrainingError`), its traceback in the debug log.
 
 Outputs (``<out>``, local or ``s3://``): ``config.yaml`` (resolved config), ``model.keras``
 (best epoch), ``history.json``, ``tensorboard/``, ``checkpoints/`` and, written last,
@@ -32,26 +41,35 @@ import json
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitpcm import storage
+from vitpcm import outputs, storage
 from vitpcm.config import Config, save_config
 from vitpcm.distribute import make_strategy, worker_role
 from vitpcm.errors import ConfigError, DataError
+from vitpcm.run_folder import (
+    CONFIG_FILE,
+    STATE_JSON,
+    TrainingError,  # noqa: F401  (raised from here; part of this module's API)
+    check_same_config,
+    is_tf_error,
+    one_line_error,
+    remove_failed_start,
+)
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
-STATE_JSON = "state.json"
 HISTORY_JSON = "history.json"
 MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.yaml"
 METRICS_JSON = "metrics.json"
+KIND = "train"
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,7 @@ def train(
     callbacks: Sequence[EpochCallback] = (),
     stop_after_epochs: int | None = None,
     tracking: bool = True,
+    force_config: bool = False,
 ) -> dict[str, Any]:
     """Train ViT-PCM and return the final metrics (also written to ``<out>/metrics.json``).
 
@@ -133,12 +152,37 @@ def train(
         stop_after_epochs: end this call after this many epochs (testing resumption).
         tracking: log live to MLflow when a tracking URI is configured (chief worker only);
             ``False`` when the caller tracks the run itself.
+        force_config: continue a run in ``out_uri`` whose ``config.yaml`` differs from
+            ``cfg`` (the old one is kept as ``config.<n>.yaml``); keys the checkpoint
+            depends on (model, classes, image size, batch) can never change.
 
     Returns:
         ``metrics.json``'s content (``best_epoch`` counted from 1), plus ``mlflow`` (what
         ``mlflow_run.json`` holds) when tracked; ``{"finished": False, "next_epoch": N}``
         when ``stop_after_epochs`` ended the call first.
+
+    Raises:
+        OutputError: ``out_uri`` is not new, empty or a ``vitpcm train`` output.
+        ConfigError: ``out_uri`` holds a run with another config (without ``force_config``).
+        TrainingError: TensorFlow stopped the training (one line; nothing half-made is left
+            when it stopped before the first checkpoint).
     """
+    data_uri = data_uri or cfg.data.uri
+    if not data_uri:
+        raise ConfigError("no training data: pass --data URI or set data.uri in the config")
+    if not out_uri:
+        raise ConfigError("no output folder: pass --out DIR_OR_S3_URI")
+    out_uri = storage.local_path(out_uri).rstrip("/")
+    if storage.is_s3(out_uri):
+        storage.check_s3_config(out_uri)
+    chief = worker_role().is_chief
+    # Other workers of the same job write only under <out>/replicas.
+    resuming = outputs.claim_output(out_uri, KIND, inputs={"--data": data_uri}, allow=("replicas",))
+    if chief and resuming:
+        check_same_config(out_uri, cfg, force_config)
+    created = not storage.exists(out_uri)
+    if chief:
+        outputs.write_marker(out_uri, KIND)
     tracker = _training_tracker(cfg, out_uri) if tracking else None
     try:
         result = _train(
@@ -153,6 +197,10 @@ def train(
     except BaseException as exc:
         if tracker is not None:
             tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if chief and not resuming:
+            remove_failed_start(out_uri, created)
+        if is_tf_error(exc):
+            raise one_line_error(exc, data_uri, out_uri) from None
         raise
     if tracker is not None:
         if result.get("finished"):
@@ -199,8 +247,8 @@ def _train_miou_dataset(cfg: Config, data_uri: str) -> Any:
 def _train(
     cfg: Config,
     *,
-    data_uri: str | None,
-    out_uri: str | None,
+    data_uri: str,
+    out_uri: str,
     progress: bool,
     callbacks: Sequence[EpochCallback],
     stop_after_epochs: int | None,
@@ -214,11 +262,7 @@ def _train(
     from vitpcm.data.reader import dataset_from_config
     from vitpcm.eval import evaluate_model
 
-    data_uri = data_uri or cfg.data.uri
-    if not data_uri:
-        raise ConfigError("no training data: pass --data URI or set data.uri in the config")
-    if not out_uri:
-        raise ConfigError("no output folder: pass --out DIR_OR_S3_URI")
+    assert data_uri and out_uri  # checked by train()
     info = read_dataset_info(data_uri)
     num_classes = int(info["num_classes"])
     if num_classes != cfg.data.num_classes:
@@ -462,16 +506,25 @@ class _TrainingLoop:
             )
         state = LoopState.from_json(storage.read_bytes(state_uri))
         if state.checkpoint:
-            self._ckpt.restore(state.checkpoint).assert_existing_objects_matched()
+            # Relative to <out> (older runs stored a path as given: only its name counts).
+            path = storage.join(out, "checkpoints", posixpath.basename(state.checkpoint))
+            if not storage.glob(path + ".index"):
+                raise DataError(
+                    f"{state_uri} names checkpoint {state.checkpoint}, which is not in "
+                    f"{storage.join(out, 'checkpoints')}; the run cannot resume: choose a new --out"
+                )
+            self._ckpt.restore(path).assert_existing_objects_matched()
             log.info("resuming %s at epoch %d", out, state.next_epoch + 1)
         return state
 
     def checkpoint(self, out: str, state: LoopState) -> None:
         """Save the epoch's checkpoint, then the state that points at it (in that order)."""
         prefix = storage.join(out, "checkpoints", f"epoch-{state.next_epoch:04d}")
-        state.checkpoint = self._ckpt.save(prefix)
+        saved = self._ckpt.save(prefix)
+        # Relative to <out>: the run resumes from any working directory.
+        state.checkpoint = f"checkpoints/{posixpath.basename(saved)}"
         storage.write_bytes(storage.join(out, STATE_JSON), state.to_json())
-        self._prune_checkpoints(out, keep=state.checkpoint)
+        self._prune_checkpoints(out, keep=saved)
 
     def _prune_checkpoints(self, out: str, keep: str) -> None:
         keep_name = os.path.basename(keep)

@@ -7,30 +7,50 @@ complete. Images keep their original encoded bytes; masks are stored as single-c
 8-bit PNGs of class indices, because ``tf.io.decode_png`` turns a palette PNG into its
 *colours*, not its indices (the original file is kept when it already is such a PNG).
 
+Every image and mask is decoded at conversion with the decoder training uses
+(``tf.io.decode_image`` / ``tf.io.decode_png``), so a file that would stop training hours
+later stops the conversion now, named.
+
 Shards are contiguous blocks of each split's list, each written whole by one worker
-process in list order, so the output is byte-identical whatever the number of workers.
-Workers never import TensorFlow (seconds of start-up each): they encode the
-``tf.train.Example`` protobuf and the TFRecord framing themselves, and are forked (started
-at once) unless the parent has imported TensorFlow, which is not fork-safe. For ``s3://`` output
-they write shards to a local staging folder and the main process uploads them, so no
-worker process touches tensorflow-io (which aborts at interpreter exit).
+process in list order (:mod:`vitpcm.data.shards`), so the output is byte-identical whatever
+the number of workers. For ``s3://`` output workers write shards to a local staging folder
+and the main process uploads them, so no worker process touches tensorflow-io (which
+aborts at interpreter exit).
+
+Commits. Locally the output folder is swapped in whole (:func:`vitpcm.storage.atomic_dir`).
+On ``s3://``, which has no rename, each run uploads its shards under a new generation
+prefix ``<out>/gen-<id>/`` and then writes ``<out>/dataset.json``, which lists them: that
+single PUT is the commit, so a reader (which follows ``dataset.json``) sees the old complete
+dataset or the new complete one. Objects no ``dataset.json`` refers to (older generations,
+a killed run's upload) are deleted after the commit and at the start of the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import posixpath
+import re
 import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitpcm import storage
+from vitpcm import outputs, storage
 from vitpcm.data import tfrecord
-from vitpcm.data.imageinfo import image_info, palette_png_as_grey
+from vitpcm.data.shards import (  # noqa: F401  (Sample and encode_sample are public here too)
+    Sample,
+    ShardResult,
+    ShardTask,
+    encode_sample,
+    run_tasks,
+    write_shard,
+)
+from vitpcm.data.verify import verify_shard
 from vitpcm.errors import BadSampleError, DataError
 
 logger = logging.getLogger(__name__)
@@ -41,15 +61,9 @@ IMAGES_PER_WORKER = 1000
 VOC_SPLITS = ("train", "val", "trainval", "trainaug", "test")
 COCO_SPLITS = ("train", "val")
 DATASETS = ("voc12", "coco14")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image to convert; ``mask`` is a label PNG path, ``coco_id`` an annotated image."""
-
-    image: str
-    mask: str | None = None
-    coco_id: int | None = None
+KIND = "data convert"
+OPTIONAL_SPLITS = ("test",)  # may be listed empty (no test images): skipped with a warning
+_GENERATION = re.compile(r"gen-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -60,29 +74,6 @@ class SplitPlan:
     samples: list[Sample]
     has_masks: bool
     coco_annotations: str | None = None
-
-
-@dataclass
-class ShardTask:
-    """Everything one worker needs to write one shard file."""
-
-    split: str
-    index: int
-    num_shards: int
-    samples: list[Sample]
-    path: str
-    num_classes: int
-    skip_bad: bool
-    coco_json: str | None = None
-
-
-@dataclass
-class ShardResult:
-    """What a worker did: records written, samples skipped, or the bad sample that stopped it."""
-
-    written: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    error: tuple[str, str] | None = None
 
 
 # --- sources -----------------------------------------------------------------------------
@@ -129,6 +120,9 @@ def _voc_plans(root: Path, splits: Sequence[str]) -> list[SplitPlan]:
             logger.info("split %s skipped: %s not found", split, list_file)
             continue
         ids = _read_ids(list_file)
+        if not ids:
+            _empty_split(split, list_file)
+            continue
         images = [_voc_image(root, i) for i in ids]
         if split == "trainaug":  # SBD masks, with the VOC ones where SBD has none
             masks = [
@@ -145,6 +139,17 @@ def _voc_plans(root: Path, splits: Sequence[str]) -> list[SplitPlan]:
         ]
         plans.append(SplitPlan(split, samples, has_masks))
     return plans
+
+
+def _empty_split(split: str, listing: Path) -> None:
+    """An empty split list: a loud warning for an optional split, an error otherwise."""
+    if split in OPTIONAL_SPLITS:
+        logger.warning("split %s skipped: %s lists no images", split, listing)
+        return
+    raise DataError(
+        f"{listing} lists no images, so the {split} split would be empty; restore the "
+        "list (download or synthesise the dataset again)"
+    )
 
 
 def _voc_image(root: Path, image_id: str) -> str:
@@ -186,6 +191,9 @@ def _coco_plans(root: Path, splits: Sequence[str]) -> tuple[list[SplitPlan], lis
         names = list(masks.class_names)
         images = root / f"{split}2014"
         samples = [Sample(str(images / masks.file_name(i)), coco_id=i) for i in masks.image_ids]
+        if not samples:
+            _empty_split(split, annotations)
+            continue
         plans.append(SplitPlan(split, samples, True, str(annotations)))
         del masks  # the full annotation index is large; workers get per-shard subsets
     return plans, names
@@ -208,182 +216,6 @@ def _write_coco_subsets(plan: SplitPlan, tasks: list[ShardTask], staging: Path) 
         }
         task.coco_json = str(staging / f"{task.split}-{task.index:05d}.json")
         Path(task.coco_json).write_text(json.dumps(subset))
-
-
-# --- one sample, one shard (run in worker processes) ----------------------------------------
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise BadSampleError(path, "listed in the split but missing; restore the file") from None
-    except OSError as exc:
-        raise BadSampleError(path, f"cannot be read ({exc})") from exc
-
-
-def _grey_png(label: Any) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(label).save(buffer, format="PNG")  # 2-D uint8 -> mode L
-    return buffer.getvalue()
-
-
-def _check_values(label: Any, num_classes: int, where: str) -> None:
-    import numpy as np
-
-    from vitpcm.data.labels import IGNORE_LABEL, check_label_values
-
-    # Nearly every mask is valid, and proving it takes a max (plus one comparison pass when
-    # it has ignore pixels): several times cheaper than a histogram, which widens every
-    # pixel to 64 bits. The full check (and its message) runs only when a value is off.
-    if label.dtype == np.uint8 and label.size:
-        top = int(label.max())
-        if top < num_classes:
-            return
-        if top == IGNORE_LABEL and not np.logical_and(label >= num_classes, label != top).any():
-            return
-    check_label_values(label, num_classes, where)
-
-
-def _stored_mask(mask_bytes: bytes | None, label: Any, where: str) -> bytes:
-    """The mask as a single-channel 8-bit PNG, reusing the file's bytes where possible."""
-    if mask_bytes is None:
-        return _grey_png(label)
-    header = image_info(mask_bytes, where)
-    if (header.png_color_type, header.png_bit_depth) == (0, 8):
-        return mask_bytes
-    return palette_png_as_grey(mask_bytes) or _grey_png(label)
-
-
-def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
-    """Check one sample and serialize it as a ``tf.train.Example``.
-
-    Raises:
-        BadSampleError: Missing or corrupt file, mask size unlike the image's, or label
-            values outside ``0..K-1`` and 255.
-    """
-    from vitpcm.data.labels import decode_label_png
-
-    image = _read_file(sample.image)
-    info = image_info(image, sample.image)
-    label_png = None
-    if sample.mask is not None or sample.coco_id is not None:
-        if sample.coco_id is not None:
-            where, mask_bytes = f"{sample.image} (annotations)", None
-            label = coco.mask(sample.coco_id)
-        else:
-            where, mask_bytes = sample.mask, _read_file(sample.mask)
-            label = decode_label_png(mask_bytes, where)
-        if label.shape != (info.height, info.width):
-            raise BadSampleError(
-                where,
-                f"mask is {label.shape[1]}x{label.shape[0]} but the image {sample.image} is "
-                f"{info.width}x{info.height}; the pair does not belong together",
-            )
-        _check_values(label, num_classes, where)
-        label_png = _stored_mask(mask_bytes, label, where)
-    return tfrecord.encode_example(
-        image=image,
-        filename=os.path.basename(sample.image),
-        image_format=info.format,
-        height=info.height,
-        width=info.width,
-        channels=info.channels,
-        label=label_png,
-    )
-
-
-def write_shard(task: ShardTask, report: Callable[[int], None] | None = None) -> ShardResult:
-    """Write one shard file in list order; stop at the first bad sample unless skipping."""
-    coco = None
-    if task.coco_json is not None:
-        from vitpcm.data.coco import CocoMasks
-
-        coco = CocoMasks(task.coco_json)
-    result = ShardResult()
-    with open(task.path, "wb") as out:
-        for sample in task.samples:
-            if _stop_requested():
-                return result
-            try:
-                record = encode_sample(sample, task.num_classes, coco)
-            except BadSampleError as exc:
-                if not task.skip_bad:
-                    result.error = (exc.path, exc.reason)
-                    return result
-                result.skipped.append((exc.path, exc.reason))
-            else:
-                out.write(tfrecord.tfrecord_frame(record))
-                result.written += 1
-            if report is not None:
-                report(1)
-    return result
-
-
-_worker_stop: Any = None
-_worker_progress: Any = None
-
-
-def _init_worker(stop: Any, progress: Any) -> None:
-    global _worker_stop, _worker_progress
-    _worker_stop, _worker_progress = stop, progress
-
-
-def _stop_requested() -> bool:
-    return _worker_stop is not None and _worker_stop.is_set()
-
-
-def _pool_write_shard(task: ShardTask) -> ShardResult:
-    reporter = _BatchedReport(_worker_progress.put)
-    try:
-        return write_shard(task, report=reporter)
-    finally:
-        reporter.flush()
-
-
-class _BatchedReport:
-    """Progress counts sent in batches: one queue message per image costs the parent CPU."""
-
-    def __init__(self, send: Callable[[int], None], every: int = 32) -> None:
-        self.send, self.every, self.pending = send, every, 0
-
-    def __call__(self, count: int) -> None:
-        self.pending += count
-        if self.pending >= self.every:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.send(self.pending)
-            self.pending = 0
-
-
-def _pool_context() -> Any:
-    """Fork when that is safe (no TensorFlow in this process), else spawn clean workers.
-
-    A spawned worker starts a new interpreter and imports NumPy and PIL again: about a
-    second of CPU before its first image, which on a few thousand images is a large part
-    of the whole job. A forked one starts at once with the parent's modules. TensorFlow's
-    threads make fork unsafe, so a parent that has imported it (an ``s3://`` output, a
-    test session) spawns.
-    """
-    import multiprocessing
-    import sys
-
-    if "tensorflow" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    # Imported here once, so forked workers inherit them instead of each importing them.
-    import numpy  # noqa: F401
-    from PIL import Image, PngImagePlugin  # noqa: F401
-
-    import vitpcm.data.labels  # noqa: F401
-
-    return multiprocessing.get_context("fork")
 
 
 # --- orchestration --------------------------------------------------------------------------
@@ -410,54 +242,6 @@ def _plan_tasks(
             for i in range(num)
         ]
     return tasks
-
-
-def _run_tasks(
-    tasks: list[ShardTask],
-    workers: int,
-    bar: Any,
-    on_done: Callable[[ShardTask, ShardResult], None],
-) -> None:
-    """Write every shard (in-process for one worker), calling ``on_done`` as each finishes."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            on_done(task, write_shard(task, report=bar.update))
-        return
-    import queue
-
-    context = _pool_context()
-    stop, progress = context.Event(), context.Queue()
-    executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(stop, progress)
-    )
-    # Longest shards first, so no worker is left with a long shard while the other idles at
-    # the end. Which worker writes a shard never changes its bytes.
-    by_size = sorted(tasks, key=lambda task: len(task.samples), reverse=True)
-    futures: dict[Future[ShardResult], ShardTask] = {
-        executor.submit(_pool_write_shard, task): task for task in by_size
-    }
-    order = {id(task): i for i, task in enumerate(tasks)}
-    pending = set(futures)
-
-    def drain_progress() -> None:
-        while True:
-            try:
-                bar.update(progress.get_nowait())
-            except queue.Empty:
-                return
-
-    try:
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            drain_progress()
-            for future in sorted(done, key=lambda f: order[id(futures[f])]):
-                on_done(futures[future], future.result())
-        drain_progress()
-    except BaseException:
-        stop.set()  # workers stop at their next sample instead of finishing their shard
-        executor.shutdown(wait=True, cancel_futures=True)
-        raise
-    executor.shutdown(wait=True)
 
 
 def convert_dataset(
@@ -502,6 +286,10 @@ def convert_dataset(
     src_path = Path(storage.local_path(src)).resolve()
     if not src_path.is_dir():
         raise DataError(f"--src {src} is not a folder; download or synthesise the dataset first")
+    out_uri = storage.local_path(out).rstrip("/")
+    if storage.is_s3(out_uri):
+        storage.check_s3_config(out_uri)  # fail now, not after the conversion
+    outputs.claim_output(out_uri, KIND, inputs={"--src": str(src_path)})
     known = VOC_SPLITS if dataset == "voc12" else COCO_SPLITS
     unknown = sorted(set(splits or ()) - set(known))
     if unknown:
@@ -520,14 +308,12 @@ def convert_dataset(
             f"no split list found in {root} (looked for {', '.join(wanted)}); "
             "the dataset is incomplete: download or extract it again"
         )
-    out_uri = storage.local_path(out).rstrip("/")
-    if storage.is_s3(out_uri):
-        storage.check_s3_config(out_uri)  # fail now, not after the conversion
-    with (
-        tempfile.TemporaryDirectory(prefix="vitpcm-convert-") as staging,
-        storage.atomic_dir(out_uri) as tmp,
-    ):
-        remote = storage.is_s3(tmp)
+    remote = storage.is_s3(out_uri)
+    generation = f"gen-{uuid.uuid4().hex[:12]}" if remote else ""
+    commit = (
+        _s3_generation(out_uri, generation) if remote else storage.atomic_dir(out_uri, kind=KIND)
+    )
+    with tempfile.TemporaryDirectory(prefix="vitpcm-convert-") as staging, commit as tmp:
         folder = Path(staging) if remote else Path(tmp)
         by_split = _plan_tasks(plans, shards, folder, len(class_names), skip_bad)
         for plan in plans:
@@ -539,6 +325,7 @@ def convert_dataset(
         def on_done(task: ShardTask, result: ShardResult) -> None:
             if result.error is not None:
                 raise BadSampleError(*result.error)
+            verify_shard(task.path, task.samples, result, task.skip_bad)
             results[(task.split, task.index)] = result
             if remote:  # upload as shards finish, while the workers carry on
                 path = Path(task.path)
@@ -549,15 +336,88 @@ def convert_dataset(
 
         total = sum(len(p.samples) for p in plans)
         if workers is None:
-            # Starting a worker costs about a second (numpy, PIL), worth ~1000 images.
+            # Starting a worker costs a few seconds (NumPy, PIL, TensorFlow's decoder),
+            # worth ~1000 images.
             workers = min(os.cpu_count() or 1, -(-total // IMAGES_PER_WORKER))
         count = min(workers, len(tasks))
         with tqdm(total=total, desc=f"convert {dataset}", unit="img", disable=not progress) as bar:
-            _run_tasks(tasks, count, bar, on_done)
-        info = _dataset_info(dataset, root, class_names, plans, by_split, results)
+            run_tasks(tasks, count, bar, on_done)
+        info = _dataset_info(dataset, root, class_names, plans, by_split, results, generation)
         payload = json.dumps(info, indent=2).encode("utf-8") + b"\n"
-        storage.write_bytes(storage.join(tmp, tfrecord.DATASET_JSON), payload)
+        # Locally dataset.json goes into the folder swapped in whole; on S3 this one PUT at
+        # the root is the commit: it switches readers to the new generation.
+        storage.write_bytes(
+            storage.join(out_uri if remote else tmp, tfrecord.DATASET_JSON), payload
+        )
+    if remote:
+        _remove_unreferenced(out_uri, info)
     return info
+
+
+@contextlib.contextmanager
+def _s3_generation(out: str, generation: str) -> Iterator[str]:
+    """The ``s3://`` generation prefix a run uploads into (see the module docstring).
+
+    The prefix is marked as ours first; what killed runs left is removed; on failure the
+    run's own upload is removed and the committed dataset is left as it was.
+    """
+    outputs.write_marker(out, KIND)
+    current = _read_existing_info(out)
+    _remove_unreferenced(out, current)
+    _remove_legacy_temporaries(out)
+    target = storage.join(out, generation)
+    try:
+        yield target
+    except BaseException:
+        storage.remove_tree(target)
+        raise
+
+
+def _read_existing_info(out: str) -> dict[str, Any] | None:
+    """The committed ``dataset.json`` of ``out``, or None (none yet, or unreadable)."""
+    try:
+        return read_dataset_info(out)
+    except DataError:
+        return None
+
+
+def _referenced(info: dict[str, Any] | None) -> set[str]:
+    """Files (relative to the dataset root) that a ``dataset.json`` makes part of the dataset."""
+    keep = {tfrecord.DATASET_JSON, outputs.MARKER}
+    for entry in (info or {}).get("splits", {}).values():
+        if isinstance(entry, dict):
+            keep.update(str(f) for f in entry.get("files", []))
+    return keep
+
+
+def _remove_unreferenced(out: str, info: dict[str, Any] | None) -> None:
+    """Delete objects under ``out`` that its ``dataset.json`` does not list.
+
+    Without a readable ``dataset.json`` only generation prefixes (``gen-<id>/``, always
+    ours) are removed: there is then no list to tell ours from anything else.
+    """
+    keep = _referenced(info)
+    stale = [
+        rel
+        for rel in storage.list_files(out)
+        if rel not in keep and (info is not None or _GENERATION.match(rel.split("/", 1)[0]))
+    ]
+    if stale:
+        logger.info("removing %d object(s) no dataset.json refers to under %s", len(stale), out)
+        storage.remove_files(out, stale)
+
+
+def _remove_legacy_temporaries(out: str) -> None:
+    """Delete ``<out>.tmp-<id>/`` prefixes that killed conversions of earlier versions left."""
+    name = posixpath.basename(out)
+    for folder in storage.glob(f"{out}.tmp-*"):
+        tail = posixpath.basename(folder.rstrip("/"))[len(name) :]
+        if not re.fullmatch(r"\.tmp-[0-9a-f]{8}", tail):
+            continue
+        files = storage.list_files(folder)
+        if all(f.endswith(".tfrecord") or f == tfrecord.DATASET_JSON for f in files):
+            logger.info("removing %s, left by an interrupted conversion", folder)
+            storage.remove_files(folder, files)
 
 
 def _dataset_info(
@@ -567,7 +427,9 @@ def _dataset_info(
     plans: Sequence[SplitPlan],
     by_split: dict[str, list[ShardTask]],
     results: dict[tuple[str, int], ShardResult],
+    generation: str = "",
 ) -> dict[str, Any]:
+    """``dataset.json``'s content; shard ``files`` are relative to the dataset root."""
     split_info: dict[str, Any] = {}
     skipped = []
     for plan in plans:
@@ -577,7 +439,7 @@ def _dataset_info(
             "num_examples": sum(r.written for r in shard_results),
             "num_shards": len(tasks),
             "has_masks": plan.has_masks,
-            "files": [os.path.basename(t.path) for t in tasks],
+            "files": [posixpath.join(generation, os.path.basename(t.path)) for t in tasks],
         }
         for result in shard_results:
             skipped.extend({"split": plan.name, "file": p, "reason": r} for p, r in result.skipped)

@@ -87,6 +87,23 @@ def _split_entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _listed_files(uri: str, split: str, listed: list[str]) -> list[str]:
+    """The shards ``dataset.json`` lists for ``split``, checked to exist (one listing a folder)."""
+    files = [storage.join(uri, rel) for rel in listed]
+    present: set[str] = set()
+    for folder in sorted({posixpath.dirname(rel) for rel in listed}):
+        pattern = storage.join(uri, folder, tfrecord.shard_pattern(split)) if folder else None
+        present.update(storage.glob(pattern or storage.join(uri, tfrecord.shard_pattern(split))))
+    missing = [f for f in files if f not in present]
+    if missing:
+        raise DataError(
+            f"split {split!r} in {uri} has {len(files) - len(missing)} of its {len(files)} "
+            f"shards ({posixpath.basename(missing[0])} is missing); the dataset is "
+            f"incomplete: {_convert_hint(uri)}"
+        )
+    return files
+
+
 def read_split_info(uri: str, split: str, num_classes: int | None = None) -> SplitInfo:
     """Check a converted dataset and list one split's shards.
 
@@ -97,7 +114,12 @@ def read_split_info(uri: str, split: str, num_classes: int | None = None) -> Spl
     uri = storage.local_path(uri).rstrip("/")
     info = _load_dataset_json(uri)
     entries = _split_entries(info)
-    files = storage.glob(storage.join(uri, tfrecord.shard_pattern(split)))
+    listed = entries.get(split, {}).get("files")
+    if isinstance(listed, list) and listed:
+        # dataset.json names the shards (on s3:// under the generation it committed).
+        files = _listed_files(uri, split, [str(f) for f in listed])
+    else:
+        files = storage.glob(storage.join(uri, tfrecord.shard_pattern(split)))
     if not files:
         available = set(entries)
         for name in storage.listdir(uri):

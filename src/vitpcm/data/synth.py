@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitpcm import storage
+from vitpcm import outputs, storage
 from vitpcm.data.labels import encode_palette_png
 from vitpcm.errors import DataError
 
@@ -136,7 +136,8 @@ def make_synthetic(
     """
     _check_args(out, train, val, test, size, seed)
     final = Path(storage.local_path(out))
-    _check_target(final)
+    # synth.json (MARKER) is this output's ownership marker (vitpcm.outputs knows it).
+    outputs.claim_output(final, "data synth")
     from tqdm import tqdm
 
     splits = {"train": train, "val": val, "test": test}
@@ -185,23 +186,6 @@ def _check_args(
         raise DataError(f"--test {test} must be 0 or more")
     if seed < 0:
         raise DataError(f"--seed {seed} must be 0 or more")
-
-
-def _check_target(final: Path) -> None:
-    if final.exists() and not final.is_dir():
-        raise DataError(f"{final} is a file; choose a folder for --out")
-    if not final.is_dir() or not any(final.iterdir()):
-        return
-    marker = final / MARKER
-    try:
-        ours = json.loads(marker.read_text()).get("generator") == _GENERATOR
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise DataError(
-            f"{final} is not empty and was not written by `vitpcm data synth` (no {MARKER}); "
-            "choose an empty or new folder for --out"
-        )
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
