@@ -144,3 +144,26 @@ def test_template_password_cannot_bootstrap_an_admin() -> None:
     with pytest.raises(MlflowException, match="at least 12 characters"):
         _validate_bootstrap_admin_password("admin", placeholder)
     _validate_bootstrap_admin_password("admin", PASSWORD)  # a real one passes
+
+
+@pytest.mark.slow
+def test_wrong_credentials_keep_records_pending_until_fixed(
+    auth_server: AuthMlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitpcm.errors import TrackingError
+    from vitpcm.tracking import replay_spool
+    from vitpcm.tracking.spool import Spool
+
+    spool = Spool(tmp_path / "mlflow-spool", tracking_uri=auth_server.uri)
+    spool.append("start_run", {"experiment": "auth-pending", "tags": {}})
+    spool.append("params", {"params": {"train.lr": "0.001"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-wrong-password")
+    with pytest.raises(TrackingError, match="2 record\\(s\\) still pending"):
+        replay_spool(tmp_path, progress=False)
+    assert spool.load_state().rejected == {}  # an operator can fix credentials: not refused
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    assert replay_spool(tmp_path, progress=False) == 2
+    run = auth_server.client().get_run(spool.load_state().run_id)
+    assert run.data.params == {"train.lr": "0.001"}
