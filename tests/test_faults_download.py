@@ -475,3 +475,39 @@ def test_server_that_trickles_is_given_up(tmp_path: Path) -> None:
     message = str(info.value)
     assert "2 attempts failed" in message and "under 1024 bytes/s" in message
     assert 0 < part.stat().st_size < 60 and f"({part.stat().st_size} bytes) is kept" in message
+
+
+def test_checksum_pins_a_file_without_a_published_one(
+    http_server: LocalHTTPServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _make_voc(http_server.root)
+    pins = []  # the hand-made files stand in for the official ones: pin every one
+    for path in sorted(http_server.root.iterdir()):
+        pins += [
+            "--checksum",
+            f"{path.name}=sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}",
+        ]
+    args = ("--dataset", "voc12", "--mirror", http_server.base_url, *pins)
+    wrong = "sha256:" + "0" * 64
+
+    rc, message = _cli(
+        capsys, *args, "--out", str(tmp_path / "a"), "--checksum", f"trainaug.txt={wrong}"
+    )
+    assert rc == 4
+    assert message.startswith("error: trainaug.txt from ") and f"expected {wrong}" in message
+
+    rc, message = _cli(capsys, *args, "--out", str(tmp_path / "b"))
+    assert (rc, message) == (0, "")
+    files = json.loads((tmp_path / "b" / MARKER_NAME).read_text())["files"]
+    real = hashlib.sha256((http_server.root / "trainaug.txt").read_bytes()).hexdigest()
+    assert files["trainaug.txt"]["checksum"] == f"sha256:{real}"
+    assert all(f["verified"] is True for f in files.values())
+
+    # Names and digests are checked before --out is touched.
+    rc, message = _cli(capsys, *args, "--out", str(tmp_path / "c"), "--checksum", f"typo={wrong}")
+    assert rc == 2 and "--checksum names no file of voc12: ['typo']" in message
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit):
+        main(["data", "download", *args, "--out", str(tmp_path / "d"), "--checksum", "x=abc"])
+    assert "argument --checksum: unreadable checksum 'abc'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

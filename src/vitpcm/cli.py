@@ -54,11 +54,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _checksum_pin(text: str) -> tuple[str, str]:
+    from vitpcm.data.http_fetch import parse_checksum
+    from vitpcm.errors import ConfigError
+
+    name, sep, digest = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=sha256:HEX, got {text!r}")
+    try:
+        algo, value = parse_checksum(digest)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, f"{algo}:{value}"
+
+
 def _data_download(args: argparse.Namespace) -> int:
     from vitpcm import outputs
     from vitpcm.data.archives import UnpackLimits
     from vitpcm.data.download import download_dataset
+    from vitpcm.data.sources import DATASET_FILES
+    from vitpcm.errors import ConfigError
 
+    checksums = dict(args.checksum)
+    unknown = sorted(set(checksums) - {f.name for f in DATASET_FILES[args.dataset]})
+    if unknown:
+        names = ", ".join(f.name for f in DATASET_FILES[args.dataset])
+        raise ConfigError(
+            f"--checksum names no file of {args.dataset}: {unknown}; its files: {names}"
+        )
     # Downloads merge into --out and resume there: it must be new, empty or a download.
     if "://" not in args.out:  # download_dataset explains why --out must be local
         outputs.claim_output(args.out, "data download")
@@ -69,6 +92,7 @@ def _data_download(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         skip_checksum=args.skip_checksum,
         progress=not args.no_progress,
+        checksums=checksums or None,
         retries=args.retries,
         timeout=args.timeout,
         limits=UnpackLimits(max_bytes=int(args.max_unpacked_gib * 2**30), max_ratio=args.max_ratio),
@@ -351,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--skip-checksum", action="store_true", help="warn instead of failing on a mismatch"
+    )
+    p.add_argument(
+        "--checksum",
+        type=_checksum_pin,
+        action="append",
+        default=[],
+        metavar="NAME=sha256:HEX",
+        help="expect this checksum for one file (repeatable), e.g. to pin the two SBD files, "
+        "which have no published checksum",
     )
     p.add_argument(
         "--timeout",

@@ -236,11 +236,13 @@ def _ensure_downloaded(
     actual = file_digest(part, algo, progress)
     if checksum is None:
         logger.warning(
-            "%s has no known checksum, so it was not verified (%s, %d bytes; pin it with "
-            "checksums= once you trust it)",
+            "%s has no known checksum, so it was not verified (%s, %d bytes; once you trust "
+            "it, pin it with --checksum %s=%s)",
             path.name,
             actual,
             part.stat().st_size,
+            path.name,
+            actual,
         )
     elif actual != checksum:
         if not skip_checksum:
