@@ -12,7 +12,7 @@ from pipeline.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)
-def check_run(dataset: str, config: str = "", overrides: str = "") -> str:
+def check_run(dataset: str, config: str = "", overrides: str = "", pretrained: str = "") -> str:
     """Check the run's dataset, config and overrides; return the config name to train with.
 
     Args:
@@ -20,6 +20,8 @@ def check_run(dataset: str, config: str = "", overrides: str = "") -> str:
         config: Config name or path; empty for the dataset's default
             (``vitpcm.run_plan.DEFAULT_CONFIGS``).
         overrides: Space-separated ``KEY=VALUE`` config overrides.
+        pretrained: The training step's backbone checkpoint: empty keeps the config's,
+            ``none`` means random weights, anything else replaces ``model.pretrained``.
 
     Returns:
         The config name or path the training step loads.
@@ -30,9 +32,14 @@ def check_run(dataset: str, config: str = "", overrides: str = "") -> str:
     from vitpcm.errors import ConfigError
     from vitpcm.run_plan import config_for, load_checked_config
 
+    sets = shlex.split(overrides)
+    if pretrained:
+        sets.append(
+            "model.pretrained=null" if pretrained == "none" else f"model.pretrained={pretrained}"
+        )
     try:
         # A local checkpoint path is one inside the training pod, not this one.
-        load_checked_config(dataset, config or None, shlex.split(overrides), local_files=False)
+        load_checked_config(dataset, config or None, sets, local_files=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise

@@ -24,10 +24,10 @@ def register_model(
     pseudo_masks: Input[Dataset],
     summary: Output[Artifact],
     mlflow_spool: Output[Artifact],
-    tfrecords: Input[Dataset] = None,
+    tfrecords_uri: str = "",
     tracking_uri: str = "",
     experiment: str = "vitpcm",
-    model_name: str = "vitpcm",
+    model_name: str = "",
     kfp_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
 ):
     """Log the run to MLflow, register the model, and write a summary of the run.
@@ -43,12 +43,14 @@ def register_model(
         mlflow_spool: Folder: the MLflow records of this run (the training's included),
             journaled before sending; what MLflow did not acknowledge (it was down) is
             replayed from here with ``vitpcm mlflow replay``.
-        tfrecords: Converted dataset; when given, test images with ground truth and
-            pseudo masks are logged as sample overlays.
+        tfrecords_uri: Converted dataset (folder, s3:// or the pipeline's minio:// URI),
+            read in place; when given, its test split gives the sample overlays and its
+            dataset.json the run's dataset inputs.
         tracking_uri: MLflow tracking URI; empty skips MLflow on purpose. When set, the
             step fails unless the model is registered with every record sent.
         experiment: MLflow experiment name (a run the training created keeps its own).
-        model_name: Registered model name in the MLflow model registry.
+        model_name: Registered model name in the MLflow model registry; empty for the
+            config's mlflow.registered_model.
         kfp_run_id: Kubeflow run id, recorded as an MLflow tag.
     """
     import json
@@ -83,8 +85,12 @@ def register_model(
         write_summary()
         return
 
+    from components.artifacts import exit_cleanly_after_s3, readable_uri
     from components.registration import keep_spool, registration_failure
     from vitpcm.tracking import log_pipeline_run
+
+    data = readable_uri(tfrecords_uri)
+    exit_cleanly_after_s3(data)
 
     error = None
     try:
@@ -96,8 +102,10 @@ def register_model(
             eval_dir=eval_report.path,
             test_dir=pseudo_masks.path,
             kfp_run_id=kfp_run_id,
-            data_dir=None if tfrecords is None else tfrecords.path,
+            data_dir=data or None,
             spool_dir=mlflow_spool.path,
+            data_uri=data or None,
+            pseudo_masks_uri=pseudo_masks.uri,
         )
         problem = registration_failure(record["mlflow"])
     except Exception as exc:  # reported below with the spool's place, then re-raised

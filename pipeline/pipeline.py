@@ -82,7 +82,6 @@ def vitpcm_pipeline(
     """
     check = add_check_step(dataset, config, overrides, pretrained)
     convert = add_data_steps(dataset, mirror, shards, after=check, data_version=data_version)
-    tfrecords = convert.outputs["tfrecords"]
     train = add_train_step(
         convert,
         check.output,
@@ -98,7 +97,12 @@ def vitpcm_pipeline(
         registered_model=registered_model,
     )
     add_scoring_steps(
-        train.outputs["model"], tfrecords, crf, experiment, registered_model, mlflow_tracking_uri
+        train.outputs["model"],
+        convert.outputs["Output"],
+        crf,
+        experiment,
+        registered_model,
+        mlflow_tracking_uri,
     )
 
 
@@ -147,7 +151,7 @@ def _single_node_dag(
     )
     evaluate, infer, register = add_scoring_steps(
         train.outputs["model"],
-        tfrecords,
+        convert.outputs["Output"],
         crf,
         experiment,
         registered_model,

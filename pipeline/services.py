@@ -429,8 +429,10 @@ class MlflowServer(_ServerProcess):
         return f"http://{HOST}:{self.port}"
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        """The run's page in the MLflow UI."""
-        return f"{self.uri}/#/experiments/{experiment_id}/runs/{run_id}"
+        """The run's page in the MLflow UI (its model-training layout)."""
+        from vitpcm.tracking.naming import ui_run_url
+
+        return ui_run_url(self.uri, experiment_id, run_id)
 
     def env(self) -> dict[str, str]:
         """The server's environment: S3 endpoint and credentials, fast start."""

@@ -177,20 +177,27 @@ def add_train_step(
 
 def add_scoring_steps(
     model: PipelineChannel,
-    tfrecords: PipelineChannel,
+    tfrecords_uri: PipelineChannel,
     crf: bool,
     experiment: str,
     registered_model: str,
     mlflow_tracking_uri: str,
     crf_workers: int = cluster.CRF_WORKERS,
 ) -> tuple[PipelineTask, PipelineTask, PipelineTask]:
-    """Evaluate, infer + CRF, register; returns the three tasks."""
-    evaluate = evaluate_model(model=model, tfrecords=tfrecords).set_display_name("evaluate")
+    """Evaluate, infer + CRF, register; returns the three tasks.
+
+    ``tfrecords_uri`` is the convert step's output (the dataset's URI): each step reads the
+    split it needs in place (with the S3 Secret) instead of a copy of every shard.
+    """
+    evaluate = evaluate_model(model=model, tfrecords_uri=tfrecords_uri)
+    evaluate.set_display_name("evaluate")
     _size(evaluate, "evaluate").set_caching_options(False)
+    _use_s3_secret(evaluate)
     infer = infer_crf(
-        model=model, tfrecords=tfrecords, crf=crf, workers=crf_workers
+        model=model, tfrecords_uri=tfrecords_uri, crf=crf, workers=crf_workers
     ).set_display_name("infer pseudo masks + CRF")
     _size(infer, "infer").set_caching_options(False)
+    _use_s3_secret(infer)
     register = register_model(
         model=model,
         eval_metrics=evaluate.outputs["metrics"],
@@ -198,7 +205,7 @@ def add_scoring_steps(
         eval_report=evaluate.outputs["report"],
         pseudo_masks=infer.outputs["pseudo_masks"],
         # For the sample overlays (test images and ground truth next to the pseudo masks).
-        tfrecords=tfrecords,
+        tfrecords_uri=tfrecords_uri,
         tracking_uri=mlflow_tracking_uri,
         experiment=experiment,
         model_name=registered_model,

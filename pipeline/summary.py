@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitpcm.tracking.naming import ui_run_url
+
 # Up to this many classes the table lists them all (VOC's 21 fit); beyond, the best and
 # the worst few.
 _ALL_CLASSES_UP_TO = 21
@@ -96,6 +98,7 @@ def build_summary(
     val_report = _read_json(Path(eval_dir) / "metrics.json") if eval_dir else {}
     test_report = _read_json(Path(test_dir) / "metrics.json") if test_dir else {}
     metrics = run.metrics
+    held_out = test_report.get("split") != val_report.get("split")
     summary: dict[str, Any] = {
         "dataset": dataset,
         "config": config,
@@ -106,12 +109,20 @@ def build_summary(
         ],
         "train": dict(metrics.get("train", {})),
         "val": {
+            "purpose": "model selection: the selected model's baseline pseudo masks "
+            "(evaluate step)",
             "split": val_report.get("split"),
             "miou": _number(metrics.get("eval", {}).get("miou")),
             "pixel_accuracy": _number(metrics.get("eval", {}).get("pixel_accuracy")),
             "num_images": val_report.get("num_images"),
         },
         "test": {
+            "purpose": (
+                "held-out test (infer + CRF step)"
+                if held_out
+                else "test on the model-selection split, not held out (infer + CRF step)"
+            ),
+            "held_out": held_out,
             "split": test_report.get("split"),
             "miou": _number(metrics.get("test", {}).get("miou")),
             "miou_crf": _number(metrics.get("test", {}).get("miou_crf")),
@@ -160,9 +171,7 @@ def _mlflow_part(
     experiment_id = experiment_id_of(tracking_uri, run_id) if tracking_uri and run_id else None
     part["experiment_id"] = experiment_id
     base = tracking_uri.rstrip("/")
-    part["run_url"] = (
-        f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else None
-    )
+    part["run_url"] = ui_run_url(base, experiment_id, run_id) if experiment_id else None
     name, version = part.get("model_name"), part.get("version")
     part["model_url"] = f"{base}/#/models/{name}/versions/{version}" if name and version else None
     return part
@@ -199,13 +208,13 @@ def _class_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         ranked = sorted(rows, key=lambda r: -1.0 if r["test"] is None else r["test"])
         shown = [*ranked[-_SHOWN_AT_EACH_END:][::-1], None, *ranked[:_SHOWN_AT_EACH_END][::-1]]
     width = max(12, *(len(str(r["class"])) for r in rows))
-    lines = [f"    {'class':<{width}}  val BPM  test BPM  test CRF"]
+    lines = [f"    {'class':<{width}}  eval BPM  test BPM  test CRF"]
     for row in shown:
         if row is None:
             lines.append(f"    {'...':<{width}}")
             continue
         lines.append(
-            f"    {row['class']:<{width}}  {_score(row['val'])}   {_score(row['test'])}"
+            f"    {row['class']:<{width}}  {_score(row['val'])}    {_score(row['test'])}"
             f"    {_score(row['test_crf'])}"
         )
     return lines
@@ -225,21 +234,31 @@ def format_summary(summary: Mapping[str, Any], summary_path: str | None = None) 
         f"ViT-PCM local run finished in {_clock(summary['wall_seconds'])} "
         f"(dataset {summary['dataset']}, config {summary['config']})",
         "",
-        f"  {'mIoU':<40}{'split':<8}{'BPM':<8}after CRF",
-        f"    {'validation (baseline pseudo masks)':<38}{val.get('split') or '-':<8}"
+        f"  {'mIoU of the selected model':<50}{'split':<8}{'BPM':<8}after CRF",
+    ]
+    if train.get("val_miou") is not None:
+        epochs = train.get("epochs_run")
+        best = f"best of {int(epochs)} epochs" if epochs is not None else "best epoch"
+        if train.get("best_epoch") is not None:
+            best += f" (epoch {int(train['best_epoch'])})"
+        lines.append(
+            f"    {'model selection: ' + best:<48}{val.get('split') or '-':<8}"
+            f"{_score(_number(train['val_miou']))}"
+        )
+    held_out = test.get("held_out", True)
+    test_label = "held-out test: infer + CRF" if held_out else "test (not held out): infer + CRF"
+    lines += [
+        f"    {'model selection: evaluate step':<48}{val.get('split') or '-':<8}"
         f"{_score(val['miou'])}",
-        f"    {'test':<38}{test.get('split') or '-':<8}"
+        f"    {test_label:<48}{test.get('split') or '-':<8}"
         f"{_score(test['miou'])}  {_score(test['miou_crf'])}",
     ]
-    if train.get("epochs_run") is not None:
-        also = "" if train.get("train_miou") is None else f", train mIoU {train['train_miou']:.4f}"
-        lines.append(
-            f"    (training: {int(train['epochs_run'])} epoch(s), best epoch "
-            f"{int(train.get('best_epoch', 0))}{also})"
-        )
+    if train.get("train_miou") is not None:
+        lines.append(f"    (training-subset mIoU at the best epoch: {train['train_miou']:.4f})")
     table = _class_table(summary.get("class_iou", []))
     if table:
-        lines += ["", "  Per-class IoU", *table]
+        where = f"eval on {val.get('split') or '-'}, test on {test.get('split') or '-'}"
+        lines += ["", f"  Per-class IoU ({where})", *table]
     lines += [
         "",
         f"  Model:            {_short_path(artifacts.get('model'))}",

@@ -57,17 +57,41 @@ def test_final_metrics_names_split_and_classes() -> None:
         "class_names": CLASSES,
         "num_images": 3,
     }
-    flat = final_metrics(metrics, "val")
-    assert flat["miou_val"] == 0.5
-    assert flat["miou_crf_val"] == 0.55
-    assert flat["pixel_accuracy_val"] == 0.9
-    assert flat["iou_background_val"] == 0.8
-    assert flat["iou_disc_val"] == 0.2
-    assert flat["iou_crf_traffic_light_val"] == 0.4
-    # Undefined IoUs (class absent from ground truth and prediction) are not logged.
-    assert "iou_square_val" not in flat
-    assert "iou_traffic_light_val" not in flat
-    assert "num_images_val" not in flat
+    flat = final_metrics(metrics, "test")
+    assert flat == {
+        "test/miou": 0.5,
+        "test/miou_crf": 0.55,
+        "test/pixel_accuracy": 0.9,
+        "class_iou/background": 0.8,
+        "class_iou/disc": 0.2,
+        # Undefined IoUs (class absent from ground truth and prediction) are not logged.
+        "class_iou_crf/background": 0.85,
+        "class_iou_crf/square": 0.1,
+        "class_iou_crf/disc": 0.3,
+        "class_iou_crf/traffic_light": 0.4,
+    }
+    assert final_metrics(metrics, "eval", per_class=False) == {
+        "eval/miou": 0.5,
+        "eval/miou_crf": 0.55,
+        "eval/pixel_accuracy": 0.9,
+    }
+
+
+def test_curve_keys_are_grouped_and_links_open_the_training_view() -> None:
+    from vitpcm.tracking.naming import curve_key, ui_experiment_url, ui_run_url
+
+    keys = ["loss", "bce", "et", "l2", "train_miou", "val_miou", "val_pixel_accuracy", "lr"]
+    assert [curve_key(k) for k in keys] == [
+        "train/loss", "train/bce", "train/et", "train/l2", "train/miou", "val/miou",
+        "val/pixel_accuracy", "train/lr",
+    ]  # fmt: skip
+    assert curve_key("train_seconds") == "train/epoch_seconds"
+    assert ui_run_url("http://h:5000/", "3", "abc") == (
+        "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+    assert ui_experiment_url("http://h", "3") == (
+        "http://h/#/experiments/3/runs?workflowType=machine_learning"
+    )
 
 
 def test_champion_comparison_shows_the_difference() -> None:
@@ -174,22 +198,47 @@ def test_plot_sample_overlays_writes_a_grid(tmp_path: Path) -> None:
 def test_split_figures_follow_what_is_known(tmp_path: Path) -> None:
     metrics = {"miou": 0.5, "class_iou": [0.9, 0.1, None, 0.5], "class_iou_crf": [1, 0, 0, 0]}
     names = write_split_figures(
-        tmp_path / "val",
+        tmp_path / "test",
         metrics,
-        "val",
+        "test",
+        stage="test",
         confusion_matrix=np.eye(4, dtype=int),
+        confusion_matrix_crf=np.eye(4, dtype=int),
         class_names=CLASSES,
-        samples=[_sample(2)],
+        best=[_sample(2)],
+        worst=[_sample(3)],
     )
     assert names == [
-        "class_iou.png",
-        "class_iou_crf.png",
+        "class_iou_before_after_crf.png",
         "confusion_matrix.png",
+        "confusion_matrix_crf.png",
         "metrics.json",
-        "sample_overlays.png",
+        "overlays_best.png",
+        "overlays_worst.png",
     ]
-    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["class_iou"][2] is None
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["class_iou"][2] is None
+    names = write_split_figures(
+        tmp_path / "eval", {"class_iou": [0.2, 0.3]}, "val", samples=[_sample(1)]
+    )
+    assert names == ["class_iou.png", "metrics.json", "sample_overlays.png"]
     assert write_split_figures(tmp_path / "train", {"miou": 0.2}, "train") == ["metrics.json"]
+
+
+def test_before_after_crf_chart_draws_both_bars_per_class(tmp_path: Path) -> None:
+    from vitpcm.tracking.figures import plot_class_iou_before_after_crf
+
+    path = tmp_path / "crf.png"
+    plot_class_iou_before_after_crf([0.25, 0.5, None], [0.75, 1.0, 0.5], CLASSES[:3], path)
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in rgb.tolist()}
+    assert (0x4C, 0x72, 0xB0) in colours and (0xDD, 0x84, 0x52) in colours  # BPM and CRF bars
+    # The after-CRF bars are twice as tall in total (0.75 + 1 + 0.5 vs 0.25 + 0.5): more pixels.
+    bpm = np.all(rgb == (0x4C, 0x72, 0xB0), axis=1).sum()
+    crf = np.all(rgb == (0xDD, 0x84, 0x52), axis=1).sum()
+    assert crf == pytest.approx(bpm * 2.25 / 0.75, rel=0.1)
+    with pytest.raises(ValueError, match="3 IoUs before the CRF but 2 after"):
+        plot_class_iou_before_after_crf([0.1, 0.2, 0.3], [0.1, 0.2], None, path)
 
 
 # ----------------------------------------------------------------------------- without a server
@@ -213,7 +262,7 @@ def test_tracker_without_uri_keeps_everything_in_the_spool(
     assert "vitpcm mlflow replay" in caplog.text
     epochs = [r.data["metrics"] for r in spool.records() if r.kind == "metrics"]
     assert [m[0]["step"] for m in epochs] == [0, 1, 2]
-    assert all(m[0]["key"] == "loss" for m in epochs)
+    assert all(m[0]["key"] == "train/loss" for m in epochs)
 
 
 # ----------------------------------------------------------------------------- real server
@@ -237,6 +286,7 @@ class TinyTraining:
     out: Path
     result: dict
     run_id: str
+    spool: Path
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +301,12 @@ def tiny_training(
     data = make_tiny_dataset(root / "data", train=8, val=4, test=2)
     cfg = tiny_config("mlflow.experiment=test-full-run", "mlflow.registered_model=test-full-model")
     out = root / "train-out"
+    # Beside the output folder: `vitpcm train` writes only into a new or its own folder.
+    spool = root / "mlflow-spool"
     with RunTracker(
         cfg,
         out,
+        spool_dir=spool,
         tracking_uri=mlflow_server.uri,
         kfp_run_id="kfp-123",
         kfp_ui_url="https://kf.example/pipeline",
@@ -268,7 +321,7 @@ def tiny_training(
         )
         run_id = tracker.run_id
     assert run_id
-    return TinyTraining(cfg, data, out, result, run_id)
+    return TinyTraining(cfg, data, out, result, run_id, spool)
 
 
 @pytest.mark.slow
@@ -284,7 +337,9 @@ def test_tracked_training_run_logs_everything(
 
     cfg, out, result = tiny_training.cfg, tiny_training.out, tiny_training.result
     # A later step of the same job reopens the run from the spool in the output folder.
-    with RunTracker(cfg, out, tracking_uri=mlflow_server.uri) as tracker:
+    with RunTracker(
+        cfg, out, spool_dir=tiny_training.spool, tracking_uri=mlflow_server.uri
+    ) as tracker:
         assert tracker.run_id == tiny_training.run_id
         matrix = np.array([[50, 5, 0, 0], [4, 30, 0, 0], [1, 0, 9, 0], [0, 0, 0, 0]])
         results = {**result, "class_names": CLASSES, "class_iou": [0.8, 0.6, 0.9, None]}
@@ -305,6 +360,9 @@ def test_tracked_training_run_logs_everything(
     assert run.data.tags["kfp.run_id"] == "kfp-123"
     assert run.data.tags["kfp.run_url"] == "https://kf.example/pipeline/#/runs/details/kfp-123"
     assert "kfp-123" in run.data.tags["mlflow.note.content"]
+    assert "config **synthetic**" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["mlflow.source.name"] == "vitpcm"
+    assert run.data.tags["eval.split"] == "val"
     assert run.data.tags["vitpcm.version"]
     assert run.data.tags["promoted"] == "true"
     assert run.info.status == "FINISHED"
@@ -315,29 +373,30 @@ def test_tracked_training_run_logs_everything(
     assert run.data.params["model.hidden_dim"] == "32"
     assert run.data.params["data.dataset"] == "synthetic"
     # per-epoch curves, one point per epoch (step = epoch number, from 1)
-    for key in ("loss", "bce", "et", "l2", "train_miou", "val_miou", "lr"):
+    for key in ("train/loss", "train/bce", "train/et", "train/l2", "train/miou", "val/miou"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2], key
-    assert "epoch" not in run.data.metrics and "timestamp" not in run.data.metrics
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/lr")) == [1, 2]
+    assert not {"epoch", "timestamp", "loss", "val_miou"} & set(run.data.metrics)
     # final metrics
-    assert math.isclose(run.data.metrics["miou_val"], result["miou"])
-    assert run.data.metrics["miou_crf_val"] == 0.7
-    assert run.data.metrics["iou_square_val"] == 0.6
-    assert "iou_traffic_light_val" not in run.data.metrics
+    assert math.isclose(run.data.metrics["eval/miou"], result["miou"])
+    assert run.data.metrics["eval/miou_crf"] == 0.7
+    assert run.data.metrics["class_iou/square"] == 0.6
+    assert "class_iou/traffic_light" not in run.data.metrics
     assert set(flat) <= set(run.data.metrics)
     # artifacts: plots, overlays, config, metrics.json
     for expected in (
         "config.yaml",
         "metrics.json",
-        "val/class_iou.png",
-        "val/confusion_matrix.png",
-        "val/sample_overlays.png",
-        "val/metrics.json",
+        "eval/class_iou.png",
+        "eval/confusion_matrix.png",
+        "eval/sample_overlays.png",
+        "eval/metrics.json",
     ):
         assert expected in artifacts, artifacts
     local = Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path)))
-    assert json.loads(local.read_text())["val"]["miou_crf"] == 0.7
-    png = Path(client.download_artifacts(run_id, "val/sample_overlays.png", str(tmp_path)))
+    assert json.loads(local.read_text())["eval"]["miou_crf"] == 0.7
+    png = Path(client.download_artifacts(run_id, "eval/sample_overlays.png", str(tmp_path)))
     assert png.read_bytes().startswith(b"\x89PNG")
     # the model: logged, registered, champion (first version), loadable with its signature
     assert not logged.pending
@@ -359,10 +418,11 @@ def test_tracked_training_run_logs_everything(
         outputs["class_probs"], model(images)["class_probs"], rtol=1e-5, atol=1e-6
     )
     signature = mlflow.models.get_model_info(f"models:/{logged.model_id}").signature
-    assert [s.name for s in signature.outputs.inputs] == ["patch_probs", "class_probs"]
-    assert signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
+    # the served (pyfunc) signature: base64 images in, masks and class scores out
+    assert [s.name for s in signature.inputs.inputs] == ["image"]
+    assert [s.name for s in signature.outputs.inputs] == ["mask", "height", "width", "classes"]
     # nothing left in the spool
-    assert Spool(out / "mlflow-spool").pending() == []
+    assert Spool(tiny_training.spool).pending() == []
 
 
 @pytest.mark.slow
@@ -399,15 +459,56 @@ def test_pipeline_run_logged_from_step_outputs_and_gated(
     run, artifacts = _run_data(mlflow_server, first["run_id"])
     client = mlflow_server.client()
     assert run.data.tags["kfp.run_id"] == "kfp-1"
-    assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [1, 2]
-    assert math.isclose(run.data.metrics["miou_val"], first["miou"])
-    assert "miou_crf_val" in run.data.metrics
-    # Evaluation and inference both scored val (synthetic's test split): logged once.
-    assert len(client.get_metric_history(first["run_id"], "miou_val")) == 1
-    assert run.data.metrics["best_epoch"] == tiny_training.result["best_epoch"]
-    assert {"val/confusion_matrix.png", "val/class_iou_crf.png", "val/sample_overlays.png"} <= (
-        set(artifacts)
-    )
+    steps = client.get_metric_history(first["run_id"], "train/loss")
+    assert sorted(m.step for m in steps) == [1, 2]
+    assert math.isclose(run.data.metrics["eval/miou"], first["miou"])
+    tested = json.loads((test_dir / "metrics.json").read_text())
+    assert tested["split"] == "test"  # held out: not the evaluation's val
+    assert math.isclose(run.data.metrics["test/miou"], tested["miou"])
+    assert math.isclose(run.data.metrics["test/miou_crf"], tested["miou_crf"])
+    assert (run.data.tags["eval.split"], run.data.tags["test.split"]) == ("val", "test")
+    # The confusion matrices read back from the PNGs give the test step's own scores, and
+    # the best and worst overlays are the extremes of the per-image mIoU.
+    from vitpcm.metrics import metrics_from_matrix
+    from vitpcm.tracking.pseudo_masks import score_pseudo_masks
+
+    scores = score_pseudo_masks(data, "test", test_dir, cfg.data.num_classes, count=1)
+    assert metrics_from_matrix(scores.confusion_bpm)["miou"] == pytest.approx(tested["miou"])
+    assert metrics_from_matrix(scores.confusion_crf)["miou"] == pytest.approx(tested["miou_crf"])
+    ranked = sorted(score for _name, score in scores.per_image)
+    assert (scores.best[0]["miou"], scores.worst[0]["miou"]) == (ranked[-1], ranked[0])
+    assert scores.best[0]["image"].shape[-1] == 3
+    assert run.data.metrics["best/epoch"] == tiny_training.result["best_epoch"]
+    assert math.isclose(run.data.metrics["best/val_miou"], tiny_training.result["miou"])
+    for expected in (
+        "eval/confusion_matrix.png",
+        "test/confusion_matrix.png",
+        "test/confusion_matrix_crf.png",
+        "test/class_iou_before_after_crf.png",
+        "test/overlays_best.png",
+        "test/overlays_worst.png",
+        "history.json",
+    ):
+        assert expected in artifacts, artifacts
+    assert any(a.startswith("tensorboard/") for a in artifacts), artifacts
+    pngs = sorted(p.name for p in (test_dir / "pseudo_masks").glob("*.png"))
+    assert [a for a in artifacts if a.startswith("test/pseudo_masks_sample/pseudo_masks/")] == [
+        f"test/pseudo_masks_sample/pseudo_masks/{name}" for name in pngs[:8]
+    ]
+    assert run.data.tags["pseudo_masks.uri"] == str(test_dir)
+    # The description names what ran and what it scored; the inputs name the splits.
+    note = run.data.tags["mlflow.note.content"]
+    assert f"test BPM mIoU {tested['miou']:.3f}" in note and "test-pipeline-model" in note
+    assert run.data.tags["mlflow.source.name"] == "vitpcm pipeline"
+    inputs = {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        ("synthetic-train", "training"),
+        ("synthetic-val", "validation"),
+        ("synthetic-test", "test"),
+    }
 
     # The next scheduled run scores lower: registered, but the champion stays.
     worse_eval = tmp_path / "eval-worse"

@@ -152,42 +152,102 @@ def plot_sample_overlays(
     storage.write_bytes(path, buffer.getvalue())
 
 
+def plot_class_iou_before_after_crf(
+    bpm: Sequence[float | None],
+    crf: Sequence[float | None],
+    class_names: Sequence[str] | None,
+    path: str | os.PathLike[str],
+    title: str = "Per-class IoU before and after the CRF",
+) -> None:
+    """Save a grouped bar chart: each class's IoU before (BPM) and after the CRF, side by
+    side, with both mIoUs in the legend. Undefined IoUs (``None``/NaN) leave empty slots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    before = np.array([np.nan if v is None else float(v) for v in bpm], dtype=np.float64)
+    after = np.array([np.nan if v is None else float(v) for v in crf], dtype=np.float64)
+    if before.shape != after.shape:
+        raise ValueError(f"{before.size} IoUs before the CRF but {after.size} after")
+    k = before.size
+    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(k)]
+    x = np.arange(k)
+    fig = Figure(figsize=(min(max(6.0, 0.6 * k + 2.0), 40.0), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for offset, values, label, colour in (
+        (-0.2, before, "BPM", "#4c72b0"),
+        (0.2, after, "after CRF", "#dd8452"),
+    ):
+        miou = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        ax.bar(x + offset, np.nan_to_num(values), 0.4, label=f"{label} (mIoU {miou:.3f})",
+               color=colour)  # fmt: skip
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45 if k > 8 else 0, ha="right" if k > 8 else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    storage.write_bytes(path, buffer.getvalue())
+
+
 def write_split_figures(
     folder: str | os.PathLike[str],
     metrics: Mapping[str, Any],
     split: str,
     *,
+    stage: str = "eval",
     confusion_matrix: Any = None,
+    confusion_matrix_crf: Any = None,
     class_names: Sequence[str] | None = None,
     samples: Sequence[Mapping[str, Any]] | None = None,
+    best: Sequence[Mapping[str, Any]] | None = None,
+    worst: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[str]:
-    """Write a split's result files into a new local ``folder``; returns their names.
+    """Write a stage's result files into a new local ``folder``; returns their names.
 
-    ``confusion_matrix.png`` (when the matrix is given), ``class_iou.png`` (BPM) and
-    ``class_iou_crf.png`` (when CRF results are in ``metrics``), ``sample_overlays.png``
-    (when samples are given) and ``metrics.json``.
+    ``confusion_matrix.png`` (BPM, before the CRF) and ``confusion_matrix_crf.png`` (after
+    it) when the matrices are given; ``class_iou_before_after_crf.png`` when CRF results are
+    in ``metrics``, else ``class_iou.png``; ``overlays_best.png`` / ``overlays_worst.png``
+    (the images with the highest and lowest IoU) and ``sample_overlays.png`` when given;
+    and ``metrics.json``. Titles name the stage and the split.
     """
     from vitpcm.metrics import json_safe, plot_class_iou, plot_confusion_matrix
 
     out = Path(folder)
     out.mkdir(parents=True)
-    if confusion_matrix is not None:
-        plot_confusion_matrix(
-            confusion_matrix,
-            class_names,
-            out / "confusion_matrix.png",
-            title=f"Confusion matrix, {split} (rows normalised)",
-        )
-    for key, stage, file in (
-        ("class_iou", "BPM", "class_iou.png"),
-        ("class_iou_crf", "after CRF", "class_iou_crf.png"),
+    where = f"{stage}, split {split}"
+    for matrix, file, what in (
+        (confusion_matrix, "confusion_matrix.png", "BPM, before CRF"),
+        (confusion_matrix_crf, "confusion_matrix_crf.png", "after CRF"),
     ):
-        if metrics.get(key):
-            title = f"Per-class IoU, {split} ({stage})"
-            plot_class_iou(metrics[key], class_names, out / file, title=title)
-    if samples:
-        plot_sample_overlays(
-            samples, class_names, out / "sample_overlays.png", title=f"Samples, {split}"
+        if matrix is not None:
+            title = f"Confusion matrix, {what} ({where}; rows normalised)"
+            plot_confusion_matrix(matrix, class_names, out / file, title=title)
+    if metrics.get("class_iou") and metrics.get("class_iou_crf"):
+        plot_class_iou_before_after_crf(
+            metrics["class_iou"],
+            metrics["class_iou_crf"],
+            class_names,
+            out / "class_iou_before_after_crf.png",
+            title=f"Per-class IoU before and after the CRF ({where})",
         )
+    elif metrics.get("class_iou"):
+        title = f"Per-class IoU, BPM ({where})"
+        plot_class_iou(metrics["class_iou"], class_names, out / "class_iou.png", title=title)
+    for chosen, file, what in (
+        (best, "overlays_best.png", "highest"),
+        (worst, "overlays_worst.png", "lowest"),
+        (samples, "sample_overlays.png", None),
+    ):
+        if chosen:
+            title = (
+                f"The {len(chosen)} images with the {what} BPM IoU ({where})"
+                if what
+                else f"Samples ({where})"
+            )
+            plot_sample_overlays(chosen, class_names, out / file, title=title)
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     return sorted(p.name for p in out.iterdir())

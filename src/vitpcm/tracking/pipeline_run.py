@@ -10,9 +10,11 @@ When the training logged live (:mod:`vitpcm.tracking.training`), its run is cont
 its spool is copied into this step's spool folder (records MLflow has not acknowledged
 yet, from an outage during training, are sent first) and the epoch curves, params and
 training summary are not logged again. Otherwise the run is created here, with the
-curves from ``history.json``. Either way it gets the final metrics and plots per split,
-sample overlays (when the TFRecords are at hand for the images and ground truth), the
-model, its registration and the champion gate.
+curves from ``history.json`` (and ``history.json`` and the TensorBoard logs as artifacts).
+Either way it gets the dataset inputs, the evaluation's results (``eval/``), the test
+results before and after the CRF (``test/``: confusion matrices, per-class chart, overlays
+of the best and worst images, a sample of the pseudo-mask PNGs and the URI of all of them),
+the model, its registration, the champion gate and a run description with the results.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from vitpcm.errors import TrackingError
+from vitpcm.tracking.describe import dataset_inputs
+from vitpcm.tracking.pseudo_masks import mask_sample, score_pseudo_masks
 from vitpcm.tracking.sender import same_tracking_uri
 from vitpcm.tracking.spool import META_FILE, SPOOL_DIRNAME, Spool
 from vitpcm.tracking.tracker import RunTracker
-from vitpcm.tracking.training import RUN_FILE, training_summary
+from vitpcm.tracking.training import RUN_FILE, log_training_files, training_summary
 
 log = logging.getLogger("vitpcm.tracking")
 
@@ -107,52 +111,6 @@ def _attached_run(model_path: Path, tracking_uri: str) -> tuple[str | None, str 
     return str(run_id), info.get("experiment")
 
 
-def overlay_samples(
-    data_dir: str | os.PathLike[str],
-    split: str,
-    test_dir: str | os.PathLike[str],
-    count: int = 4,
-) -> list[dict[str, Any]]:
-    """The first ``count`` images of ``split`` with ground truth, BPM and CRF label maps.
-
-    Images and ground truth come from the local TFRecords in ``data_dir``; the pseudo
-    masks from ``test_dir/pseudo_masks`` and ``pseudo_masks_crf`` (matched by file stem).
-    Only samples that have a BPM are returned.
-    """
-    import io
-
-    import numpy as np
-    import tensorflow as tf
-    from PIL import Image
-
-    from vitpcm.data import tfrecord
-    from vitpcm.data.labels import decode_label_png
-    from vitpcm.data.reader import read_split_info
-
-    info = read_split_info(str(data_dir), split)
-    test = Path(test_dir)
-    samples: list[dict[str, Any]] = []
-    for serialized in tf.data.TFRecordDataset(list(info.files)):
-        if len(samples) >= count:
-            break
-        example = tfrecord.decode_example(serialized.numpy())
-        name = example[tfrecord.IMAGE_FILENAME].decode("utf-8")
-        stem = os.path.splitext(os.path.basename(name))[0]
-        bpm_path = test / "pseudo_masks" / f"{stem}.png"
-        if not bpm_path.is_file():
-            continue
-        image = np.asarray(Image.open(io.BytesIO(example[tfrecord.IMAGE_ENCODED])).convert("RGB"))
-        sample: dict[str, Any] = {"name": stem, "image": image}
-        sample["bpm"] = decode_label_png(bpm_path.read_bytes(), str(bpm_path))
-        crf_path = test / "pseudo_masks_crf" / f"{stem}.png"
-        if crf_path.is_file():
-            sample["crf"] = decode_label_png(crf_path.read_bytes(), str(crf_path))
-        if tfrecord.LABEL_ENCODED in example:
-            sample["ground_truth"] = decode_label_png(example[tfrecord.LABEL_ENCODED], name)
-        samples.append(sample)
-    return samples
-
-
 def log_pipeline_run(
     *,
     tracking_uri: str,
@@ -166,6 +124,8 @@ def log_pipeline_run(
     data_dir: str | os.PathLike[str] | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
     num_samples: int = 4,
+    data_uri: str | None = None,
+    pseudo_masks_uri: str | None = None,
 ) -> dict[str, Any]:
     """Log a finished pipeline run to MLflow, register its model and gate the champion.
 
@@ -179,11 +139,15 @@ def log_pipeline_run(
         kfp_run_id: Kubeflow run id, tagged with a link when ``kfp_ui_url`` (or
             ``$KFP_UI_URL``) is known.
         kfp_ui_url: Kubeflow Pipelines UI base URL.
-        data_dir: local TFRecord folder; with ``test_dir``, gives the sample overlays.
+        data_dir: local TFRecord folder: the dataset inputs and, with ``test_dir``, the
+            confusion matrices after the CRF and the best/worst overlays.
         spool_dir: where records wait while MLflow is down; put it in a step output to be
             able to replay it (default: a temporary folder, lost with the pod). It must be
             empty or missing, or hold this run's spool from an earlier attempt.
-        num_samples: how many overlay samples.
+        num_samples: how many best and how many worst images to overlay.
+        data_uri: where the TFRecords live for the user (``s3://``...; default ``data_dir``).
+        pseudo_masks_uri: where all the pseudo-mask PNGs live (default ``test_dir``); a
+            sample of them is logged, this URI is tagged ``pseudo_masks.uri``.
 
     Returns:
         ``run_id``, ``experiment``, ``model_name``, ``version``, ``promoted``,
@@ -217,6 +181,7 @@ def log_pipeline_run(
     eval_metrics = _optional_json(eval_dir, "metrics.json")
     test_metrics = _optional_json(test_dir, "metrics.json")
 
+    data_shown = data_uri or (str(data_dir) if data_dir else None)
     with RunTracker(
         cfg,
         spool_dir.parent,
@@ -227,15 +192,19 @@ def log_pipeline_run(
         kfp_run_id=kfp_run_id,
         kfp_ui_url=kfp_ui_url,
         log_config=not from_training,
+        source="vitpcm pipeline",
+        data_uri=data_shown,
     ) as tracker:
         if not from_training:
             for index, logs in enumerate(history):
                 tracker.epoch_callback(int(logs.get("epoch", index + 1)), logs)
             tracker.log_metrics(training_summary(train_metrics))
+            log_training_files(tracker, str(model_path))
+        if data_dir:
+            tracker.log_inputs(dataset_inputs(str(data_dir), cfg, shown_uri=data_shown))
         gate_metrics = eval_metrics or train_metrics
         gate_split = str(gate_metrics.get("split") or cfg.data.val_split)
-        # split -> (metrics, confusion matrix, overlay samples), logged once per split.
-        results: dict[str, tuple[dict[str, Any], Any, list[dict[str, Any]]]] = {}
+        has_test = bool(test_metrics and test_metrics.get("miou") is not None)
         if eval_metrics:
             matrix = None
             matrix_path = Path(eval_dir) / "confusion_matrix.npy"
@@ -243,25 +212,28 @@ def log_pipeline_run(
                 import numpy as np
 
                 matrix = np.load(matrix_path)
-            results[gate_split] = (eval_metrics, matrix, [])
-        elif train_metrics:
-            results[gate_split] = (train_metrics, None, [])
-        if test_metrics and test_metrics.get("miou") is not None:
-            test_split = str(test_metrics.get("split") or cfg.data.test_split)
-            samples = []
-            if data_dir and test_dir:
-                samples = overlay_samples(data_dir, test_split, test_dir, num_samples)
-            # Inference on the evaluated split (synthetic's test split is val) adds its CRF
-            # scores to the evaluation's; the BPM scores are logged once, the evaluation's.
-            metrics, matrix, _ = results.get(test_split, ({}, None, []))
-            results[test_split] = ({**test_metrics, **metrics}, matrix, samples)
-        for split, (metrics, matrix, samples) in results.items():
-            tracker.log_results(metrics, split, confusion_matrix=matrix, samples=samples)
+            tracker.log_results(
+                eval_metrics, gate_split, stage="eval", per_class=not has_test,
+                confusion_matrix=matrix,
+            )  # fmt: skip
+        if has_test:
+            _log_test(tracker, cfg, test_metrics, data_dir, test_dir, num_samples)
+            tracker.set_tags({"pseudo_masks.uri": pseudo_masks_uri or str(test_dir)})
         miou = gate_metrics.get("miou")
         logged = tracker.log_model(
             load_model(str(model_path)),
             miou=None if miou is None else float(miou),
             split=gate_split,
+        )
+        tracker.describe(
+            {
+                "test_miou": (test_metrics or {}).get("miou"),
+                "test_miou_crf": (test_metrics or {}).get("miou_crf"),
+                "eval_miou": (eval_metrics or {}).get("miou"),
+                "best_epoch": train_metrics.get("best_epoch"),
+                "registered_model": logged.model_name,
+                "version": logged.version,
+            }
         )
         run_id = tracker.run_id
     pending = len(Spool(spool_dir).pending())
@@ -281,3 +253,36 @@ def log_pipeline_run(
         "spool_dir": str(spool_dir),
         "continued": from_training,
     }
+
+
+def _log_test(
+    tracker: RunTracker,
+    cfg: Any,
+    metrics: dict[str, Any],
+    data_dir: str | os.PathLike[str] | None,
+    test_dir: str | os.PathLike[str] | None,
+    count: int,
+) -> None:
+    """The test step's results: metrics, confusion matrices before and after the CRF, the
+    per-class chart, the best and worst overlays and a sample of the pseudo-mask PNGs."""
+    split = str(metrics.get("split") or cfg.data.test_split)
+    figures: dict[str, Any] = {}
+    if data_dir and test_dir:
+        scores = score_pseudo_masks(data_dir, split, test_dir, cfg.data.num_classes, count)
+        if scores is not None:
+            figures = {
+                "confusion_matrix": scores.confusion_bpm,
+                "confusion_matrix_crf": scores.confusion_crf,
+                "best": scores.best,
+                "worst": scores.worst,
+            }
+    tracker.log_results(metrics, split, stage="test", **figures)
+    if test_dir:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "pseudo_masks_sample"
+            for rel in mask_sample(test_dir):
+                target = folder / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(test_dir) / rel, target)
+            if folder.is_dir():
+                tracker.log_artifact(folder, "test", move=True)

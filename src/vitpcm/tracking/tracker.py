@@ -29,7 +29,6 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,11 +36,12 @@ from typing import Any
 from vitpcm import __version__, storage
 from vitpcm.config import Config, save_config
 from vitpcm.errors import TrackingError
+from vitpcm.tracking.describe import NOTE_TAG, run_description, source_tags
 from vitpcm.tracking.figures import write_split_figures
-from vitpcm.tracking.model_files import save_mlflow_model
+from vitpcm.tracking.model_log import ModelLogResult, log_model
 from vitpcm.tracking.naming import (
+    curve_key,
     default_experiment,
-    default_registered_model,
     final_metrics,
     finite_number,
     flatten_params,
@@ -50,8 +50,7 @@ from vitpcm.tracking.naming import (
     param_value,
     resolve_tracking_uri,
 )
-from vitpcm.tracking.registry import ChampionDecision
-from vitpcm.tracking.sender import SpoolSender, decision_of
+from vitpcm.tracking.sender import SpoolSender
 from vitpcm.tracking.spool import SPOOL_DIRNAME, Spool, now_ms
 
 log = logging.getLogger("vitpcm.tracking")
@@ -60,25 +59,6 @@ KFP_RUN_ID_ENV = "KFP_RUN_ID"
 KFP_UI_URL_ENV = "KFP_UI_URL"
 # Train-loop log keys that are not per-epoch curves ("timestamp": when the epoch ended, in ms).
 _NOT_CURVES = frozenset({"epoch", "timestamp"})
-
-
-@dataclass(frozen=True)
-class ModelLogResult:
-    """What :meth:`RunTracker.log_model` achieved (fields are ``None`` while pending).
-
-    Attributes:
-        pending: the model (or its registration) still waits in the spool.
-        model_id: the MLflow logged-model id.
-        model_name: the registered model name (``None``: not registered).
-        version: the registered version.
-        decision: the champion decision (``None``: pending or no gate).
-    """
-
-    pending: bool
-    model_id: str | None
-    model_name: str | None
-    version: str | None
-    decision: ChampionDecision | None
 
 
 # ----------------------------------------------------------------------------- tracker
@@ -105,6 +85,8 @@ class RunTracker:
             final attempt is always made when the run ends).
         log_config: log the config as params and ``config.yaml`` when the run starts;
             ``False`` for a later step continuing a run that already has them.
+        source: what is running, for the run's Source column (``vitpcm train``...).
+        data_uri: the TFRecords the run reads, named in the run description.
     """
 
     def __init__(
@@ -122,8 +104,12 @@ class RunTracker:
         spool_dir: str | os.PathLike[str] | None = None,
         retry_interval_s: float = 60.0,
         log_config: bool = True,
+        source: str = "vitpcm",
+        data_uri: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.source = source
+        self.data_uri = data_uri
         self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg)
         self.experiment = experiment or default_experiment(cfg)
         self.run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -175,16 +161,30 @@ class RunTracker:
             "backbone": cfg.model.backbone,
             "config": cfg.name,
             "vitpcm.version": __version__,
+            **source_tags(self.source, self.kfp_run_id),
         }
-        if self.kfp_run_id:
+        link = self._kfp_link()
+        if link:
+            tags["kfp.run_id"], tags["kfp.run_url"] = link
+        elif self.kfp_run_id:
             tags["kfp.run_id"] = self.kfp_run_id
-            if self.kfp_ui_url:
-                url = kfp_run_url(self.kfp_ui_url, self.kfp_run_id)
-                tags["kfp.run_url"] = url
-                # The run description (rendered as Markdown on the run page) makes it a link.
-                tags["mlflow.note.content"] = f"Kubeflow Pipelines run: [{self.kfp_run_id}]({url})"
+        # The run description, rendered as Markdown at the top of the run page.
+        tags[NOTE_TAG] = run_description(cfg, data_uri=self.data_uri, kfp_link=link)
         tags.update(self.extra_tags)
         return tags
+
+    def _kfp_link(self) -> tuple[str, str] | None:
+        if not (self.kfp_run_id and self.kfp_ui_url):
+            return None
+        return self.kfp_run_id, kfp_run_url(self.kfp_ui_url, self.kfp_run_id)
+
+    def describe(self, results: Mapping[str, Any] | None = None) -> None:
+        """Set the run description again, with the headline ``results`` once known
+        (:func:`~vitpcm.tracking.describe.run_description`)."""
+        text = run_description(
+            self.cfg, data_uri=self.data_uri, kfp_link=self._kfp_link(), results=results
+        )
+        self.set_tags({NOTE_TAG: text})
 
     def start(self) -> None:
         """Open the spool and record the run start, the params and the config."""
@@ -199,12 +199,16 @@ class RunTracker:
                 "records are kept in %s for `vitpcm mlflow replay`",
                 self.spool_dir,
             )
+        tags = self.run_tags()
+        if self.attach_run_id or any(r.kind == "start_run" for r in self.spool.records()):
+            # Continuing a run: its description (with links and results) stays as it is.
+            tags.pop(NOTE_TAG, None)
         self.spool.append(
             "start_run",
             {
                 "experiment": self.experiment,
                 "run_name": self.run_name,
-                "tags": self.run_tags(),
+                "tags": tags,
                 "attach_run_id": self.attach_run_id,
             },
         )
@@ -323,9 +327,15 @@ class RunTracker:
         number, counted from 1 as the training log prints it), at ``logs["timestamp"]``
         when the loop recorded when the epoch ended.
         """
-        curves = {k: v for k, v in logs.items() if k not in _NOT_CURVES}
+        curves = {curve_key(k): v for k, v in logs.items() if k not in _NOT_CURVES}
         stamp = finite_number(logs.get("timestamp"))
         self.log_metrics(curves, step=epoch, timestamp=None if stamp is None else int(stamp))
+
+    def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None:
+        """Log dataset inputs (:func:`~vitpcm.tracking.describe.dataset_inputs` entries)."""
+        if datasets:
+            self._spool().append("inputs", {"datasets": [dict(d) for d in datasets]})
+            self.flush()
 
     def log_artifact(
         self, path: str | os.PathLike[str], artifact_path: str | None = None, *, move: bool = False
@@ -366,107 +376,42 @@ class RunTracker:
         metrics: Mapping[str, Any],
         split: str,
         *,
-        confusion_matrix: Any = None,
+        stage: str = "eval",
+        per_class: bool = True,
         class_names: Sequence[str] | None = None,
-        samples: Sequence[Mapping[str, Any]] | None = None,
+        **figures: Any,
     ) -> dict[str, float]:
-        """Log a split's final results: metrics, plots, overlays and ``metrics.json``.
+        """Log one stage's final results: metrics, plots, overlays and ``metrics.json``.
 
         Args:
             metrics: a ``metrics.json``-style dict (``miou``, ``class_iou``,
                 ``pixel_accuracy``, optionally ``miou_crf``/``class_iou_crf``...).
-            split: the split they were measured on (``train``, ``val``...).
-            confusion_matrix: the K x K counts, for the heatmap.
+            split: the split they were measured on (tagged ``<stage>.split``).
+            stage: ``eval`` (the selected model's baseline pseudo masks) or ``test`` (test
+                inference and CRF): the metric prefix and the artifact folder.
+            per_class: also log ``class_iou/<class>`` metrics.
             class_names: K names (default: ``metrics["class_names"]``).
-            samples: overlay samples for :func:`plot_sample_overlays`.
+            **figures: :func:`~vitpcm.tracking.figures.write_split_figures` inputs
+                (``confusion_matrix``, ``confusion_matrix_crf``, ``samples``, ``best``,
+                ``worst``).
 
         Returns:
             The flat metrics logged (see :func:`final_metrics`).
         """
         names = list(class_names or metrics.get("class_names") or []) or None
-        flat = final_metrics(metrics, split, names)
+        flat = final_metrics(metrics, stage, names, per_class=per_class)
         self.log_metrics(flat)
-        self._final[split] = dict(metrics)
+        self.set_tags({f"{stage}.split": split})
+        self._final[stage] = {**metrics, "split": split}
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / split
-            write_split_figures(
-                folder,
-                metrics,
-                split,
-                confusion_matrix=confusion_matrix,
-                class_names=names,
-                samples=samples,
-            )
+            folder = Path(tmp) / stage
+            write_split_figures(folder, metrics, split, stage=stage, class_names=names, **figures)
             self.log_artifact(folder, move=True)
         self.log_dict(self._final, "metrics.json")
         return flat
 
-    def log_model(
-        self,
-        model: Any,
-        *,
-        miou: float | None = None,
-        split: str | None = None,
-        register: bool = True,
-        registered_model: str | None = None,
-        promote: bool = True,
-        name: str = "model",
-        step: int = 0,
-    ) -> ModelLogResult:
-        """Log the trained Keras model, register it and gate it for ``champion``.
-
-        The model is saved in MLflow's ``tensorflow`` flavor (Keras 3 ``.keras`` inside),
-        with the ViT-PCM signature, pinned requirements and the ``vitpcm`` source as code,
-        so ``mlflow.tensorflow.load_model("models:/<name>@champion")`` works without the
-        package installed.
-
-        Args:
-            model: the ViT-PCM Keras model (dict outputs ``patch_probs``/``class_probs``).
-            miou: its mIoU on ``split``, for the champion gate (``None``: register only).
-            split: the split of ``miou`` (default ``data.val_split``).
-            register: add a version to the registered model.
-            registered_model: its name (default :func:`default_registered_model`).
-            promote: run the champion gate (needs ``miou``).
-            name: the logged model's name.
-            step: the training step it belongs to.
-
-        Returns:
-            The ids, version and decision once sent; ``pending=True`` while MLflow is down.
-        """
-        spool = self._spool()
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = Path(tmp) / name
-            save_mlflow_model(model, model_dir, {"config": self.cfg.name})
-            params = flatten_params(self.cfg.to_dict())
-            model_record = spool.append(
-                "model",
-                {"name": name, "step": int(step), "params": params, "tags": {}},
-                files={"dir": model_dir},
-                move=True,
-            )
-        model_name = None
-        register_record = None
-        if register:
-            model_name = registered_model or default_registered_model(self.cfg)
-            split = split or self.cfg.data.val_split
-            register_record = spool.append(
-                "register",
-                {
-                    "model_record": model_record.id,
-                    "registered_model": model_name,
-                    "miou": None if miou is None else float(miou),
-                    "split": split,
-                    "gate": bool(promote and miou is not None),
-                    "tags": {"dataset": self.cfg.data.dataset, "backbone": self.cfg.model.backbone},
-                },
-            )
-        self.flush(force=True)
-        state = spool.load_state()
-        model_id = state.progress.get(model_record.id, {}).get("model_id")
-        version = decision = None
-        pending = state.acked < model_record.seq
-        if register_record is not None:
-            version = state.progress.get(register_record.id, {}).get("version")
-            decision = decision_of(state, register_record.id)
-            pending = state.acked < register_record.seq
-        return ModelLogResult(pending, model_id, model_name, version, decision)
+    def log_model(self, model: Any, **options: Any) -> ModelLogResult:
+        """Log the trained Keras model, register it and gate it for ``champion``
+        (:func:`vitpcm.tracking.model_log.log_model`: ``miou``, ``split``, ``register``,
+        ``registered_model``, ``promote``, ``name``, ``step``)."""
+        return log_model(self, model, **options)

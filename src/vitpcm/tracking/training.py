@@ -37,7 +37,7 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.config import Config
-from vitpcm.tracking.naming import finite_number
+from vitpcm.tracking.naming import curve_key, finite_number
 from vitpcm.tracking.spool import META_FILE, SPOOL_DIRNAME, Spool
 from vitpcm.tracking.tracker import RunTracker
 
@@ -45,22 +45,47 @@ log = logging.getLogger("vitpcm.tracking")
 
 RUN_FILE = "mlflow_run.json"
 # Every epoch logs the loss: its steps in the spool say which epochs the spool holds.
-_EPOCH_MARKER = "loss"
-# ``metrics.json`` key -> MLflow metric of the training summary. ``best_*`` rather than
-# ``miou_<split>``: the register step logs ``miou_val`` and ``miou_train`` (the test split's
-# pseudo masks) itself, from the evaluation and inference steps.
+_EPOCH_MARKER = curve_key("loss")
+# ``metrics.json`` key -> MLflow metric of the training summary: the selected (best) epoch,
+# so the run table shows the model that was kept, not the last epoch's curve value.
 _SUMMARY = {
-    "best_epoch": "best_epoch",
-    "epochs_run": "epochs_run",
-    "miou": "best_val_miou",
-    "train_miou": "best_train_miou",
+    "best_epoch": "best/epoch",
+    "epochs_run": "best/epochs_run",
+    "miou": "best/val_miou",
+    "train_miou": "best/train_miou",
 }
+# Training outputs logged as run artifacts when the training ends.
+HISTORY_FILE = "history.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def training_summary(result: Mapping[str, Any]) -> dict[str, float]:
     """A finished training's summary metrics: best epoch (from 1), epochs run, its mIoUs."""
     values = {metric: finite_number(result.get(key)) for key, metric in _SUMMARY.items()}
     return {metric: value for metric, value in values.items() if value is not None}
+
+
+def log_training_files(tracker: RunTracker, out_uri: str) -> None:
+    """Log ``history.json`` and the TensorBoard event files of a training output folder.
+
+    The TensorBoard logs go under the artifact folder ``tensorboard/`` (download it and run
+    ``tensorboard --logdir`` on it); missing files are skipped.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        history = storage.join(out_uri, HISTORY_FILE)
+        if storage.exists(history):
+            local = Path(tmp) / HISTORY_FILE
+            local.write_bytes(storage.read_bytes(history))
+            tracker.log_artifact(local, move=True)
+        board = storage.join(out_uri, TENSORBOARD_DIR)
+        files = _remote_files(board) if storage.exists(board) else []
+        if files:
+            target = Path(tmp) / TENSORBOARD_DIR
+            for rel in files:
+                dest = target.joinpath(*rel.split("/"))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(storage.read_bytes(storage.join(board, rel)))
+            tracker.log_artifact(target, move=True)
 
 
 def local_spool_dir(out_uri: str | os.PathLike[str]) -> Path:
@@ -205,6 +230,7 @@ class TrainingTracker:
         try:
             stamp = None if self._last_epoch_ms is None else int(self._last_epoch_ms)
             tracker.log_metrics(training_summary(result), timestamp=stamp)
+            log_training_files(tracker, self.out_uri)
             tracker.finish("FINISHED")
             spool = Spool(self.spool_dir)
             state = spool.load_state()
