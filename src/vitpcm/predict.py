@@ -114,17 +114,23 @@ class Predictor:
         """K, background included."""
         return len(self.class_names)
 
-    def present_labels(self, class_probs: np.ndarray) -> np.ndarray:
+    def present_labels(self, class_probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Multi-hot (K,) labels: classes scoring ``>= threshold``, background always kept."""
-        labels = (np.asarray(class_probs) >= self.threshold).astype(np.float32)
+        threshold = self.threshold if threshold is None else float(threshold)
+        if not 0.0 < threshold <= 1.0:
+            raise DataError(f"threshold {threshold} must be in (0, 1]")
+        labels = (np.asarray(class_probs) >= threshold).astype(np.float32)
         labels[0] = 1.0
         return labels
 
-    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def probabilities(
+        self, image: np.ndarray, threshold: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Merged class probabilities of one image at its own size.
 
         Args:
             image: (H, W, 3) uint8 RGB.
+            threshold: presence score for this image (default: :attr:`threshold`).
 
         Returns:
             ``(merged (H, W, K) float32, labels (K,) multi-hot, class_probs (K,))``.
@@ -139,7 +145,7 @@ class Predictor:
         resized = resize_image(tf.convert_to_tensor(image), self.image_size)[None]
         patch_probs, class_probs = self._forward(resized)
         class_probs = class_probs[0].numpy()
-        labels = self.present_labels(class_probs)
+        labels = self.present_labels(class_probs, threshold)
         merged = merged_probabilities(patch_probs[0].numpy(), labels, height, width)
         return merged, labels, class_probs
 
@@ -149,12 +155,15 @@ class Predictor:
             self.class_names[i]: round(float(class_probs[i]), 6) for i in np.flatnonzero(labels)
         }
 
-    def predict(self, image: np.ndarray, crf: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    def predict(
+        self, image: np.ndarray, crf: bool = False, threshold: float | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """Mask and present-class scores of one image.
 
         Args:
             image: (H, W, 3) uint8 RGB (grey (H, W) or RGBA are converted).
             crf: refine with the dense CRF over the present classes (in this process).
+            threshold: presence score for this image (default: :attr:`threshold`).
 
         Returns:
             ``(mask, scores)``: (H, W) uint8 class ids at the image's own size, and
@@ -163,7 +172,7 @@ class Predictor:
         from vitpcm.crf import crf_present_classes
 
         image = _check_image(image)
-        merged, labels, class_probs = self.probabilities(image)
+        merged, labels, class_probs = self.probabilities(image, threshold)
         if crf:
             mask = crf_present_classes(image, merged, labels, self.crf_params)
         else:

@@ -1,9 +1,9 @@
 """The logged ViT-PCM model: MLflow signature, pinned requirements, saved folder.
 
-Keras 3 models are saved with MLflow's ``tensorflow`` flavor (a ``.keras`` file inside);
-its pyfunc returns the model's dict of outputs. The ``vitpcm`` source goes along as code,
-so the registered model loads where the package is not installed (its custom layers
-deserialise from there).
+Keras 3 models are saved with MLflow's ``tensorflow`` flavor (a ``.keras`` file inside)
+and a ``python_function`` flavor served by :mod:`vitpcm.serving` (images in, masks out).
+The ``vitpcm`` source goes along as code, so the registered model loads where the package
+is not installed (its custom layers deserialise from there).
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def model_requirements() -> list[str]:
         (("tensorflow", "tensorflow-cpu"), "tensorflow"),
         (("keras",), "keras"),
         (("mlflow", "mlflow-skinny"), "mlflow"),
+        # what the served model (vitpcm.serving) needs besides: images, CRF, config
+        (("pillow",), "pillow"),
+        (("pydensecrf2",), "pydensecrf2"),
+        (("pyyaml",), "pyyaml"),
+        (("tqdm",), "tqdm"),
     ):
         for candidate in dist:
             try:
@@ -57,11 +62,33 @@ def model_requirements() -> list[str]:
     return requirements
 
 
-def save_mlflow_model(model: Any, path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
-    """Save ``model`` as an MLflow model folder at ``path`` (which must not exist)."""
+def save_mlflow_model(
+    model: Any,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any],
+    config: Any = None,
+) -> None:
+    """Save ``model`` as an MLflow model folder at ``path`` (which must not exist).
+
+    Two flavors share ``data/`` (the ``.keras`` file) and ``code/`` (the ``vitpcm`` source):
+    ``tensorflow`` (``mlflow.tensorflow.load_model`` gives the Keras model) and
+    ``python_function`` with :mod:`vitpcm.serving` as loader, whose ``predict`` takes base64
+    images and returns masks and class scores (signature and input example stored), so
+    ``mlflow models serve`` answers with masks.
+
+    Args:
+        model: the ViT-PCM Keras model.
+        path: the folder to create.
+        metadata: extra MLmodel metadata.
+        config: the run's resolved config; saved as ``data/config.yaml`` so the served model
+            knows its class names, test size and CRF settings.
+    """
+    import mlflow.pyfunc
     import mlflow.tensorflow
+    from mlflow.models import Model
 
     import vitpcm
+    from vitpcm.serving import input_example, pyfunc_signature
 
     num_classes = int(model.output["class_probs"].shape[-1])
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,11 +98,31 @@ def save_mlflow_model(model: Any, path: str | os.PathLike[str], metadata: dict[s
             code,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
+        keras_dir = Path(tmp) / "keras"
         mlflow.tensorflow.save_model(
             model,
-            str(path),
-            signature=vitpcm_signature(num_classes),
+            str(keras_dir),
+            signature=vitpcm_signature(num_classes),  # of this flavor alone; replaced below
             pip_requirements=model_requirements(),
             code_paths=[str(code)],
+        )
+        if config is not None:
+            from vitpcm.config import save_config
+
+            save_config(config, keras_dir / "data" / "config.yaml")
+        mlflow.pyfunc.save_model(
+            str(path),
+            loader_module="vitpcm.serving",
+            data_path=str(keras_dir / "data"),
+            code_paths=[str(code)],
+            signature=pyfunc_signature(),
+            input_example=input_example(),
+            pip_requirements=model_requirements(),
             metadata={"vitpcm_version": vitpcm.__version__, "num_classes": num_classes, **metadata},
         )
+        tensorflow = Model.load(str(keras_dir / "MLmodel")).flavors["tensorflow"]
+    mlmodel = Model.load(str(Path(path) / "MLmodel"))
+    # Both flavors read the one copy pyfunc made of the data folder.
+    tensorflow["data"] = mlmodel.flavors["python_function"]["data"]
+    mlmodel.add_flavor("tensorflow", **tensorflow)
+    mlmodel.save(str(Path(path) / "MLmodel"))
