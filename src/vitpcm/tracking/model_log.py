@@ -72,7 +72,7 @@ def log_model(
     spool = tracker._spool()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / name
-        save_mlflow_model(model, model_dir, {"config": tracker.cfg.name})
+        save_mlflow_model(model, model_dir, {"config": tracker.cfg.name}, config=tracker.cfg)
         params = flatten_params(tracker.cfg.to_dict())
         model_record = spool.append(
             "model",
