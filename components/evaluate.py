@@ -2,7 +2,9 @@
 
 Both read the resolved ``config.yaml`` the training step saved next to the model, so they
 always use the sizes and class count the model was trained with; ``overrides`` only tune
-evaluation settings (``eval.batch_size``, ``crf.*``).
+evaluation settings (``eval.batch_size``, ``crf.*``). Both read their one split of the
+dataset in place, by URI (:mod:`components.artifacts`), instead of receiving a copy of every
+shard.
 """
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
@@ -15,7 +17,7 @@ from pipeline.images import cpu_image
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)
 def evaluate_model(
     model: Input[Model],
-    tfrecords: Input[Dataset],
+    tfrecords_uri: str,
     metrics: Output[Metrics],
     class_iou: Output[Markdown],
     report: Output[Artifact],
@@ -26,7 +28,8 @@ def evaluate_model(
 
     Args:
         model: Training output folder (model.keras + config.yaml).
-        tfrecords: Converted dataset.
+        tfrecords_uri: Converted dataset (a folder, s3:// or the pipeline's minio:// URI);
+            only the split scored is read.
         metrics: mIoU, pixel accuracy and mean class accuracy.
         class_iou: Per-class IoU table, shown in the Kubeflow UI.
         report: Folder with metrics.json, the confusion matrix (.npy, .png) and the IoU plot.
@@ -36,14 +39,17 @@ def evaluate_model(
     import os
     import shlex
 
+    from components.artifacts import exit_cleanly_after_s3, readable_uri
     from vitpcm.config import load_config
     from vitpcm.eval import run_eval
 
+    data = readable_uri(tfrecords_uri)
+    exit_cleanly_after_s3(data)
     cfg = load_config(os.path.join(model.path, "config.yaml"), shlex.split(overrides))
     result = run_eval(
         cfg,
         model.path,
-        data_uri=tfrecords.path,
+        data_uri=data,
         out_dir=report.path,
         split=split or None,
         progress=False,
@@ -78,7 +84,7 @@ def evaluate_model(
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)
 def infer_crf(
     model: Input[Model],
-    tfrecords: Input[Dataset],
+    tfrecords_uri: str,
     pseudo_masks: Output[Dataset],
     metrics: Output[Metrics],
     crf: bool = True,
@@ -90,7 +96,8 @@ def infer_crf(
 
     Args:
         model: Training output folder (model.keras + config.yaml).
-        tfrecords: Converted dataset.
+        tfrecords_uri: Converted dataset (a folder, s3:// or the pipeline's minio:// URI);
+            only the split scored is read.
         pseudo_masks: Folder: pseudo_masks/ (and pseudo_masks_crf/) palette PNGs, probs/
             per-image class probabilities, metrics.json.
         metrics: mIoU before and after the CRF (when the split has masks).
@@ -102,9 +109,12 @@ def infer_crf(
     import os
     import shlex
 
+    from components.artifacts import exit_cleanly_after_s3, readable_uri
     from vitpcm.config import load_config
     from vitpcm.infer import run_test
 
+    data = readable_uri(tfrecords_uri)
+    exit_cleanly_after_s3(data)
     sets = shlex.split(overrides)
     if workers > 0:
         sets.append(f"crf.workers={workers}")
@@ -112,7 +122,7 @@ def infer_crf(
     result = run_test(
         cfg,
         model.path,
-        data_uri=tfrecords.path,
+        data_uri=data,
         out_dir=pseudo_masks.path,
         crf=crf,
         split=split or None,

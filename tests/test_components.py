@@ -183,7 +183,11 @@ def test_evaluate_logs_metrics_and_a_class_iou_table(
     table = artifact(dsl.Markdown, tmp_path, "class_iou")
     report = artifact(dsl.Artifact, tmp_path, "report")
     evaluate_model.python_func(
-        model=model, tfrecords=tfrecords, metrics=metrics, class_iou=table, report=report
+        model=model,
+        tfrecords_uri=tfrecords.uri,
+        metrics=metrics,
+        class_iou=table,
+        report=report,
     )
     assert 0.0 <= metrics.metadata["miou"] <= 1.0
     assert metrics.metadata["num_images"] == 8
@@ -206,7 +210,7 @@ def test_infer_with_crf_writes_masks_and_both_mious(
     metrics = artifact(dsl.Metrics, tmp_path, "metrics")
     infer_crf.python_func(
         model=model,
-        tfrecords=tfrecords,
+        tfrecords_uri=tfrecords.uri,
         pseudo_masks=masks,
         metrics=metrics,
         crf=True,
@@ -215,9 +219,11 @@ def test_infer_with_crf_writes_masks_and_both_mious(
     )
     assert set(metrics.metadata) >= {"miou", "miou_crf", "pixel_accuracy", "num_images"}
     assert 0.0 <= metrics.metadata["miou_crf"] <= 1.0
-    assert len(list((Path(masks.path) / "pseudo_masks").glob("*.png"))) == 8
-    assert len(list((Path(masks.path) / "pseudo_masks_crf").glob("*.png"))) == 8
-    assert masks.metadata == {"split": "val", "num_images": 8, "crf": True}
+    # The synthetic config infers on its held-out test split (labelled, unlike VOC's).
+    test = SYNTH["synthetic_test"]
+    assert len(list((Path(masks.path) / "pseudo_masks").glob("*.png"))) == test
+    assert len(list((Path(masks.path) / "pseudo_masks_crf").glob("*.png"))) == test
+    assert masks.metadata == {"split": "test", "num_images": test, "crf": True}
 
 
 def _register_inputs(tmp_path: Path) -> dict[str, Any]:
@@ -271,9 +277,10 @@ def test_register_hands_the_run_to_vitpcm_tracking(
     monkeypatch.setattr(vitpcm, "tracking", fake, raising=False)
 
     inputs = _register_inputs(tmp_path)
-    inputs["tfrecords"] = artifact(dsl.Dataset, tmp_path, "tfrecords")
     register_model.python_func(
         **inputs,
+        # KFP's name for an object in its MinIO store; read in place as s3://.
+        tfrecords_uri="minio://mlpipeline/v2/artifacts/run-8/convert-data/tfrecords",
         tracking_uri="http://mlflow:5000",
         experiment="exp",
         model_name="vitpcm-voc",
@@ -288,8 +295,10 @@ def test_register_hands_the_run_to_vitpcm_tracking(
             "eval_dir": inputs["eval_report"].path,
             "test_dir": inputs["pseudo_masks"].path,
             "kfp_run_id": "run-8",
-            "data_dir": inputs["tfrecords"].path,
+            "data_dir": "s3://mlpipeline/v2/artifacts/run-8/convert-data/tfrecords",
             "spool_dir": inputs["mlflow_spool"].path,
+            "data_uri": "s3://mlpipeline/v2/artifacts/run-8/convert-data/tfrecords",
+            "pseudo_masks_uri": inputs["pseudo_masks"].uri,
         }
     ]
     summary = json.loads(Path(inputs["summary"].path).read_text())
@@ -367,6 +376,64 @@ def test_a_failed_registration_keeps_the_spool_in_the_artifact_store(
     assert registration_failure({"version": "4", "pending": 0}) is None
     assert registration_failure({"version": "4", "pending": 2}) == "2 record(s) not sent"
     assert registration_failure(None) == "no result"
+
+
+_EVALUATE_FROM_S3 = """
+import json, sys
+from kfp import dsl
+from components import evaluate_model
+from vitpcm import storage
+model, data, out = sys.argv[1:4]
+metrics = dsl.Metrics(name="metrics", uri=out + "/metrics", metadata={})
+evaluate_model.python_func(
+    model=dsl.Model(name="model", uri=model, metadata={}),
+    tfrecords_uri=data,
+    metrics=metrics,
+    class_iou=dsl.Markdown(name="class_iou", uri=out + "/class_iou", metadata={}),
+    report=dsl.Artifact(name="report", uri=out + "/report", metadata={}),
+)
+print(json.dumps(metrics.metadata))
+sys.stdout.flush()
+storage.exit_process(0)
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_reads_its_split_in_place_from_the_object_store(
+    trained: tuple[dsl.Model, dsl.Metrics],
+    tfrecords: dsl.Dataset,
+    tmp_path: Path,
+    s3_bucket: Any,  # noqa: F811  (fixture)
+) -> None:
+    """Only the val split and dataset.json are in the store: evaluate needs nothing else,
+    and scores the same as from the local copy."""
+    model, _ = trained
+    local = Path(tfrecords.path)
+    needed = ["dataset.json", *sorted(p.name for p in local.glob("val-*.tfrecord"))]
+    assert len(list(local.iterdir())) > len(needed)  # train and test shards stay behind
+    for name in needed:
+        s3_bucket.put(f"artifacts/tfrecords/{name}", (local / name).read_bytes())
+    uri = "minio://" + s3_bucket.uri("artifacts/tfrecords").split("://", 1)[1]
+    child = subprocess.run(
+        [sys.executable, "-c", _EVALUATE_FROM_S3, model.path, uri, str(tmp_path / "s3")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **s3_bucket.env()},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    from_s3 = json.loads(child.stdout.strip().splitlines()[-1])
+    metrics = artifact(dsl.Metrics, tmp_path / "local", "metrics")
+    evaluate_model.python_func(
+        model=model,
+        tfrecords_uri=tfrecords.uri,
+        metrics=metrics,
+        class_iou=artifact(dsl.Markdown, tmp_path / "local", "class_iou"),
+        report=artifact(dsl.Artifact, tmp_path / "local", "report"),
+    )
+    assert from_s3 == pytest.approx(metrics.metadata)
+    assert from_s3["num_images"] == 8
 
 
 # ----------------------------------------------------------------------------- pretrained

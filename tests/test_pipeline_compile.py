@@ -92,15 +92,13 @@ def test_single_node_pipeline_has_no_condition(single_package) -> None:
     assert producer["convert-data"] == {"download-data"}
     assert producer["train-model"] == set()  # the dataset's URI, a parameter (see above)
     assert "convert-data" in tasks["train-model"]["dependentTasks"]
-    assert producer["evaluate-model"] == {"train-model", "convert-data"}
-    assert producer["infer-crf"] == {"train-model", "convert-data"}
-    # convert-data too: the TFRecords give the sample overlays logged to MLflow.
-    assert producer["register-model"] == {
-        "train-model",
-        "evaluate-model",
-        "infer-crf",
-        "convert-data",
-    }
+    # The scoring steps read their split in place: the dataset's URI, no artifact copy.
+    assert producer["evaluate-model"] == {"train-model"}
+    assert producer["infer-crf"] == {"train-model"}
+    assert producer["register-model"] == {"train-model", "evaluate-model", "infer-crf"}
+    for step in ("evaluate-model", "infer-crf", "register-model"):
+        uri = tasks[step]["inputs"]["parameters"]["tfrecords_uri"]["taskOutputParameter"]
+        assert uri == {"outputParameterKey": "Output", "producerTask": "convert-data"}, step
     # Process counts are parameters here (kfp.local sets them for the machine it runs on).
     workers = tasks["infer-crf"]["inputs"]["parameters"]["workers"]
     assert workers["componentInputParameter"] == "crf_workers"
@@ -198,8 +196,10 @@ def test_secrets_reach_the_steps_as_environment(cluster_package) -> None:
     # Both steps that talk to MLflow get its credentials and its artifact store.
     assert env_from("exec-train-model") == {**s3, **mlflow}
     assert env_from("exec-register-model") == {**s3, **mlflow}
-    # Data and scoring steps touch no credentials.
-    for executor in ("exec-download-data", "exec-convert-data", "exec-evaluate-model"):
+    # The scoring steps read the dataset from the object store; the data steps write
+    # through KFP's own credentials and get none.
+    assert env_from("exec-evaluate-model") == env_from("exec-infer-crf") == s3
+    for executor in ("exec-download-data", "exec-convert-data"):
         assert "secretAsEnv" not in platform.get(executor, {})
 
 
