@@ -146,7 +146,7 @@ def test_server_killed_mid_run_loses_nothing(
         _log_epochs(tracker, range(2))
         run_id = tracker.run_id
         assert run_id is not None and tracker.pending == 0
-        assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1]
+        assert _metric_steps(mlflow_server, run_id, "train/loss") == [0, 1]
 
         with mlflow_server.outage():  # SIGKILL, like a crashed pod
             started = time.monotonic()
@@ -170,14 +170,14 @@ def test_server_killed_mid_run_loses_nothing(
 
     client = mlflow_server.client()
     run = client.get_run(run_id)
-    for key in ("loss", "val_miou", "lr"):
+    for key in ("train/loss", "val/miou", "train/lr"):
         assert _metric_steps(mlflow_server, run_id, key) == [0, 1, 2, 3, 4, 5], key
-    assert run.data.metrics["miou_val"] == 0.5
+    assert run.data.metrics["eval/miou"] == 0.5
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.tags["phase"] == "during outage"
     assert run.info.status == "FINISHED"
-    assert "val/class_iou.png" in _artifact_paths(mlflow_server, run_id, "val")
-    assert {"config.yaml", "metrics.json", "val"} <= set(_artifact_paths(mlflow_server, run_id))
+    assert "eval/class_iou.png" in _artifact_paths(mlflow_server, run_id, "eval")
+    assert {"config.yaml", "metrics.json", "eval"} <= set(_artifact_paths(mlflow_server, run_id))
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -197,16 +197,16 @@ def test_offline_run_replayed_later_and_resumed_in_the_same_run(
     run_id = Spool(spool_dir).load_state().run_id
     run = mlflow_server.client().get_run(run_id)
     assert run.data.tags[SPOOL_TAG] == Spool(spool_dir).spool_id
-    assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1, 2]
+    assert _metric_steps(mlflow_server, run_id, "train/loss") == [0, 1, 2]
     # Timestamps are those of the epochs, not of the replay.
-    history = mlflow_server.client().get_metric_history(run_id, "loss")
+    history = mlflow_server.client().get_metric_history(run_id, "train/loss")
     assert max(m.timestamp for m in history) <= Spool(spool_dir).records()[-1].time
 
     # A restarted job with the same output folder continues the same MLflow run.
     with RunTracker(cfg, tmp_path, tracking_uri=mlflow_server.uri) as tracker:
         assert tracker.run_id == run_id
         _log_epochs(tracker, range(3, 5))
-    assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1, 2, 3, 4]
+    assert _metric_steps(mlflow_server, run_id, "train/loss") == [0, 1, 2, 3, 4]
     assert mlflow_server.client().get_run(run_id).info.status == "FINISHED"
 
     # A replay goes to the server holding the run; another one is refused.
@@ -236,14 +236,14 @@ def test_refused_record_is_skipped_and_the_rest_goes_on(
     state = Spool(tmp_path / "mlflow-spool").load_state()
     assert len(state.rejected) == 1
     assert "MLflow refused params record" in caplog.text
-    assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1, 2]
+    assert _metric_steps(mlflow_server, run_id, "train/loss") == [0, 1, 2]
     assert mlflow_server.client().get_run(run_id).data.params["train.lr"] == str(cfg.train.lr)
 
     # Another job (say, evaluation) can add to the same run from its own folder.
     with RunTracker(cfg, tmp_path / "eval", tracking_uri=mlflow_server.uri, run_id=run_id) as t:
-        t.log_results({"miou": 0.25}, "train")
+        t.log_results({"miou": 0.25}, "test", stage="test")
         assert t.run_id == run_id
-    assert mlflow_server.client().get_run(run_id).data.metrics["miou_train"] == 0.25
+    assert mlflow_server.client().get_run(run_id).data.metrics["test/miou"] == 0.25
 
 
 @pytest.mark.slow
@@ -274,7 +274,7 @@ def test_lost_acknowledgements_do_not_duplicate_anything(
 
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]
     assert spool.load_state().run_id == run_id
-    assert _metric_steps(mlflow_server, run_id, "loss") == [0, 1, 2]
+    assert _metric_steps(mlflow_server, run_id, "train/loss") == [0, 1, 2]
     versions = client.search_model_versions("name = 'test-lost-ack-model'")
     assert [v.version for v in versions] == [logged.version]
     models = client.search_logged_models(experiment_ids=[experiment_id])

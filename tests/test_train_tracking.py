@@ -14,7 +14,7 @@ from helpers.tiny import make_tiny_dataset, tiny_config
 from vitpcm.tracking import TrainingTracker, log_pipeline_run, replay_spool
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool
 
-CURVES = ("loss", "bce", "et", "l2", "train_miou", "val_miou", "lr")
+CURVES = ("train/loss", "train/bce", "train/et", "train/l2", "train/miou", "val/miou", "train/lr")
 
 
 def _closed_port_uri() -> str:
@@ -80,15 +80,15 @@ def test_spool_mirrored_to_object_storage_and_fetched_on_another_machine(
         for r in spool.records()
         if r.kind == "metrics"
         for m in r.data["metrics"]
-        if m["key"] == "loss"
+        if m["key"] == "train/loss"
     ]
     assert losses == [(1, 1e12 + 1), (2, 1e12 + 2), (3, 1e12 + 3)]  # the epochs' own times
     summary = [r for r in spool.records() if r.kind == "metrics"][-1].data["metrics"]
     assert {m["key"]: m["value"] for m in summary} == {
-        "best_epoch": 3,
-        "epochs_run": 3,
-        "best_val_miou": 0.3,
-        "best_train_miou": 0.4,
+        "best/epoch": 3,
+        "best/epochs_run": 3,
+        "best/val_miou": 0.3,
+        "best/train_miou": 0.4,
     }
     # At the last epoch's time: logged again by a re-run, MLflow keeps the points once.
     assert {m["timestamp"] for m in summary} == {1e12 + 3}
@@ -137,12 +137,18 @@ def test_training_logs_each_epoch_live_and_register_continues_its_run(
     assert run.data.params["eval.train_miou_images"] == "4"
     for key in CURVES:
         assert _points(mlflow_server, run_id, key) == [1, 2], key
-    history = client.get_metric_history(run_id, "train_miou")
+    history = client.get_metric_history(run_id, "train/miou")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
         [h["train_miou"] for h in json.loads((out / "history.json").read_text())]
     )
-    assert run.data.metrics["best_epoch"] == result["best_epoch"] >= 1  # counted from 1
-    assert run.data.metrics["best_val_miou"] == pytest.approx(result["miou"])
+    assert run.data.metrics["best/epoch"] == result["best_epoch"] >= 1  # counted from 1
+    assert run.data.metrics["best/val_miou"] == pytest.approx(result["miou"])
+    # The training's own files: history.json and the TensorBoard event files.
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"history.json", "tensorboard"} <= artifacts
+    board = {a.path for a in client.list_artifacts(run_id, "tensorboard")}
+    local_board = {f"tensorboard/{p.name}" for p in (out / "tensorboard").iterdir()}
+    assert board == local_board
 
     # The register step continues the same run: results, model and tags are added, and
     # nothing of the training is sent again.
@@ -158,10 +164,12 @@ def test_training_logs_each_epoch_live_and_register_continues_its_run(
     assert logged["experiment"] == "test-train-live" and logged["promoted"] is True
     run = client.get_run(run_id)
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
-    for key in (*CURVES, "best_epoch", "epochs_run"):
-        expected = [0] if key in ("best_epoch", "epochs_run") else [1, 2]
+    for key in (*CURVES, "best/epoch", "best/epochs_run"):
+        expected = [0] if key.startswith("best/") else [1, 2]
         assert _points(mlflow_server, run_id, key) == expected, key
-    assert run.data.metrics["miou_val"] == pytest.approx(result["miou"])
+    # No evaluation or test step here: the best epoch stands for the model.
+    assert run.data.metrics["best/val_miou"] == pytest.approx(result["miou"])
+    assert len(client.list_artifacts(run_id, "tensorboard")) == len(board)  # not logged twice
     assert run.data.tags["kfp.run_id"] == "kfp-live"
     assert run.data.tags["promoted"] == "true"
     assert run.info.status == "FINISHED"
@@ -201,10 +209,10 @@ def test_training_offline_then_register_sends_everything_once(
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
     for key in CURVES:
         assert _points(mlflow_server, run_id, key) == [1, 2], key
-    assert _points(mlflow_server, run_id, "best_epoch") == [0]
-    assert run.data.metrics["best_epoch"] == result["best_epoch"]
+    assert _points(mlflow_server, run_id, "best/epoch") == [0]
+    assert run.data.metrics["best/epoch"] == result["best_epoch"]
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     # Nothing is left to replay, and replaying again sends nothing twice.
     assert replay_spool(tmp_path / "register-spool", progress=False) == 0
-    assert _points(mlflow_server, run_id, "loss") == [1, 2]
+    assert _points(mlflow_server, run_id, "train/loss") == [1, 2]
