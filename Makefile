@@ -13,7 +13,7 @@ PARAMS ?=
 ARGS ?=
 K8S_VERSION ?= 1.31.0
 
-.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images validate-manifests mlflow-ui bench clean
+.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images test-containers validate-manifests mlflow-ui bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Targets:\n"} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,6 +70,11 @@ test-images: setup ## Build the CPU image with podman on a debootstrapped Debian
 	images/setup-podman.sh
 	images/make-base.sh
 	VITPCM_TEST_IMAGES=1 $(BIN)/pytest -q tests/test_images.py
+
+test-containers: setup ## Build both images with podman, check the GPU image's CUDA libraries, run the DAG in them (root; 20-40 min)
+	images/setup-podman.sh
+	images/make-base.sh
+	VITPCM_TEST_IMAGES=1 $(BIN)/pytest -q -s tests/test_images.py -k "gpu_image or dag_runs_in_the_images"
 
 validate-manifests: setup ## Render manifests/ with kubectl kustomize, validate every object (strict), hadolint the Dockerfiles
 	set -o pipefail; kubectl kustomize manifests/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -

@@ -185,6 +185,7 @@ def run_local(
     display: StepDisplay | None = None,
     log_path: str | os.PathLike[str] | None = None,
     echo_logs: bool = False,
+    containers: bool = False,
 ) -> LocalRun:
     """Run download/synth -> convert -> train -> evaluate -> infer + CRF -> register locally.
 
@@ -207,6 +208,8 @@ def run_local(
         display: Shows one line per step (None: nothing is shown).
         log_path: Where the steps' logs go (default ``<root>/logs/run-<time>.log``).
         echo_logs: Also print the steps' logs as they come.
+        containers: Run each step in its image (``kfp.local.DockerRunner`` on docker or
+            podman, :mod:`pipeline.containers`) instead of this interpreter.
 
     Returns:
         The run's artifact paths, metrics and registration summary.
@@ -227,9 +230,18 @@ def run_local(
     log_file = Path(log_path) if log_path else root / "logs" / f"run-{_stamp()}.log"
     # Steps inherit this environment; TensorFlow's C++ start-up chatter drowns the step logs.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
-    )
+    stack = contextlib.ExitStack()
+    if containers:
+        from pipeline.containers import docker_engine, step_containers
+
+        host = stack.enter_context(docker_engine())
+        stack.enter_context(_environment(DOCKER_HOST=host))
+        mounts = [str(source)] if source is not None else []
+        stack.enter_context(step_containers(extra_mounts=mounts))
+        runner: Any = local.DockerRunner()
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     arguments: dict[str, Any] = {
         "dataset": dataset,
         "config": config,
@@ -258,7 +270,7 @@ def run_local(
         )
     else:
         pipeline_func = prepared_data_pipeline(str(source))
-    with open_log(log_file) as log:
+    with stack, open_log(log_file) as log:
         sink = KfpLogSink(log, display, echo=real_stdout() if echo_logs else None)
         try:
             with capture_kfp_output(sink), isolated_step_processes(), warnings.catch_warnings():
@@ -271,6 +283,21 @@ def run_local(
     run = _collect(root, task.outputs)
     run.log_path = log_file
     return run
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration (restored after)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _collect(root: Path, outputs: Any) -> LocalRun:
@@ -335,6 +362,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--verbose", action="store_true", help="print the steps' full logs instead of progress"
+    )
+    parser.add_argument(
+        "--containers",
+        action="store_true",
+        help="run each step in its image (make images first) through docker or podman "
+        "(DOCKER_HOST, the docker socket, or a podman service started for the run)",
     )
     return parser.parse_args(argv)
 
@@ -426,6 +459,7 @@ def _run_and_summarise(
             display=None if args.verbose else display,
             log_path=log_path,
             echo_logs=args.verbose,
+            containers=args.containers,
         )
         summary = build_summary(
             run,
