@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from helpers.tiny import make_tiny_dataset
 from vitpcm import cli, outputs
 from vitpcm.data.synth import make_synthetic
@@ -273,3 +277,241 @@ def test_download_out_a_foreign_folder_is_refused(
     assert rc == 2
     one_error(err, "not written by `vitpcm data download`")
     assert tree(foreign) == before
+
+
+# --------------------------------------------------------------------- s3:// outputs
+
+# Code run in a subprocess that touches s3:// (tensorflow-io aborts the interpreter that
+# did at exit: see helpers/s3_server.py). KILL_AT makes the process SIGKILL itself at one
+# moment of the commit, as a node losing power would.
+S3_SCRIPT = """
+import os, signal, sys
+from vitpcm import storage
+from vitpcm.data import convert
+
+mode, src, out = sys.argv[1:4]
+real_write, real_remove = storage.write_bytes, storage.remove_files
+committed = []
+
+def write_bytes(uri, data):
+    if mode == "kill-before-commit" and uri == out + "/dataset.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(uri, data)
+    if uri == out + "/dataset.json":
+        committed.append(uri)
+
+def remove_files(uri, relative):
+    if mode == "kill-after-commit" and committed and relative:
+        real_remove(uri, list(relative)[:1])  # part of the old generation is gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_remove(uri, relative)
+
+storage.write_bytes, storage.remove_files = write_bytes, remove_files
+convert.storage.write_bytes, convert.storage.remove_files = write_bytes, remove_files
+if mode != "read":
+    convert.convert_dataset("voc12", src, out, shards=2, workers=1, progress=False)
+from vitpcm.data.reader import read_split_info
+import tensorflow as tf
+info = read_split_info(out, "train")
+names = sorted(tf.train.Example.FromString(r.numpy()).features.feature["image/filename"]
+               .bytes_list.value[0].decode() for r in tf.data.TFRecordDataset(list(info.files)))
+print("TRAIN", ",".join(names))
+storage.exit_process(0)
+"""
+
+
+def _s3_run(bucket: Any, mode: str, src: Path | str, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", S3_SCRIPT, mode, str(src), out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **bucket.env(), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def _train_names(done: subprocess.CompletedProcess) -> list[str]:
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("TRAIN "))
+    return line.removeprefix("TRAIN ").split(",")
+
+
+def _objects(bucket: Any, prefix: str) -> dict[str, str]:
+    return {key: hashlib.sha256(bucket.read(key)).hexdigest() for key in bucket.list_keys(prefix)}
+
+
+def _referenced(bucket: Any, prefix: str) -> set[str]:
+    info = json.loads(bucket.read(f"{prefix}/dataset.json"))
+    files = {f"{prefix}/{f}" for entry in info["splits"].values() for f in entry["files"]}
+    return files | {f"{prefix}/dataset.json", f"{prefix}/{outputs.MARKER}"}
+
+
+@pytest.mark.slow
+def test_s3_convert_killed_during_its_commit_leaves_a_complete_dataset(
+    s3_bucket: Any,  # noqa: F811  (fixture)
+    tmp_path: Path,
+) -> None:
+    old_src, new_src = tmp_path / "old", tmp_path / "new"
+    make_synthetic(old_src, train=4, val=2, test=0, size=32, seed=1, progress=False)
+    make_synthetic(new_src, train=6, val=2, test=0, size=32, seed=2, progress=False)
+    out = s3_bucket.uri("data/voc")
+    old_names = _train_names(_s3_run(s3_bucket, "convert", old_src, out))
+    old = _objects(s3_bucket, "data/voc/")
+
+    # Killed after uploading every new shard, before the dataset.json that commits them.
+    killed = _s3_run(s3_bucket, "kill-before-commit", new_src, out)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    after = _objects(s3_bucket, "data/voc/")
+    assert {k: v for k, v in after.items() if k in old} == old  # every old byte is there
+    assert set(after) > set(old)  # plus the killed run's generation
+    assert _train_names(_s3_run(s3_bucket, "read", "", out)) == old_names
+
+    # Killed after the commit, while deleting the old generation: the new one is whole.
+    killed = _s3_run(s3_bucket, "kill-after-commit", new_src, out)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    new_names = _train_names(_s3_run(s3_bucket, "read", "", out))
+    assert len(new_names) == 6 and new_names != old_names
+
+    # The next run leaves exactly one generation: stale uploads and old files are gone.
+    assert _train_names(_s3_run(s3_bucket, "convert", new_src, out)) == new_names
+    keys = set(s3_bucket.list_keys("data/voc/"))
+    assert keys == _referenced(s3_bucket, "data/voc")
+    assert not [k for k in s3_bucket.list_keys() if ".tmp-" in k]
+
+
+def test_s3_convert_out_holding_foreign_objects_is_refused(
+    s3_bucket: Any,  # noqa: F811  (fixture)
+    voc: Path,
+) -> None:
+    s3_bucket.put("shared/results.csv", b"somebody's numbers")
+    before = _objects(s3_bucket, "")
+    done = subprocess.run(
+        [sys.executable, "-m", "vitpcm", *_convert(voc, s3_bucket.uri("shared")), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **s3_bucket.env(), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    one_error(done.stderr.splitlines(), "is not empty and was not written by `vitpcm data convert`")
+    assert _objects(s3_bucket, "") == before
+
+
+# --------------------------------------------------------------------- bad data
+
+
+def _voc_root(root: Path) -> Path:
+    return root / "VOCdevkit" / "VOC2012"
+
+
+def _copy_voc(voc: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(voc, dest)
+    return dest
+
+
+def _tf_refuses_what_pillow_decodes(good_jpeg: bytes) -> bytes:
+    """A JPEG whose header is fine, which Pillow decodes and TensorFlow refuses.
+
+    A stray DNL marker (0xFFDC) in the middle of the scan data: found by damaging files at
+    random and keeping those the two decoders disagree on.
+    """
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    scan = good_jpeg.index(b"\xff\xda")
+    middle = scan + 20 + (len(good_jpeg) - scan - 22) // 2
+    bad = good_jpeg[:middle] + b"\xff\xdc" + good_jpeg[middle:]
+    Image.open(io.BytesIO(bad)).load()  # Pillow: fine
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(bad, channels=3, expand_animations=False)
+    return bad
+
+
+def test_jpeg_that_tensorflow_cannot_decode_fails_convert_naming_it(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = _copy_voc(voc, tmp_path / "src")
+    image = sorted((_voc_root(src) / "JPEGImages").glob("*.jpg"))[5]
+    image.write_bytes(_tf_refuses_what_pillow_decodes(image.read_bytes()))
+    before = tree(src)
+    out = tmp_path / "records"
+    rc, err = run(capsys, *_convert(src, out), "--workers", "1")
+    assert rc == 2
+    one_error(err, f"bad sample {image}", "TensorFlow", "cannot decode", "--skip-bad")
+    assert tree(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing half-written
+    # --skip-bad leaves it out, listed, and the rest decodes.
+    rc, err = run(capsys, *_convert(src, out), "--workers", "2", "--shards", "2", "--skip-bad")
+    assert rc == 0, err
+    info = json.loads((out / "dataset.json").read_text())
+    assert [s["file"] for s in info["skipped"]] == [str(image)] * 2  # train and trainval
+    assert info["splits"]["train"]["num_examples"] == 7
+
+
+def test_empty_split_list_fails_convert_naming_it(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = _copy_voc(voc, tmp_path / "src")
+    listing = _voc_root(src) / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text("\n")
+    before = tree(src)
+    rc, err = run(capsys, *_convert(src, tmp_path / "records"))
+    assert rc == 2
+    one_error(err, f"{listing} lists no images", "train split would be empty")
+    assert tree(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_empty_optional_test_list_is_a_loud_warning(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _copy_voc(voc, tmp_path / "src")
+    (_voc_root(src) / "ImageSets" / "Segmentation" / "test.txt").write_text("")
+    rc, err = run(capsys, *_convert(src, tmp_path / "records"))
+    assert rc == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("split test skipped" in m and "lists no images" in m for m in warned), warned
+    info = json.loads((tmp_path / "records" / "dataset.json").read_text())
+    assert "test" not in info["splits"] and info["splits"]["train"]["num_examples"] == 8
+
+
+def test_bad_record_stops_training_in_one_line_and_leaves_no_run_folder(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A dataset damaged after its conversion: TensorFlow's error becomes one line."""
+    import shutil
+
+    import tensorflow as tf
+
+    from helpers.tiny import TINY_OVERRIDES
+    from vitpcm.data import tfrecord
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for shard in data.glob("train-*.tfrecord"):
+        records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+        with tf.io.TFRecordWriter(str(shard)) as writer:
+            for record in records:
+                example = tfrecord.decode_example(record)
+                writer.write(
+                    tfrecord.encode_example(
+                        image=example[tfrecord.IMAGE_ENCODED][:200],  # cut short
+                        filename=example[tfrecord.IMAGE_FILENAME].decode(),
+                        image_format="jpeg",
+                        height=example[tfrecord.IMAGE_HEIGHT],
+                        width=example[tfrecord.IMAGE_WIDTH],
+                        channels=3,
+                        label=example[tfrecord.LABEL_ENCODED],
+                    )
+                )
+    out = tmp_path / "run"
+    sets = [item for kv in TINY_OVERRIDES for item in ("--set", kv)]
+    rc, err = run(capsys, "train", "-c", "synthetic", "--data", str(data), "--out", str(out),
+                  *sets)  # fmt: skip
+    assert rc == 2
+    one_error(err, "training stopped: InvalidArgumentError", "convert the dataset again")
+    assert not out.exists()  # a failed start leaves no half-made run folder

@@ -119,44 +119,40 @@ def test_resumed_run_matches_uninterrupted(tiny_data: Path, tmp_path: Path) -> N
     assert resumed["miou"] == pytest.approx(full["miou"])
 
 
-def test_resume_with_other_config_is_refused(tiny_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def test_resume_elsewhere_refuses_a_changed_config_unless_forced(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = tiny_config("train.epochs=2")
-    train(first, data_uri=str(tiny_data), out_uri=str(out), progress=False, stop_after_epochs=1)
+    monkeypatch.chdir(tmp_path)
+    train(first, data_uri=str(tiny_data), out_uri="run", progress=False, stop_after_epochs=1)
+    out = tmp_path / "run"
+    state = json.loads((out / "state.json").read_text())
+    assert state["checkpoint"].startswith("checkpoints/epoch-0001")  # relative to --out
     saved = (out / "config.yaml").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # resuming from another working directory
+
     changed = tiny_config("train.epochs=2", "train.lr=0.00123")
     with pytest.raises(ConfigError, match=rf"another config \(train\.lr: {first.train.lr!r} -> "
                        r"0\.00123\); .*--force-config"):  # fmt: skip
-        train(changed, data_uri=str(tiny_data), out_uri=str(out), progress=False)
+        train(changed, data_uri=str(tiny_data), out_uri="../run", progress=False)
     assert (out / "config.yaml").read_bytes() == saved  # never rewritten silently
     # Keys the checkpoint depends on cannot change, even when forced; nothing is written.
     with pytest.raises(ConfigError, match=r"different config.*model\.hidden_dim"):
         train(tiny_config("train.epochs=2", "model.hidden_dim=64"), data_uri=str(tiny_data),
-              out_uri=str(out), progress=False, force_config=True)  # fmt: skip
+              out_uri="../run", progress=False, force_config=True)  # fmt: skip
     assert not (out / "config.1.yaml").exists()
-    # Forced, the run continues with the new values and keeps the old config beside them.
-    result = train(changed, data_uri=str(tiny_data), out_uri=str(out), progress=False,
+
+    # Forced, the run continues from its own epoch-1 checkpoint with the new values.
+    result = train(changed, data_uri=str(tiny_data), out_uri="../run", progress=False,
                    force_config=True)  # fmt: skip
     assert result["epochs_run"] == 2
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0] == state["history"][0]  # epoch 1 was restored, not trained again
     assert (out / "config.1.yaml").read_bytes() == saved
     assert "lr: 0.00123" in (out / "config.yaml").read_text()
-
-
-def test_resume_from_another_directory_uses_its_own_checkpoint(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = tiny_config("train.epochs=2")
-    monkeypatch.chdir(tmp_path)
-    train(cfg, data_uri=str(tiny_data), out_uri="run", progress=False, stop_after_epochs=1)
-    state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["checkpoint"].startswith("checkpoints/epoch-0001")  # relative to --out
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    resumed = train(cfg, data_uri=str(tiny_data), out_uri="../run", progress=False)
-    assert resumed["epochs_run"] == 2
-    full = train(cfg, data_uri=str(tiny_data), out_uri=str(tmp_path / "full"), progress=False)
-    assert resumed["weights_digest"] == full["weights_digest"]
 
 
 def test_bad_inputs_give_one_clear_error(tiny_data: Path, tmp_path: Path) -> None:
