@@ -1,4 +1,4 @@
-"""The HV-BiLSTM's XLA path: the same values and gradients as Keras' LSTMs, on their weights."""
+"""The fused HV-BiLSTM: the same values and gradients as Keras' LSTMs, on their weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vitpcm.model.hv_bilstm import HVBiLSTM, in_xla_context
+from vitpcm.model.hv_bilstm import HVBiLSTM
 
 
 def _grid(shape: tuple[int, ...], seed: int) -> tf.Tensor:
@@ -27,21 +27,30 @@ def _values_and_gradients(layer: HVBiLSTM, grid: tf.Tensor, jit: bool) -> list[n
     return [t.numpy() for t in tf.function(run, jit_compile=jit)(grid)]
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 4, 6)])
-def test_xla_path_matches_keras_lstms(shape: tuple[int, ...]) -> None:
+def _both(layer: HVBiLSTM, grid: tf.Tensor, jit: bool) -> tuple[list, list]:
+    """(fused, Keras reference) values and gradients on the same weights."""
+    layer.implementation = "keras"
+    reference = _values_and_gradients(layer, grid, jit=False)
+    layer.implementation = "fused"
+    return _values_and_gradients(layer, grid, jit=jit), reference
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 4, 6), (3, 5, 5, 4)])
+def test_fused_scan_matches_keras_lstms(shape: tuple[int, ...], jit: bool) -> None:
+    """Square grids (one loop for all four LSTMs) and non-square ones (two loops)."""
     layer = HVBiLSTM(units=3)
     grid = _grid(shape, seed=sum(shape))
     layer(grid)
-    keras_path = _values_and_gradients(layer, grid, jit=False)
-    xla_path = _values_and_gradients(layer, grid, jit=True)
-    assert xla_path[0].shape == (*shape[:3], 12)
+    fused, keras_path = _both(layer, grid, jit)
+    assert fused[0].shape == (*shape[:3], 12)
     # Output, input gradient and the 12 LSTM weight gradients (kernel, recurrent, bias x 4).
-    assert len(xla_path) == 2 + 12
-    for got, expected in zip(xla_path, keras_path, strict=True):
+    assert len(fused) == 2 + 12
+    for got, expected in zip(fused, keras_path, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_xla_path_keeps_float32_lstms_under_bfloat16() -> None:
+def test_fused_scan_keeps_float32_lstms_under_bfloat16() -> None:
     import keras
 
     previous = keras.mixed_precision.global_policy().name
@@ -50,28 +59,42 @@ def test_xla_path_keeps_float32_lstms_under_bfloat16() -> None:
         layer = HVBiLSTM(units=3)
         grid = tf.cast(_grid((2, 3, 4, 5), seed=3), "bfloat16")
         layer(grid)
-        keras_path = _values_and_gradients(layer, grid, jit=False)
-        xla_path = _values_and_gradients(layer, grid, jit=True)
+        fused, keras_path = _both(layer, grid, jit=True)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    assert xla_path[0].dtype == keras_path[0].dtype
-    for got, expected in zip(xla_path, keras_path, strict=True):
+    assert fused[0].dtype == keras_path[0].dtype
+    for got, expected in zip(fused, keras_path, strict=True):
         np.testing.assert_allclose(
             np.asarray(got, "float32"), np.asarray(expected, "float32"), rtol=1e-2, atol=1e-2
         )
 
 
-def test_xla_context_is_detected_only_under_jit() -> None:
-    seen = []
+def test_one_loop_for_all_four_lstms() -> None:
+    """A square grid's forward and backward pass hold one while loop each (G iterations)."""
+    layer = HVBiLSTM(units=3)
+    grid = _grid((2, 4, 4, 5), seed=1)
+    layer(grid)
 
-    def probe(x: tf.Tensor) -> tf.Tensor:
-        seen.append(in_xla_context())
-        return x + 1.0
+    def run(x: tf.Tensor) -> list[tf.Tensor]:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(loss, [x, *layer.trainable_variables])
 
-    tf.function(probe)(tf.constant(1.0))
-    tf.function(probe, jit_compile=True)(tf.constant(1.0))
-    assert seen == [False, True]
-    assert not in_xla_context()  # eager
+    graph = tf.function(run).get_concrete_function(grid).graph
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == 2
+    layer.implementation = "keras"
+    graph = tf.function(run).get_concrete_function(grid).graph
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) > 2
+
+
+def test_unknown_implementation_is_refused() -> None:
+    from vitpcm.errors import ModelError
+
+    with pytest.raises(ModelError, match="implementation"):
+        HVBiLSTM(units=3, implementation="cudnn")
 
 
 def _tiny_batch(cfg: object, size: int = 8) -> dict[str, tf.Tensor]:

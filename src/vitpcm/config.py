@@ -139,6 +139,9 @@ class TrainConfig:
     # Compile the per-replica train step with XLA: faster (bench/train_step.py), but it draws
     # other dropout masks than the default, so a run's numbers change.
     jit_compile: bool = False
+    # One pass per step (main views and mosaics batched, the ET target from the main pass's
+    # activations where exact, one HV-BiLSTM loop); false: the earlier three separate passes.
+    fused_step: bool = True
     seed: int = 0
     steps_per_epoch: int | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)

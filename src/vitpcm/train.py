@@ -558,6 +558,7 @@ class _TrainingLoop:
 
         from vitpcm.model.equivariance import tile_mosaic
         from vitpcm.model.losses import bce_loss, equivariance_loss, l2_loss
+        from vitpcm.model.vitpcm import train_forward
 
         cfg = self.cfg
         model = self.model
@@ -565,17 +566,27 @@ class _TrainingLoop:
         use_et = cfg.train.et.enabled
         replicas = self.strategy.num_replicas_in_sync
         classifier = model.get_layer("patch_classifier")
+        fused = cfg.train.fused_step
+        # The earlier step ran Keras' LSTMs, one loop per direction and pass.
+        model.get_layer("hv_bilstm").implementation = "fused" if fused else "keras"
 
         def replica_step(batch: dict[str, Any]) -> dict[str, Any]:
             images, labels = batch["image"], batch["labels"]
             with tf.GradientTape() as tape:
-                out = model(images, training=True)
+                if use_et and fused:
+                    # One pass: main views and mosaics together, the dropout-free, gradient-free
+                    # ET target (METHOD.md) from the main pass's activations where exact.
+                    out = train_forward(model, images, tile_mosaic(batch["view2"]))
+                    target, mosaic = out["target_patch_probs"], out["mosaic_patch_probs"]
+                elif use_et:  # train.fused_step=false: the earlier three separate passes
+                    out = model(images, training=True)
+                    target = tf.stop_gradient(model(images, training=False)["patch_probs"])
+                    mosaic = model(tile_mosaic(batch["view2"]), training=True)["patch_probs"]
+                else:
+                    out = model(images, training=True)
                 bce = bce_loss(labels, out["class_probs"])
                 l2 = l2_loss(classifier.kernel, cfg.model.l2)
                 if use_et:
-                    # The ET target comes from a dropout-free pass with no gradient (METHOD.md).
-                    target = tf.stop_gradient(model(images, training=False)["patch_probs"])
-                    mosaic = model(tile_mosaic(batch["view2"]), training=True)["patch_probs"]
                     et = equivariance_loss(
                         target, mosaic, labels, batch["params1"], batch["params2"]
                     )

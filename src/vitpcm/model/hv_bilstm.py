@@ -5,18 +5,20 @@ every row of the grid and another along every column. Rows share one set of weig
 folded into the batch), and so do columns. The two outputs are concatenated, giving
 ``4 * units`` channels (768 with the paper's 192 units per direction).
 
-Under a bfloat16 policy the LSTMs run in float32: cuDNN's LSTM kernels take float16/32/64
-only, and Keras' TensorFlow backend raises on a bfloat16 input on GPU instead of falling back.
-The LSTMs are small next to the ViT, so this costs little.
+The weights live in two Keras ``Bidirectional(LSTM)`` layers (``horizontal``, ``vertical``),
+so saved models and imported checkpoints keep their layout. The default implementation
+(``"fused"``) does not call them, though: it computes the input products of all four LSTMs
+(row/column x forward/backward) in one matmul and runs the four recurrences in **one** loop
+(:func:`lstm_scan`) when the grid is square, two loops (rows, columns) otherwise. A step
+therefore runs one forward loop and one backward loop of ``G`` iterations, with and without
+XLA, instead of a loop per direction; the loop brings its own backward pass (the gate
+gradients of every step first, then the weight gradients as single matmuls, as cuDNN does),
+which XLA compiles well too. Its forward values are Keras' to float32 rounding, and so are its
+gradients (``tests/test_hv_bilstm.py``). ``implementation="keras"`` calls the Keras layers
+instead (the earlier code path, kept for comparisons).
 
-Inside an XLA-compiled function (``train.jit_compile``) the same LSTMs run through
-:func:`lstm_scan`, on the very same weights: Keras' LSTM there is either a cuDNN op, which
-XLA cannot compile (GPU), or a loop whose autodiff backward XLA runs on oneDNN's slow
-reference matmul (CPU: a ViT-S/16 train step 10x slower). :func:`lstm_scan` computes the
-input products of all time steps in one matmul, runs the recurrence in a ``while_loop``,
-and brings its own backward pass (the gate gradients of every step first, then the weight
-gradients as single matmuls), which is what cuDNN does too. Its forward values are the
-Keras ones bit for bit; its gradients agree to float32 rounding.
+Under a bfloat16 policy the layer (dropout and LSTMs) runs in float32: cuDNN's LSTM kernels
+take float16/32/64 only, and the recurrence is small next to the ViT.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 from keras import ops
+
+from vitpcm.errors import ModelError
+
+IMPLEMENTATIONS = ("fused", "keras")
 
 
 def _bidirectional_lstm(units: int, name: str, policy: Any) -> keras.layers.Bidirectional:
@@ -47,17 +53,39 @@ class HVBiLSTM(keras.layers.Layer):
     Args:
         units: LSTM units per direction (192 in the paper).
         dropout: Dropout rate on the input grid.
+        implementation: ``"fused"`` (one loop for all directions) or ``"keras"`` (the Keras
+            LSTM layers, one loop per direction); same weights, same values.
         **kwargs: Standard layer arguments.
     """
 
-    def __init__(self, units: int = 192, dropout: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, units: int = 192, dropout: float = 0.0, implementation: str = "fused", **kwargs: Any
+    ) -> None:
+        # Under a bfloat16 policy the whole layer runs in float32: its weights are then read in
+        # their own dtype (no autocast scope), and the grid is cast to float32 on the way in.
+        policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
+        if policy.compute_dtype == "bfloat16":
+            kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.units = int(units)
         self.dropout = float(dropout)
+        self.implementation = implementation
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        lstm_policy = "float32" if self.compute_dtype == "bfloat16" else self.dtype_policy
-        self.horizontal = _bidirectional_lstm(self.units, "horizontal", lstm_policy)
-        self.vertical = _bidirectional_lstm(self.units, "vertical", lstm_policy)
+        self.horizontal = _bidirectional_lstm(self.units, "horizontal", self.dtype_policy)
+        self.vertical = _bidirectional_lstm(self.units, "vertical", self.dtype_policy)
+
+    @property
+    def implementation(self) -> str:
+        """``"fused"`` or ``"keras"``; settable (rebuild a compiled step afterwards)."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in IMPLEMENTATIONS:
+            raise ModelError(
+                f"unknown HV-BiLSTM implementation {value!r}; choose one of {list(IMPLEMENTATIONS)}"
+            )
+        self._implementation = value
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         _, grid_h, grid_w, channels = input_shape
@@ -66,66 +94,78 @@ class HVBiLSTM(keras.layers.Layer):
         self.built = True
 
     def call(self, grid: Any, training: bool | None = None) -> Any:
-        grid = self.dropout_layer(grid, training=training)
+        return self.condition(self.dropout_layer(grid, training=training))
+
+    def condition(self, grid: Any) -> Any:
+        """The LSTMs without the dropout: (B, G_h, G_w, D) -> (B, G_h, G_w, 4 * units)."""
         grid = ops.cast(grid, self.horizontal.compute_dtype)
+        if self.implementation == "fused":
+            return ops.cast(_fused(grid, self._cells()), self.compute_dtype)
         shape = ops.shape(grid)
         batch, grid_h, grid_w, channels = shape[0], shape[1], shape[2], shape[3]
         rows = ops.reshape(grid, (batch * grid_h, grid_w, channels))
         columns = ops.reshape(ops.transpose(grid, (0, 2, 1, 3)), (batch * grid_w, grid_h, channels))
-        if in_xla_context():
-            rows, columns = (
-                _bidirectional(rows, self.horizontal),
-                _bidirectional(columns, self.vertical),
-            )
-        else:
-            rows, columns = self.horizontal(rows), self.vertical(columns)
+        rows, columns = self.horizontal(rows), self.vertical(columns)
         rows = ops.reshape(rows, (batch, grid_h, grid_w, 2 * self.units))
         columns = ops.reshape(columns, (batch, grid_w, grid_h, 2 * self.units))
         columns = ops.transpose(columns, (0, 2, 1, 3))
         return ops.cast(ops.concatenate([rows, columns], axis=-1), self.compute_dtype)
+
+    def _cells(self) -> list[Any]:
+        # Row forward, row backward, column forward, column backward.
+        return [
+            layer.cell
+            for bidirectional in (self.horizontal, self.vertical)
+            for layer in (bidirectional.forward_layer, bidirectional.backward_layer)
+        ]
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (*input_shape[:-1], 4 * self.units)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(units=self.units, dropout=self.dropout)
+        config.update(units=self.units, dropout=self.dropout, implementation=self.implementation)
         return config
 
 
-# --------------------------------------------------------------------------- XLA path
+# --------------------------------------------------------------------------- fused path
 
 
-def in_xla_context() -> bool:
-    """Whether the code being traced is compiled by XLA (``tf.function(jit_compile=True)``)."""
-    try:  # TensorFlow's own test; private, hence guarded
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-
-
-def _bidirectional(sequences: tf.Tensor, layer: keras.layers.Bidirectional) -> tf.Tensor:
-    """``layer(sequences)`` for (N, T, D) sequences: [forward, backward] outputs (N, T, 2H)."""
-    from keras.src.backend import AutocastScope
-
-    cells = (layer.forward_layer.cell, layer.backward_layer.cell)
+def _fused(grid: tf.Tensor, cells: list[Any]) -> tf.Tensor:
+    """The four LSTMs over a (B, G_h, G_w, D) float grid: (B, G_h, G_w, 4H)."""
     units = cells[0].units
-    # Under a bfloat16 policy this runs in the HV-BiLSTM's bfloat16 autocast scope; the LSTM
-    # weights are read as the LSTM layers themselves read them, in their own dtype (float32).
-    with AutocastScope(None):
-        kernel = tf.concat([c.kernel.value for c in cells], axis=1)
-        recurrent = tf.stack([c.recurrent_kernel.value for c in cells])
-        bias = tf.stack([c.bias.value for c in cells])[:, None, :]
-    shape = tf.shape(sequences)
-    # One matmul gives both directions' input products for every time step; 2-D, because a
-    # batched matmul against a shared kernel has a far costlier gradient.
-    products = tf.matmul(tf.reshape(sequences, (-1, shape[2])), kernel)
-    products = tf.transpose(tf.reshape(products, (shape[0], shape[1], 8 * units)), (1, 0, 2))
-    forward, backward = tf.split(products, 2, axis=-1)
-    states = lstm_scan(tf.stack([forward, tf.reverse(backward, [0])], axis=1), recurrent, bias)
-    forward, backward = tf.unstack(states, axis=1)
-    return tf.transpose(tf.concat([forward, tf.reverse(backward, [0])], axis=-1), (1, 0, 2))
+    kernel = tf.concat([tf.convert_to_tensor(c.kernel.value) for c in cells], axis=1)
+    recurrent = tf.stack([tf.convert_to_tensor(c.recurrent_kernel.value) for c in cells])
+    bias = tf.stack([tf.convert_to_tensor(c.bias.value) for c in cells])[:, None, :]
+    shape = tf.shape(grid)
+    batch, grid_h, grid_w = shape[0], shape[1], shape[2]
+    # One 2-D matmul gives every LSTM's input products at every patch (a batched matmul
+    # against a shared kernel has a far costlier gradient).
+    products = tf.matmul(tf.reshape(grid, (-1, shape[3])), kernel)
+    products = tf.reshape(products, (batch, grid_h, grid_w, 4, 4 * units))
+    # (time, direction, sequence, 4H) in reading order: a backward LSTM reads reversed.
+    rows = tf.transpose(products[:, :, :, :2], (2, 3, 0, 1, 4))  # (w, d, b, h, 4H)
+    rows = _reading_order(tf.reshape(rows, (grid_w, 2, batch * grid_h, 4 * units)))
+    columns = tf.transpose(products[:, :, :, 2:], (1, 3, 0, 2, 4))  # (h, d, b, w, 4H)
+    columns = _reading_order(tf.reshape(columns, (grid_h, 2, batch * grid_w, 4 * units)))
+    if grid.shape[1] is not None and grid.shape[1] == grid.shape[2]:
+        # Square grid: rows and columns have the same length and count, one loop for all four.
+        states = lstm_scan(tf.concat([rows, columns], axis=1), recurrent, bias)
+        rows, columns = states[:, :2], states[:, 2:]
+    else:
+        rows = lstm_scan(rows, recurrent[:2], bias[:2])
+        columns = lstm_scan(columns, recurrent[2:], bias[2:])
+    rows = tf.reshape(_reading_order(rows), (grid_w, 2, batch, grid_h, units))
+    columns = tf.reshape(_reading_order(columns), (grid_h, 2, batch, grid_w, units))
+    out = tf.concat(
+        [tf.transpose(rows, (2, 3, 0, 1, 4)), tf.transpose(columns, (2, 0, 3, 1, 4))], axis=3
+    )  # (b, h, w, 4, H)
+    return tf.reshape(out, (batch, grid_h, grid_w, 4 * units))
+
+
+def _reading_order(sequences: tf.Tensor) -> tf.Tensor:
+    """(T, 2, N, C) [forward, backward] pairs with the backward ones reversed in time."""
+    return tf.stack([sequences[:, 0], tf.reverse(sequences[:, 1], [0])], axis=1)
 
 
 @tf.custom_gradient

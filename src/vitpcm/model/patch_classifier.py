@@ -69,7 +69,11 @@ class PatchClassifier(keras.layers.Layer):
         return self.dense.kernel
 
     def call(self, features: Any, training: bool | None = None) -> Any:
-        logits = self.dense(self.dropout_layer(features, training=training))
+        return self.classify(self.dropout_layer(features, training=training))
+
+    def classify(self, features: Any) -> Any:
+        """Per-patch class probabilities (float32) without the dropout."""
+        logits = self.dense(features)
         # Softmax in float32 even under mixed precision: the losses take logs of these.
         return ops.softmax(ops.cast(logits, "float32"), axis=-1)
 

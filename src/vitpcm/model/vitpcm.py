@@ -16,6 +16,7 @@ from vitpcm.errors import ConfigError, ModelError
 from vitpcm.model.hv_bilstm import HVBiLSTM
 from vitpcm.model.patch_classifier import GlobalClassPooling, PatchClassifier
 from vitpcm.model.vit_backbone import ViTBackbone
+from vitpcm.model.vit_layers import dropout_active
 from vitpcm.model.vit_weights import find_backbone, load_vit_npz
 
 BACKBONE_NAME = "backbone"
@@ -124,3 +125,91 @@ def set_backbone_trainable(model: keras.Model, unfreeze_blocks: int) -> None:
     trainable.add("encoder_norm")
     for layer in backbone.layers:
         layer.trainable = layer.name in trainable
+
+
+# ----------------------------------------------------------------------------- train pass
+
+
+def train_forward(model: keras.Model, images: Any, mosaics: Any) -> dict[str, Any]:
+    """The train step's three outputs from as few and as large passes as exactness allows.
+
+    The main views and the ET mosaics go through the network together, in training mode (one
+    batch when their sizes agree). The ET target, a dropout-free pass over the main views with
+    no gradient (METHOD.md), reuses the main pass's activations as far as they are the same:
+    up to the first backbone layer whose dropout runs in training (a frozen block or a zero
+    rate runs none), i.e. the frozen prefix always and the whole backbone when its dropout is
+    0; the rest of the backbone runs again in inference mode for the main views only. The
+    target then joins the same HV-BiLSTM and classifier batch, without their dropout, so the
+    step runs one recurrent loop forward and one backward. The values are those of
+    ``model(images, training=True)``, ``model(mosaics, training=True)`` and
+    ``stop_gradient(model(images, training=False))`` up to float rounding and dropout draws.
+
+    Args:
+        model: A model from :func:`build_vitpcm`.
+        images: (B, H, W, 3) main views in [0, 255].
+        mosaics: (M, H', W', 3) 2x2 mosaics of second views in [0, 255].
+
+    Returns:
+        ``patch_probs`` and ``class_probs`` of the main views, ``mosaic_patch_probs`` and the
+        gradient-free ``target_patch_probs``.
+    """
+    import tensorflow as tf
+
+    backbone = backbone_of(model)
+    rescale = model.get_layer("rescale")
+    count = tf.shape(images)[0]
+    if images.shape[1:] == mosaics.shape[1:]:
+        grid, target = _backbone_with_target(
+            backbone, rescale(tf.concat([images, mosaics], 0)), count
+        )
+        trained = [grid]
+    else:
+        main, target = _backbone_with_target(backbone, rescale(images), count)
+        trained = [main, backbone(rescale(mosaics), training=True)]
+    hv = model.get_layer("hv_bilstm")
+    classifier = patch_classifier_of(model)
+    groups = [hv.dropout_layer(g, training=True) for g in trained] + [tf.stop_gradient(target)]
+    conditioned = _joint(hv.condition, groups)
+    groups = [classifier.dropout_layer(c, training=True) for c in conditioned[:-1]]
+    probs = _joint(classifier.classify, [*groups, conditioned[-1]])
+    main_probs = probs[0][:count] if len(trained) == 1 else probs[0]
+    mosaic_probs = probs[0][count:] if len(trained) == 1 else probs[1]
+    return {
+        "patch_probs": main_probs,
+        "class_probs": model.get_layer("class_pooling")(main_probs),
+        "mosaic_patch_probs": mosaic_probs,
+        "target_patch_probs": tf.stop_gradient(probs[-1]),
+    }
+
+
+def _backbone_with_target(backbone: ViTBackbone, scaled: Any, count: Any) -> tuple[Any, Any]:
+    """(training-mode grid of ``scaled``, inference-mode grid of its first ``count`` images)."""
+    import tensorflow as tf
+
+    tokens, target = scaled, None
+    for layer in [backbone.patch_embedding, *backbone.encoder_blocks]:
+        if target is None and not _dropout_free(layer):
+            target = tokens[:count]
+        tokens = layer(tokens, training=True)
+        if target is not None:
+            target = layer(target, training=False)
+    patch_grid = backbone.get_layer("patch_grid")
+    grid = patch_grid([backbone.encoder_norm(tokens), scaled])
+    if target is None:  # dropout nowhere: the target is the main views' own grid
+        return grid, tf.stop_gradient(grid[:count])
+    return grid, tf.stop_gradient(patch_grid([backbone.encoder_norm(target), scaled[:count]]))
+
+
+def _dropout_free(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer`` computes in training mode exactly what it computes at inference."""
+    return float(getattr(layer, "dropout", 0.0)) == 0.0 or not dropout_active(layer, True)
+
+
+def _joint(function: Any, groups: list[Any]) -> list[Any]:
+    """``function`` over tensors batched together when their shapes allow, split back."""
+    import tensorflow as tf
+
+    if all(g.shape[1:] == groups[0].shape[1:] for g in groups):
+        sizes = [tf.shape(g)[0] for g in groups]
+        return tf.split(function(tf.concat(groups, 0)), sizes, axis=0)
+    return [function(g) for g in groups]
