@@ -13,7 +13,7 @@ PARAMS ?=
 ARGS ?=
 K8S_VERSION ?= 1.31.0
 
-.PHONY: help setup system-deps test test-fast lint format run-local compile-pipeline submit schedule images test-images test-containers validate-manifests mlflow-ui bench clean
+.PHONY: help setup system-deps test test-fast lint format run-local docs-pictures compile-pipeline submit schedule images test-images test-containers validate-manifests mlflow-ui bench clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Targets:\n"} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,10 @@ format: setup ## Apply ruff fixes and formatting
 
 run-local: setup ## Run the whole DAG locally (kfp.local, synthetic data, local MLflow + S3); ARGS="--help"
 	$(BIN)/python -m pipeline.local $(ARGS)
+
+docs-pictures: setup compile-pipeline ## README's pictures from real outputs: MLflow run page of the last run-local (ARGS="--root DIR"), pipeline graph
+	$(BIN)/python -m pipeline.docs_pictures screenshots $(ARGS)
+	$(BIN)/python -m pipeline.docs_pictures graph --package $(PIPELINE_YAML)
 
 mlflow-ui: setup ## Browse the runs of run-local in MLflow at http://127.0.0.1:5000 (ARGS="--root DIR --port N")
 	$(BIN)/python -m pipeline.local_mlflow ui $(ARGS)

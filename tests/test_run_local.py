@@ -34,7 +34,10 @@ from pipeline.summary import build_summary, format_summary
 from vitpcm.errors import ConfigError, TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
-_RUN_URL = re.compile(r"http://127\.0\.0\.1:(\d+)/#/experiments/(\d+)/runs/([0-9a-f]{32})")
+_RUN_URL = re.compile(
+    r"http://127\.0\.0\.1:(\d+)/#/experiments/(\d+)/runs/([0-9a-f]{32})"
+    r"\?workflowType=machine_learning"
+)
 _NUMBER = r"(\d\.\d{4})"
 
 
@@ -226,7 +229,7 @@ def _fake_run(tmp_path: Path) -> SimpleNamespace:
         pipeline_root=tmp_path,
         artifacts={"model": str(model), "eval_report": str(report), "pseudo_masks": str(masks)},
         metrics={
-            "train": {"epochs_run": 3.0, "best_epoch": 2.0},
+            "train": {"epochs_run": 3.0, "best_epoch": 2.0, "val_miou": 0.55},
             "eval": {"miou": 0.5, "pixel_accuracy": 0.9},
             "test": {"miou": 0.4, "miou_crf": 0.525},
         },
@@ -258,8 +261,12 @@ def test_summary_lists_scores_places_and_the_mlflow_outcome(tmp_path: Path) -> N
     assert summary["artifacts"]["pseudo_masks_crf"].endswith("pseudo_masks_crf")
     text = format_summary(summary, str(tmp_path / "summary.json"))
     assert "finished in 1:15" in text
-    assert re.search(r"validation \(baseline pseudo masks\) +val +0\.5000\n", text)
-    assert re.search(r"test +val +0\.4000  0\.5250\n", text)
+    # Each row says what it is: purpose and split (here the test ran on val: not held out).
+    assert re.search(r"model selection: best of 3 epochs \(epoch 2\) +val +0\.5500\n", text)
+    assert re.search(r"model selection: evaluate step +val +0\.5000\n", text)
+    assert re.search(r"test \(not held out\): infer \+ CRF +val +0\.4000  0\.5250\n", text)
+    assert summary["test"]["held_out"] is False
+    assert "Per-class IoU (eval on val, test on val)" in text
     assert re.search(r"disc +0\.2000 +0\.1000 +0\.3000", text)
     assert "vitpcm-local version 2: champion unchanged (0.500 (val) vs champion" in text
     assert "vitpcm mlflow replay /runs/spool" in text  # 3 records were not sent
@@ -350,15 +357,16 @@ def test_run_local_end_to_end_and_the_mlflow_store_it_leaves(tmp_path: Path) -> 
     )
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    assert re.search(r"\[3/6\] train ViT-PCM +\d:\d\d  epoch 1/1", out)
-    val = re.search(rf"validation \(baseline pseudo masks\) +val +{_NUMBER}\n", out)
-    test = re.search(rf"\n +test +val +{_NUMBER}  {_NUMBER}\n", out)
+    assert re.search(r"\[\d/8\] train ViT-PCM +\d:\d\d  epoch 1/1", out)
+    assert re.search(r"\[1/8\] check dataset and config", out)
+    val = re.search(rf"model selection: evaluate step +val +{_NUMBER}\n", out)
+    test = re.search(rf"\n +held-out test: infer \+ CRF +test +{_NUMBER}  {_NUMBER}\n", out)
     url = _RUN_URL.search(out)
     assert val and test and url, out
     port, experiment_id, run_id = url.groups()
     assert "Registered model: vitpcm-local version 1: new champion" in out
     assert "Browse later:     make mlflow-ui" in out
-    assert re.search(r"Per-class IoU\n.*\n +background +\d\.\d{4}", out)
+    assert re.search(r"Per-class IoU \(eval on val, test on test\)\n.*\n +background +\d", out)
 
     summary = json.loads((root / "summary.json").read_text())
     assert f"{summary['val']['miou']:.4f}" == val.group(1)
@@ -381,15 +389,17 @@ def test_run_local_end_to_end_and_the_mlflow_store_it_leaves(tmp_path: Path) -> 
         client = server.client()
         run = client.get_run(run_id)
         assert run.info.experiment_id == experiment_id
-        assert run.data.metrics["miou_val"] == pytest.approx(summary["val"]["miou"])
-        assert run.data.metrics["miou_crf_val"] == pytest.approx(summary["test"]["miou_crf"])
-        shown = {item.path for item in client.list_artifacts(run_id, "val")}
-        assert {"val/sample_overlays.png", "val/class_iou.png"} <= shown
+        assert run.data.metrics["eval/miou"] == pytest.approx(summary["val"]["miou"])
+        assert run.data.metrics["test/miou_crf"] == pytest.approx(summary["test"]["miou_crf"])
+        # The run's params name the model it registered.
+        assert run.data.params["mlflow.registered_model"] == "vitpcm-local"
+        shown = {item.path for item in client.list_artifacts(run_id, "test")}
+        assert {"test/overlays_best.png", "test/class_iou_before_after_crf.png"} <= shown
         from mlflow.artifacts import download_artifacts
 
         png = download_artifacts(
             run_id=run_id,
-            artifact_path="val/sample_overlays.png",
+            artifact_path="test/overlays_worst.png",
             tracking_uri=server.uri,
             dst_path=tempfile.mkdtemp(dir=tmp_path),
         )
@@ -413,7 +423,7 @@ def test_a_failed_step_is_named_with_its_error_and_log(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"(✗|FAILED) \[3/6\] train ViT-PCM", done.stdout)
+    assert re.search(r"(✗|FAILED) \[\d/8\] train ViT-PCM", done.stdout)
     assert "The end of the failed step's log" in done.stdout
     assert "Traceback (most recent call last)" in done.stdout
     assert re.match(
@@ -447,7 +457,7 @@ def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             seen.append(line)
-            if "[3/6] train ViT-PCM ..." in line:
+            if re.search(r"\[\d/8\] train ViT-PCM \.\.\.", line):
                 break
         time.sleep(5)  # inside the step: TensorFlow imported, the model being built
         assert _leftovers(str(root)), "the training step should be running"
@@ -460,6 +470,6 @@ def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     output = "".join(seen) + rest
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted (SIGINT): every step and server was stopped" in output
-    assert re.search(r"(✗|FAILED) \[3/6\] train ViT-PCM", output)
+    assert re.search(r"(✗|FAILED) \[\d/8\] train ViT-PCM", output)
     assert _port_closed(mlflow_port) and _port_closed(s3_port)
     assert _leftovers(str(root)) == []
