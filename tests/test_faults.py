@@ -515,3 +515,126 @@ def test_bad_record_stops_training_in_one_line_and_leaves_no_run_folder(
     assert rc == 2
     one_error(err, "training stopped: InvalidArgumentError", "convert the dataset again")
     assert not out.exists()  # a failed start leaves no half-made run folder
+
+
+# --------------------------------------------------------------------- S3 credentials
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A moto S3 endpoint that checks credentials, with one user allowed everything.
+
+    moto checks signatures once ``INITIAL_NO_AUTH_ACTION_COUNT`` requests are spent: three
+    go to creating the user, its key and its policy. Yields (endpoint, key id, secret).
+    """
+    import boto3
+
+    from pipeline.services import S3Endpoint
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        with S3Endpoint() as endpoint:
+            patch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+            iam = boto3.client(
+                "iam",
+                endpoint_url=endpoint.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="setup",
+                aws_secret_access_key="setup",
+            )
+            iam.create_user(UserName="pipeline")
+            key = iam.create_access_key(UserName="pipeline")["AccessKey"]
+            allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+            policy = {"Version": "2012-10-17", "Statement": [allow]}
+            iam.put_user_policy(
+                UserName="pipeline", PolicyName="all", PolicyDocument=json.dumps(policy)
+            )
+            yield endpoint.endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_s3_dataset_with_wrong_credentials_reports_access_denied(
+    s3_with_auth: Any, tiny_data: Path, tmp_path: Path
+) -> None:
+    import boto3
+
+    endpoint, key_id, secret = s3_with_auth
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=key_id, aws_secret_access_key=secret)  # fmt: skip
+    client.create_bucket(Bucket="datasets")
+    for path in sorted(tiny_data.iterdir()):  # a converted dataset that exists
+        client.put_object(Bucket="datasets", Key=f"voc/{path.name}", Body=path.read_bytes())
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="datasets")["Contents"]}
+    out = tmp_path / "run"
+    env = {**os.environ, "S3_ENDPOINT": endpoint, "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "vitpcm", "train", "-c", "synthetic", "--data",
+         "s3://datasets/voc", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    line = one_error(done.stderr.splitlines(), "s3://datasets/voc", "access denied by S3")
+    assert "AWS_SECRET_ACCESS_KEY" in line and "run vitpcm data convert" not in line
+    assert not out.exists()
+    after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="datasets")["Contents"]}
+    assert after == before
+
+
+# --------------------------------------------------------------------- processes
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_killed_convert_leaves_no_worker_behind(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    make_synthetic(src, train=240, val=8, test=0, size=96, seed=5, progress=False)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "vitpcm", *_convert(src, tmp_path / "records"),
+         "--workers", "2", "--shards", "8", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(parent.pid)) < 2 and parent.poll() is None:
+            assert time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.05)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, "the conversion ended before it could be killed"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [w for w in workers if _running(w)]
+        for pid in alive:  # do not leave them to the rest of the suite
+            os.kill(pid, signal.SIGKILL)
+        assert alive == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    # The next run removes the killed run's temporary folder and converts.
+    rerun = subprocess.run(
+        [sys.executable, "-m", "vitpcm", *_convert(src, tmp_path / "records"), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records", "src"]
