@@ -1,11 +1,10 @@
-"""Training: a few real steps, resumption after a kill, and multi-worker agreement."""
+"""Training: a few real steps and resumption after a kill (multi-worker: test_multi_worker.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -202,48 +201,3 @@ def test_killed_training_resumes_at_next_epoch(tiny_data: Path, tmp_path: Path) 
     assert f"resuming {out} at epoch {epoch_at_kill + 1}" in rerun.stderr
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_two_workers_end_with_identical_weights(tiny_data: Path, tmp_path: Path) -> None:
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    out = tmp_path / "run"
-    with socket.socket() as sock:  # an MLflow server that is down: records stay spooled
-        sock.bind(("127.0.0.1", 0))
-        mlflow_uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(
-            subprocess.Popen(
-                _train_args(tiny_data, out),
-                env=_env(TF_CONFIG=tf_config, MLFLOW_TRACKING_URI=mlflow_uri),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
-    chief = json.loads((out / "metrics.json").read_text())
-    other = json.loads((out / "replicas" / "worker-1" / "metrics.json").read_text())
-    assert chief["workers"] == other["workers"] == 2
-    # tf.distribute.MultiWorkerMirroredStrategy is this class under another name.
-    assert chief["strategy"] == "CollectiveAllReduceStrategy"
-    assert chief["weights_digest"] == other["weights_digest"]
-    assert chief["epochs_run"] == other["epochs_run"] == 2
-    # Only the chief logs to MLflow.
-    assert (out / "mlflow-spool" / "spool.json").is_file()
-    assert json.loads((out / "mlflow_run.json").read_text())["pending"] > 0
-    assert not list((out / "replicas").rglob("mlflow*"))
