@@ -1,12 +1,12 @@
 """``RunTracker``: one MLflow run per training (or evaluation) job, outage-proof.
 
-What a run shows in the MLflow dashboard (DESIGN.md, "What users do with it"): tags
-(dataset, backbone, config name, vitpcm version, the Kubeflow run id and a link back to its
-page), the resolved config as dotted params (``train.lr``...), per-epoch curves (each loss
-term, training and validation mIoU, learning rate; step = the epoch number, from 1), final
-metrics per split (BPM mIoU, mIoU after CRF, pixel accuracy, per-class IoU), plots
-(confusion matrix, per-class IoU, sample overlays), ``config.yaml``, ``metrics.json``, and
-the Keras model with its signature, registered and gated for the ``champion`` alias.
+What a run shows in the MLflow dashboard (DESIGN.md, "What users do with it"): a
+description (:mod:`vitpcm.tracking.describe`), source and tags (dataset, backbone, config,
+vitpcm version, the Kubeflow run and a link back to it), the resolved config as dotted
+params (``train.lr``...), per-epoch curves under ``train/`` and ``val/`` (step = the epoch
+number, from 1), final metrics per stage (``eval/``, ``test/``, ``class_iou/``: see
+:mod:`vitpcm.tracking.naming`), plots, dataset inputs, ``config.yaml``, ``metrics.json``,
+and the Keras model with its signature, registered and gated for the ``champion`` alias.
 
 Everything goes through the local spool (:mod:`vitpcm.tracking.spool`) first, then to
 MLflow (:mod:`vitpcm.tracking.sender`): an unreachable server costs a warning, never the
