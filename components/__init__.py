@@ -21,6 +21,7 @@ _HOMES = {
     "evaluate_model": "components.evaluate",
     "infer_crf": "components.evaluate",
     "register_model": "components.register",
+    "deploy_model": "components.deploy",
     "gpu_placement": "components.placement",
 }
 

@@ -18,6 +18,7 @@ from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 
 from pipeline import cluster
+from pipeline.images import cpu_image
 from pipeline.steps import (
     add_check_step,
     add_data_steps,
@@ -27,6 +28,20 @@ from pipeline.steps import (
 
 PIPELINE_NAME = "vitpcm-wsss"
 SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
+
+
+def add_deploy_step(register: PipelineTask, tracking_uri: str, enabled: bool) -> PipelineTask:
+    """The ``deploy`` step after ``register`` (components/deploy.py); a no-op unless enabled."""
+    from components.deploy import deploy_model
+
+    task = deploy_model(
+        summary=register.outputs["summary"],
+        tracking_uri=tracking_uri,
+        image=cpu_image(),
+        enabled=enabled,
+    ).set_display_name("deploy the champion (KServe)")
+    task.set_caching_options(False)
+    return task
 
 
 @dsl.pipeline(
@@ -53,6 +68,7 @@ def vitpcm_pipeline(
     checkpoint_root: str = "",
     shards: int = 0,
     data_version: str = "",
+    deploy: bool = False,
 ):
     """Train and evaluate ViT-PCM, and register the model in MLflow.
 
@@ -79,6 +95,8 @@ def vitpcm_pipeline(
         shards: TFRecord shards per split; 0 for about 1000 images per shard.
         data_version: Any label of the dataset's version (e.g. 2026-12): a new value makes the
             data steps fetch and convert again instead of reusing their cached outputs.
+        deploy: Point the KServe InferenceService "vitpcm" at the model when this run makes
+            it the champion (manifests/serving/ applied); off: MLflow only.
     """
     check = add_check_step(dataset, config, overrides, pretrained)
     convert = add_data_steps(dataset, mirror, shards, after=check, data_version=data_version)
@@ -96,7 +114,7 @@ def vitpcm_pipeline(
         pretrained=pretrained,
         registered_model=registered_model,
     )
-    add_scoring_steps(
+    _evaluate, _infer, register = add_scoring_steps(
         train.outputs["model"],
         convert.outputs["Output"],
         crf,
@@ -104,6 +122,8 @@ def vitpcm_pipeline(
         registered_model,
         mlflow_tracking_uri,
     )
+    # Always in the DAG and a no-op unless asked (no branch, like the train step's launcher).
+    add_deploy_step(register, mlflow_tracking_uri, deploy)
 
 
 class SingleNodeOutputs(NamedTuple):

@@ -55,8 +55,9 @@ def test_cluster_pipeline_trains_in_one_step_whichever_way(cluster_package) -> N
     assert spec["pipelineInfo"]["name"] == "vitpcm-wsss"
     tasks = _all_tasks(spec)
     # One train step, no branch and no artifact OneOf (resolved to the wrong branch by KFP
-    # backends before 2.17): the step itself launches a distributed job when asked.
-    assert set(tasks) == STEPS
+    # backends before 2.17): the step itself launches a distributed job when asked. The
+    # deploy step is there too, a no-op unless the form's `deploy` flag is on.
+    assert set(tasks) == STEPS | {"deploy-model"}
     assert not any("triggerPolicy" in t for t in tasks.values())
     assert not [c for c in spec["components"].values() if "dag" in c]
     evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]["model"]

@@ -172,3 +172,176 @@ def test_served_champion_answers_like_vitpcm_predict(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         print(log.read_text()[-4000:])
+
+
+# ----------------------------------------------------------------------------- KServe
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "kubeflow-user-example-com"
+ISVC_CRD = "inferenceservice-v0.14.1.json"
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    import shutil
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl not found: it renders manifests/ (see README, Development)"
+    done = subprocess.run(
+        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def _isvc_errors(obj: dict) -> list[str]:
+    from helpers.kube_api import load_crd, metadata_errors, schema_errors
+
+    crd = load_crd(ISVC_CRD)
+    rest = {k: v for k, v in obj.items() if k != "metadata"}
+    errors = metadata_errors(obj["metadata"], NAMESPACE)
+    if obj["apiVersion"] != f"{crd['group']}/{crd['version']}" or obj["kind"] != crd["kind"]:
+        errors.append(f"{obj['apiVersion']} {obj['kind']}")
+    return errors + schema_errors(rest, {**crd["schema"], "required": []})
+
+
+def test_serving_manifests_validate_and_match_the_deploy_step() -> None:
+    import kubernetes_validate
+
+    from pipeline.images import tagged
+    from vitpcm.serving_deploy import inference_service
+
+    objects = _kustomize(REPO / "manifests" / "serving")
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    assert kinds == [
+        ("InferenceService", "vitpcm"),
+        ("Role", "vitpcm-deploy"),
+        ("RoleBinding", "vitpcm-deploy"),
+    ]
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        if obj["kind"] == "InferenceService":
+            assert _isvc_errors(obj) == []
+        else:
+            kubernetes_validate.validate(obj, "1.31.0", strict=True)
+    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
+    image = tagged("cpu", environ={})
+    built = inference_service(
+        "vitpcm", NAMESPACE, "models:/vitpcm-voc12/1", image, "http://mlflow:5000"
+    )
+    assert isvc["spec"] == built["spec"]
+    # the schema check bites: an unknown field and a wrong type are refused
+    broken = json.loads(json.dumps(isvc))
+    broken["spec"]["predictor"]["containers"][0]["imagePullPolicyy"] = "Always"
+    broken["spec"]["predictor"]["minReplicas"] = "one"
+    assert len(_isvc_errors(broken)) == 2
+
+
+def _replacing_api():
+    from helpers.kube_api import FakeKubeAPI, metadata_errors, schema_errors
+
+    class ReplacingKubeAPI(FakeKubeAPI):
+        """The fake API server plus ``PUT`` (replace) with resourceVersion checks."""
+
+        def answer(self, method: str, path: str, query: dict, body: object) -> tuple[int, dict]:
+            parts = path.strip("/").split("/")
+            if method != "PUT":
+                status, answer = super().answer(method, path, query, body)
+                if method == "POST" and status == 201:
+                    key = (parts[5], body["metadata"]["name"])
+                    self.objects[key]["metadata"]["resourceVersion"] = "1"
+                return status, answer
+            resource, key = self.resources[parts[5]], (parts[5], parts[6])
+            meta = dict(body["metadata"])
+            version = meta.pop("resourceVersion", None)
+            if key not in self.objects:
+                return 404, {"kind": "Status", "code": 404, "message": "not found"}
+            current = self.objects[key]["metadata"]["resourceVersion"]
+            if version != current:
+                return 409, {"kind": "Status", "code": 409, "message": "conflict"}
+            rest = {k: v for k, v in body.items() if k != "metadata"}
+            errors = metadata_errors(meta, parts[4])
+            errors += schema_errors(rest, {**resource.schema, "required": []})
+            if errors:
+                return 422, {"kind": "Status", "code": 422, "message": "; ".join(errors)}
+            self.objects[key] = {
+                **body,
+                "metadata": {**meta, "resourceVersion": str(int(current) + 1)},
+            }
+            return 200, self.objects[key]
+
+    return ReplacingKubeAPI({"inferenceservices": ISVC_CRD}, namespace=NAMESPACE)
+
+
+def test_deploy_step_follows_the_champion_against_a_validating_api() -> None:
+    from vitpcm.serving_deploy import DeployError, deploy_champion, served_model
+
+    api = _replacing_api()
+    with api:
+        custom, _core = api.clients()
+
+        def deploy(version: str | None, promoted: bool | None, name: str = "vitpcm") -> dict:
+            registration = None if version is None else {
+                "model_name": "vitpcm-voc12", "version": version, "promoted": promoted
+            }  # fmt: skip
+            return deploy_champion(
+                registration,
+                api=custom,
+                name=name,
+                namespace=NAMESPACE,
+                image="reg/vitpcm-cpu:1",
+                tracking_uri="http://mlflow:5000",
+            )
+
+        assert deploy(None, None)["action"] == "skipped"
+        assert deploy("1", False)["action"] == "skipped"
+        assert api.requests == []  # no champion change: the cluster is not even asked
+        assert deploy("1", True)["action"] == "created"
+        assert deploy("1", True)["action"] == "unchanged"
+        assert deploy("2", True) == {
+            "action": "updated",
+            "model_uri": "models:/vitpcm-voc12/2",
+            "reason": "champion models:/vitpcm-voc12/2",
+        }
+        stored = api.objects[("inferenceservices", "vitpcm")]
+        assert served_model(stored) == "models:/vitpcm-voc12/2"
+        assert stored["metadata"]["resourceVersion"] == "2"
+        assert deploy("3", False)["action"] == "skipped"
+        assert served_model(api.objects[("inferenceservices", "vitpcm")]).endswith("/2")
+        # an object the server refuses is one clear error
+        with pytest.raises(DeployError, match="refused InferenceService .*Bad_Name"):
+            deploy("4", True, name="Bad_Name")
+        calls = {c for c in api.calls() if c[2] == "inferenceservices"}
+    # exactly the verbs manifests/serving/rbac.yaml grants
+    (role,) = [o for o in _kustomize(REPO / "manifests" / "serving") if o["kind"] == "Role"]
+    (rule,) = role["rules"]
+    granted = {
+        (v, g, r) for v in rule["verbs"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert calls == granted
+
+
+def test_pipeline_deploy_flag_is_off_by_default() -> None:
+    import inspect
+
+    from pipeline.pipeline import vitpcm_pipeline
+
+    signature = inspect.signature(vitpcm_pipeline.pipeline_func)
+    assert signature.parameters["deploy"].default is False
+    task = vitpcm_pipeline.pipeline_spec.root.dag.tasks["deploy-model"]
+    params = task.inputs.parameters
+    assert params["enabled"].component_input_parameter == "deploy"
+    assert task.inputs.artifacts["summary"].task_output_artifact.producer_task == "register-model"
+
+
+def test_deploy_component_is_a_no_op_unless_enabled(tmp_path: Path) -> None:
+    from kfp.dsl import Artifact
+
+    from components.deploy import deploy_model
+
+    summary = Artifact(uri=str(tmp_path / "s"), metadata={})
+    summary.path = str(tmp_path / "summary.json")
+    Path(summary.path).write_text(json.dumps({"mlflow": {"version": "3", "promoted": True}}))
+    # off: no Kubernetes API is contacted (there is none here: it would fail)
+    assert deploy_model.python_func(summary=summary, tracking_uri="x", image="i") == "off"
