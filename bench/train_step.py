@@ -8,21 +8,20 @@ optimizers and the distributed ``tf.function`` exactly as ``vitpcm train`` does,
 fine-tuning phase (the last ``train.unfreeze_blocks`` blocks, the final LayerNorm, the
 HV-BiLSTM and the classifier learn), with the ET loss, on one synthetic in-memory batch.
 
-FLOPs are counted analytically (matmuls and convolutions, 2 per multiply-add; element-wise
-ops, softmax and norms left out, as usual). Per image the step runs the main view forward and
-backward, a no-gradient target pass on the main view, and a forward and backward pass on a
-quarter of a 2x2 mosaic of second views. Two counts are given:
+Every configuration (precision x XLA, and the earlier three-pass step with
+``--baseline``) is built first and then timed in interleaved rounds, so all share the
+neighbours' load; each round also times the ceiling, a large square matmul
+(``--matmul-size``) in the step's precision and in fp32. Figures per configuration:
 
-* ``convention``: the usual "backward = 2x forward" rule for every trained pass, i.e.
-  3 + 1 + 3/4 = 4.75 forward passes per image, whatever is frozen;
-* ``required``: what this step must compute: frozen layers need no backward at all, trained
-  ones need 2x their forward.
-
-The ceiling is a large square matmul (``--matmul-size``) in the step's precision, timed in
-the same run: each of ``--rounds`` rounds times the step between two matmul samples, so
-both share the neighbours' load; the ratio is the median over rounds (the ratio of the
-best step to the best matmul is given too). On a GPU the utilisation is also given
-against the datasheet peak (MFU).
+* images/s (best round) and process CPU seconds per image (load cannot flatter those);
+* *executed* FLOPs per image (:mod:`flops`): read off the optimized HLO where XLA runs
+  (XLA merges duplicated work), counted analytically for graph mode (say which);
+* those FLOP/s as a fraction of the measured matmul ceiling (median over rounds of each
+  round's ratio), of the fp32 matmul, and of the CPU's FMA peak (ISA, clock and cores from
+  /proc/cpuinfo; per CPU-second against one core's peak too); on a GPU, of the datasheet
+  peak (MFU);
+* plain speed ratios: the one-pass step vs the earlier one, bf16 vs fp32, XLA vs not, each
+  by wall clock (median of per-round ratios) and by CPU time.
 """
 
 from __future__ import annotations
@@ -34,12 +33,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # bench/ is this script's folder, hence first on sys.path when it runs.
 from common import run_context
+from flops import cpu_peak, dims_from_config, executed_flops, hlo_flops
 
 # Datasheet dense peaks (FLOP/s) for the MFU of GPU runs: bfloat16 tensor cores, float32 (TF32
 # would be higher: the float32 figure here is plain FP32).
@@ -50,75 +50,6 @@ GPU_PEAKS = {
     "L4": {"bf16": 121e12, "fp32": 30e12},
 }
 PRECISIONS = ("fp32", "bf16")
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-@dataclass(frozen=True)
-class Dims:
-    """What the FLOP count depends on."""
-
-    image_size: int
-    patch_size: int
-    hidden_dim: int
-    depth: int
-    mlp_dim: int
-    lstm_units: int
-    num_classes: int
-    unfreeze_blocks: int
-
-
-def dims_from_config(cfg: Any) -> Dims:
-    """The :class:`Dims` of a resolved config."""
-    m = cfg.model
-    return Dims(
-        cfg.data.image_size,
-        m.patch_size,
-        m.hidden_dim,
-        m.depth,
-        m.mlp_dim,
-        m.lstm_units,
-        cfg.data.num_classes,
-        cfg.train.unfreeze_blocks,
-    )
-
-
-def forward_flops(d: Dims) -> dict[str, float]:
-    """Forward FLOPs of one image, per part of the network."""
-    patches = (d.image_size // d.patch_size) ** 2
-    tokens = patches + 1
-    dim, mlp, units = d.hidden_dim, d.mlp_dim, d.lstm_units
-    block = (
-        2 * tokens * dim * 3 * dim  # query, key, value
-        + 2 * 2 * tokens * tokens * dim  # scores and weighted values
-        + 2 * tokens * dim * dim  # output projection
-        + 2 * 2 * tokens * dim * mlp  # MLP
-    )
-    return {
-        "patch_embedding": 2.0 * patches * d.patch_size**2 * 3 * dim,
-        "block": float(block),
-        "blocks": float(block * d.depth),
-        # Four LSTMs (row/column x forward/backward) each see every patch once; a step is
-        # one (input + recurrent) x 4 gates product.
-        "hv_bilstm": 4 * 2.0 * patches * (dim + units) * 4 * units,
-        "classifier": 2.0 * patches * 4 * units * d.num_classes,
-    }
-
-
-def train_step_flops(d: Dims) -> dict[str, float]:
-    """FLOPs of one image's share of a train step (main view + target pass + 1/4 mosaic)."""
-    f = forward_flops(d)
-    forward = f["patch_embedding"] + f["blocks"] + f["hv_bilstm"] + f["classifier"]
-    trained = f["hv_bilstm"] + f["classifier"] + f["block"] * min(d.unfreeze_blocks, d.depth)
-    if d.unfreeze_blocks >= d.depth:
-        trained += f["patch_embedding"]
-    trained_passes = 1.0 + 0.25  # the main view, and a quarter of a mosaic
-    return {
-        "forward": forward,
-        "convention": 3 * forward * trained_passes + forward,
-        "required": (forward + 2 * trained) * trained_passes + forward,
-    }
 
 
 # ----------------------------------------------------------------------------- timing
@@ -199,7 +130,13 @@ def synthetic_batch(cfg: Any, batch_size: int, seed: int = 0) -> dict[str, Any]:
 
 
 def make_config(
-    model: str, size: int, batch: int, precision: str, xla: bool, sets: list[str]
+    model: str,
+    size: int,
+    batch: int,
+    precision: str,
+    xla: bool,
+    sets: list[str],
+    fused: bool = True,
 ) -> Any:
     """The ``voc12`` recipe for ``model`` at ``size`` px, with the bench's settings."""
     from vitpcm.config import load_config
@@ -214,6 +151,7 @@ def make_config(
         f"train.batch_size={batch}",
         f"train.mixed_precision={precision == 'bf16'}",
         f"train.jit_compile={xla}",
+        f"train.fused_step={fused}",
         *sets,
     ]
     return load_config(base, overrides)
@@ -239,93 +177,139 @@ def build_step(cfg: Any) -> tuple[Any, Any]:
 
 
 @dataclass
-class StepResult:
-    """What one configuration measured: per round, the step time and the matmul time."""
+class Config:
+    """One measured configuration and its per-round timings."""
 
     precision: str
     xla: bool
-    batch: int
-    first_step_s: float
-    rounds: list[tuple[float, float, float]]
-    loss: float
+    fused: bool
+    cfg: Any
+    step: Any = None
+    batch: Any = None
+    matmul: Any = None
+    reference: Any = None
+    first_step_s: float = 0.0
+    loss: float = 0.0
+    flops: dict[str, Any] = field(default_factory=dict)
+    # (step wall s, step CPU s, matmul s, fp32 matmul s) per round, per step
+    rounds: list[tuple[float, float, float, float]] = field(default_factory=list)
 
-    def as_dict(
-        self, d: Dims, n: int, peak: float | None, best_fp32_matmul: float
-    ) -> dict[str, Any]:
-        flops = train_step_flops(d)
-        matmul_flops = 2.0 * n**3
-        step_s = min(step for step, _, _ in self.rounds)
-        ceiling = matmul_flops / min(matmul for _, matmul, _ in self.rounds)
-        images_per_s = self.batch / step_s
-        out: dict[str, Any] = {
-            "precision": self.precision,
-            "xla": self.xla,
-            "batch": self.batch,
-            "images_per_s": round(images_per_s, 3),
-            "first_step_s": round(self.first_step_s, 1),
-            "step_s": round(step_s, 3),
-            # Each round's speed scaled to an unloaded machine (by how much slower this
-            # round's fp32 matmul ran than the run's best), median over rounds: comparable
-            # across settings measured minutes apart.
-            "images_per_s_normalised": round(
-                statistics.median(
-                    self.batch / step * fp32 / best_fp32_matmul for step, _, fp32 in self.rounds
-                ),
-                3,
-            ),
-            "ceiling_gflops": round(ceiling / 1e9, 1),
-            "loss": round(self.loss, 4),
-            "rounds_s": [[round(x, 4) for x in times] for times in self.rounds],
-        }
-        for kind in ("convention", "required"):
-            achieved = images_per_s * flops[kind]
-            out[f"{kind}_gflops"] = round(achieved / 1e9, 1)
-            # Each round's step against the matmul timed right around it (same neighbours),
-            # median over rounds; the ratio of the two bests is given too.
-            per_round = sorted(
-                (self.batch / step * flops[kind]) / (matmul_flops / matmul)
-                for step, matmul, _ in self.rounds
-            )
-            out[f"{kind}_ratio"] = round(statistics.median(per_round), 3)
-            out[f"{kind}_ratio_of_bests"] = round(achieved / ceiling, 3)
-            if peak:
-                out[f"{kind}_mfu"] = round(achieved / peak, 3)
-        return out
+    @property
+    def name(self) -> str:
+        path = "" if self.fused else ", earlier three-pass step"
+        return f"{self.precision}, XLA {'on' if self.xla else 'off'}{path}"
 
 
-def measure_step(
-    step: Any, batch: dict[str, Any], steps: int, rounds: int, matmul: Any, reference: Any
-) -> tuple[float, list[tuple[float, float, float]], float]:
-    """``(first step s, [(step s, matmul s, fp32 matmul s)] per round, last loss)``.
-
-    Each round times ``steps`` steps between two samples of the matmul in the step's
-    precision (and of the fp32 one, which puts rounds of every configuration on one scale),
-    keeping the faster samples, so a round's figures share the neighbours' load.
-    """
+def prepare(args: argparse.Namespace, c: Config) -> None:
+    """Build the step, count its FLOPs, compile it and run one warm step."""
+    c.step, _loop = build_step(c.cfg)
+    c.batch = synthetic_batch(c.cfg, args.batch)
+    dims = dims_from_config(c.cfg)
+    analytic = executed_flops(dims, c.fused)
+    c.flops = {"analytic": analytic["executed"], "convention": analytic["convention"]}
+    c.flops.update(method="analytic (graph mode runs every pass it is given)")
+    if c.xla:
+        hlo = c.step.replica_step.experimental_get_compiler_ir(c.batch)(stage="optimized_hlo")
+        counted = hlo_flops(hlo, loop_trips=dims.image_size // dims.patch_size)
+        c.flops.update(
+            hlo=counted["total"] / args.batch,
+            hlo_loops=int(counted["loops"]),
+            method="XLA optimized HLO (dot, convolution, oneDNN matmul; loops x grid side)",
+        )
+    c.flops["executed"] = c.flops.get("hlo", c.flops["analytic"])
+    c.matmul = matmul_timer(args.matmul_size, c.precision)
+    c.reference = c.matmul if c.precision == "fp32" else matmul_timer(args.matmul_size, "fp32")
     start = time.perf_counter()
-    loss = float(step(batch)["loss"])  # tracing and compilation
-    first = time.perf_counter() - start
-    float(step(batch)["loss"])  # one warm step: allocator and thread pools settle
-    timings = []
-    for _ in range(rounds):
-        before, before_reference = matmul(), reference()
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = float(step(batch)["loss"])
-        elapsed = (time.perf_counter() - start) / steps
-        timings.append((elapsed, min(before, matmul()), min(before_reference, reference())))
-    return first, timings, loss
+    c.loss = float(c.step(c.batch)["loss"])  # tracing and compilation
+    c.first_step_s = time.perf_counter() - start
+    float(c.step(c.batch)["loss"])  # one warm step: allocator and thread pools settle
 
 
-def run_config(args: argparse.Namespace, precision: str, xla: bool) -> StepResult:
-    """Build and time one (precision, XLA) configuration."""
-    cfg = make_config(args.model, args.size, args.batch, precision, xla, args.set)
-    step, _loop = build_step(cfg)
-    batch = synthetic_batch(cfg, args.batch)
-    matmul = matmul_timer(args.matmul_size, precision)
-    reference = matmul if precision == "fp32" else matmul_timer(args.matmul_size, "fp32")
-    first, timings, loss = measure_step(step, batch, args.steps, args.rounds, matmul, reference)
-    return StepResult(precision, xla, args.batch, first, timings, loss)
+def time_round(c: Config, steps: int) -> None:
+    """One round: ``steps`` steps between two samples of each matmul (faster kept)."""
+    before, before_reference = c.matmul(), c.reference()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        c.loss = float(c.step(c.batch)["loss"])
+    wall = (time.perf_counter() - wall) / steps
+    cpu = (time.process_time() - cpu) / steps
+    c.rounds.append((wall, cpu, min(before, c.matmul()), min(before_reference, c.reference())))
+
+
+def figures(c: Config, args: argparse.Namespace, peak: dict[str, Any] | None, gpu: float | None):
+    """The JSON figures of one configuration."""
+    batch, n3 = args.batch, 2.0 * args.matmul_size**3
+    executed = c.flops["executed"]
+    wall = min(r[0] for r in c.rounds)
+    images_per_s = batch / wall
+    achieved = images_per_s * executed
+    per_round = [batch / r[0] * executed / (n3 / r[2]) for r in c.rounds]
+    per_round_fp32 = [batch / r[0] * executed / (n3 / r[3]) for r in c.rounds]
+    cpu_per_image = statistics.median(r[1] for r in c.rounds) / batch
+    out: dict[str, Any] = {
+        "name": c.name,
+        "precision": c.precision,
+        "xla": c.xla,
+        "fused": c.fused,
+        "batch": batch,
+        "images_per_s": round(images_per_s, 3),
+        "cpu_s_per_image": round(cpu_per_image, 3),
+        "first_step_s": round(c.first_step_s, 1),
+        "executed_gflop_per_image": round(executed / 1e9, 2),
+        "analytic_gflop_per_image": round(c.flops["analytic"] / 1e9, 2),
+        "convention_gflop_per_image": round(c.flops["convention"] / 1e9, 2),
+        "flops_method": c.flops["method"],
+        "gflops": round(achieved / 1e9, 1),
+        "ceiling_gflops": round(n3 / min(r[2] for r in c.rounds) / 1e9, 1),
+        "fp32_ceiling_gflops": round(n3 / min(r[3] for r in c.rounds) / 1e9, 1),
+        "ratio": round(statistics.median(per_round), 3),
+        "ratio_of_bests": round(achieved / (n3 / min(r[2] for r in c.rounds)), 3),
+        "ratio_to_fp32_ceiling": round(statistics.median(per_round_fp32), 3),
+        "loss": round(c.loss, 4),
+        "rounds_s": [[round(x, 4) for x in r] for r in c.rounds],
+    }
+    if "hlo" in c.flops:
+        out["hlo_loops"] = c.flops["hlo_loops"]
+    if peak:
+        out["peak_ratio"] = round(achieved / peak[c.precision], 3)
+        # FLOPs per CPU-second against one core's peak: the share of the cores the step
+        # had that it turned into matmul work, whatever the neighbours did.
+        out["cpu_time_peak_ratio"] = round(
+            executed / cpu_per_image / (peak[c.precision] / peak["cores"]), 3
+        )
+    if gpu:
+        out["mfu"] = round(achieved / gpu, 3)
+    return out
+
+
+def _ratio(a: Config, b: Config, batch: int) -> dict[str, float]:
+    """Speed of ``a`` over ``b``: wall clock (median of per-round ratios) and CPU time."""
+    wall = statistics.median(rb[0] / ra[0] for ra, rb in zip(a.rounds, b.rounds, strict=True))
+    cpu = statistics.median(rb[1] for rb in b.rounds) / statistics.median(r[1] for r in a.rounds)
+    return {
+        "wall": round(wall, 3),
+        "best_wall": round(min(r[0] for r in b.rounds) / min(r[0] for r in a.rounds), 3),
+        "cpu_time": round(cpu, 3),
+        "executed_flops": round(a.flops["executed"] / b.flops["executed"], 3),
+    }
+
+
+def comparisons(configs: list[Config], batch: int) -> dict[str, Any]:
+    """Plain speed ratios between the measured configurations."""
+    find = {(c.precision, c.xla, c.fused): c for c in configs}
+    out: dict[str, Any] = {}
+    for xla in (False, True):
+        new, old = find.get(("fp32", xla, True)), find.get(("fp32", xla, False))
+        if new and old:
+            out[f"one_pass_vs_three_pass_xla_{'on' if xla else 'off'}"] = _ratio(new, old, batch)
+        bf16, fp32 = find.get(("bf16", xla, True)), find.get(("fp32", xla, True))
+        if bf16 and fp32:
+            out[f"bf16_vs_fp32_xla_{'on' if xla else 'off'}"] = _ratio(bf16, fp32, batch)
+    for precision in PRECISIONS:
+        on, off = find.get((precision, True, True)), find.get((precision, False, True))
+        if on and off:
+            out[f"xla_vs_graph_{precision}"] = _ratio(on, off, batch)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -342,9 +326,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--xla", nargs="+", choices=("off", "on"), help="default: off on CPU, on on GPU"
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the earlier three-pass step (train.fused_step=false; fp32, XLA off, "
+        "the earlier default), interleaved with the others",
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--matmul-size", type=int, help="ceiling matmul side (CPU 3072, GPU 8192)")
+    parser.add_argument("--fma-units", type=int, default=2, help="FMA units per core (peak)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -371,33 +362,38 @@ def gpu_peak(device: str, precision: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every requested configuration; return the figures."""
+    """Measure every requested configuration, interleaved; return the figures."""
+    from tqdm.auto import tqdm
+
     device = select_device(args.device)
-    measured = []
-    for precision in args.precision:
-        for xla in args.xla:
-            measured.append(run_config(args, precision, xla))
-            print(f"{precision} XLA {'on' if xla else 'off'}: {measured[-1]}", flush=True)
-    best_fp32 = min(fp32 for result in measured for _, _, fp32 in result.rounds)
+    wanted = [(p, x, True) for p in args.precision for x in args.xla]
+    if args.baseline:
+        wanted.append(("fp32", False, False))
+    configs = []
+    for precision, xla, fused in wanted:
+        cfg = make_config(args.model, args.size, args.batch, precision, xla, args.set, fused)
+        configs.append(Config(precision, xla, fused, cfg))
+    for c in tqdm(configs, desc="build and compile", unit="config"):
+        prepare(args, c)
+    for _ in tqdm(range(args.rounds), desc="timed rounds", unit="round"):
+        for c in configs:
+            time_round(c, args.steps)
+    peak = cpu_peak(args.fma_units) if args.device == "cpu" else None
     results = []
-    for result in measured:
-        cfg = make_config(args.model, args.size, args.batch, result.precision, result.xla, args.set)
-        dims = dims_from_config(cfg)
-        peak = gpu_peak(device, result.precision) if args.device == "gpu" else None
-        results.append(result.as_dict(dims, args.matmul_size, peak, best_fp32))
+    for c in configs:
+        gpu = gpu_peak(device, c.precision) if args.device == "gpu" else None
+        results.append(figures(c, args, peak, gpu))
         print(json.dumps(results[-1]), flush=True)
-    flops = train_step_flops(dims)
-    fastest = max(results, key=lambda r: r["images_per_s_normalised"])
+    dims = dims_from_config(configs[0].cfg)
     return {
         "benchmark": "train_step",
         "model": args.model,
         "image_size": args.size,
         "phase": f"finetune (last {dims.unfreeze_blocks} of {dims.depth} blocks trained)",
-        "flops_method": "analytic (matmuls and convolutions)",
-        "gflops_per_image": {k: round(v / 1e9, 2) for k, v in flops.items()},
         "matmul_size": args.matmul_size,
+        "cpu_peak": peak,
         "results": results,
-        "fastest": {k: fastest[k] for k in ("precision", "xla", "images_per_s_normalised")},
+        "comparisons": comparisons(configs, args.batch),
         **run_context(args.command),
         "machine": device,  # the device the step ran on, not only the CPU
     }
@@ -405,10 +401,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    figures = run(args)
-    print(json.dumps({k: v for k, v in figures.items() if k != "results"}, indent=2))
+    result = run(args)
+    print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

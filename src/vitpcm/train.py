@@ -611,6 +611,7 @@ class _TrainingLoop:
             per_replica = self.strategy.run(body, args=(batch,))
             return {k: self.strategy.reduce("MEAN", v, axis=None) for k, v in per_replica.items()}
 
+        step.replica_step = body  # what one replica runs (bench/train_step.py reads its HLO)
         return step
 
     def run_epoch(
