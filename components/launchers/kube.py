@@ -277,6 +277,23 @@ class Worker0Log:
             self._wake.wait(self.poll_s)
 
 
+def _get_job(api: Any, kind: JobKind, namespace: str, name: str) -> Any:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return api.get_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise LaunchError(
+                f"{kind.kind} {namespace}/{name} is gone: it was deleted outside this step "
+                "(by hand, or with the pod of an earlier attempt that owned it); retry the run, "
+                "it resumes from the last checkpoint"
+            ) from exc
+        raise
+
+
 def wait_for_job(
     api: Any,
     kind: JobKind,
@@ -296,9 +313,7 @@ def wait_for_job(
     deadline = clock() + timeout_s
     last = None
     while True:
-        job = api.get_namespaced_custom_object(
-            kind.group, kind.version, namespace, kind.plural, name
-        )
+        job = _get_job(api, kind, namespace, name)
         state, message = kind.state(job)
         if state != last:
             log.info("%s %s/%s: %s %s", kind.kind, namespace, name, state, message)
