@@ -83,6 +83,7 @@ test-containers: setup ## Build both images with podman, check the GPU image's C
 validate-manifests: setup ## Render manifests/ with kubectl kustomize, validate every object (strict), hadolint the Dockerfiles
 	set -o pipefail; kubectl kustomize manifests/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
 	set -o pipefail; kubectl kustomize manifests/secrets/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -
+	kubectl kustomize manifests/trainer/ > /dev/null  # a CRD kind: its schema is checked by tests/test_launchers.py
 	$(BIN)/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
 
 bench: setup ## Run the benchmarks (~10 min on 2 cores) and write BENCHMARKS.md; ARGS="--only crf" (bench/learning.py: run it alone)

@@ -1,8 +1,8 @@
 """``python -m pipeline.compile --out build/vitpcm_pipeline.yaml``: write a pipeline package.
 
 ``--variant cluster`` (default) is the pipeline to upload in the Kubeflow UI;
-``--variant single-node`` leaves out the multi-worker branch (clusters without the
-Training Operator). The file is written under a temporary name and renamed when complete.
+``--variant single-node`` trains in the step's pod only (no ``distributed`` parameter),
+the DAG ``make run-local`` runs. The file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which ``tf.distribute`` strategy a run uses, and who is the chief.
 
-* ``TF_CONFIG`` naming more than one worker (a Kubeflow TFJob, or the multi-worker test on
-  127.0.0.1) -> ``MultiWorkerMirroredStrategy``.
+* ``TF_CONFIG`` naming more than one worker (a Kubeflow TFJob, a Trainer v2 TrainJob through
+  :mod:`vitpcm.tf_config`, or the multi-worker tests on 127.0.0.1) ->
+  ``MultiWorkerMirroredStrategy``.
 * Otherwise ``MirroredStrategy`` over every visible GPU, or the CPU when there is none, so the
   one training loop serves a laptop, one GPU node and many.
 
