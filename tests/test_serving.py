@@ -106,6 +106,7 @@ def test_served_champion_answers_like_vitpcm_predict(
     cfg, model = _tiny_model()
     with RunTracker(cfg, tmp_path / "run", tracking_uri=mlflow_server.uri) as tracker:
         logged = tracker.log_model(model, miou=0.5, split="val")
+        run_id = tracker.run_id
     assert logged.decision is not None and logged.decision.promoted
     uri = f"models:/{MODEL_NAME}@champion"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
@@ -122,6 +123,17 @@ def test_served_champion_answers_like_vitpcm_predict(
         Path(r["image"]).stem: r
         for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
     }
+    # the same model by its run (runs:/), with its config: the synthetic class names
+    by_run = tmp_path / "by-run"
+    wide = str(images / "wide.png")
+    assert main(["predict", "-m", f"runs:/{run_id}/model", wide, "--out", str(by_run),
+                 "--no-progress"]) == 0  # fmt: skip
+    (record,) = map(json.loads, (by_run / "predictions.jsonl").read_text().splitlines())
+    assert record["classes"] == expected["wide"]["classes"]
+    assert set(record["classes"]) <= {"background", "disc", "triangle", "square", "ring", "star"}
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(by_run / "wide.png")), np.asarray(Image.open(out / "wide.png"))
+    )
 
     port = _free_port()
     log = tmp_path / "serve.log"
