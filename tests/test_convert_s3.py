@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import posixpath
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from helpers.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (fixtures)
 from test_convert import LISTS, make_voc
 from vitpcm.data.convert import convert_dataset
+from vitpcm.outputs import MARKER
 
 SCRIPT = """
 import json, sys
@@ -90,11 +92,26 @@ def test_convert_to_s3_matches_local_output_and_cleans_up(
 
     keys = s3_bucket.list_keys()
     assert not [k for k in keys if not k.startswith("runs/voc/")]  # no bad/, no .tmp-*
-    names = sorted(p.name for p in local.iterdir())
-    assert [k.removeprefix("runs/voc/") for k in keys] == names
-    for name in names:  # same input, same bytes, wherever the output goes
-        assert s3_bucket.read(f"runs/voc/{name}") == (local / name).read_bytes(), name
     info = json.loads(lines["INFO"])
+    # On S3 the shards sit under the generation that dataset.json (written last) commits.
+    listed = [f for entry in info["splits"].values() for f in entry["files"]]
+    assert len({posixpath.dirname(f) for f in listed}) == 1
+    assert posixpath.dirname(listed[0]).startswith("gen-")
+    assert sorted(k.removeprefix("runs/voc/") for k in keys) == sorted(
+        [*listed, "dataset.json", MARKER]
+    )
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(posixpath.basename(f) for f in listed) == [
+        n for n in names if n.endswith(".tfrecord")
+    ]
+    for rel in listed:  # same input, same bytes, wherever the output goes
+        name = posixpath.basename(rel)
+        assert s3_bucket.read(f"runs/voc/{rel}") == (local / name).read_bytes(), name
+    assert s3_bucket.read(f"runs/voc/{MARKER}") == (local / MARKER).read_bytes()
+    local_info = json.loads((local / "dataset.json").read_text())
+    for entry in info["splits"].values():
+        entry["files"] = [posixpath.basename(f) for f in entry["files"]]
+    assert info == local_info
     # The reader gives back over s3:// exactly what it gives from the local copy.
     from_s3 = json.loads(lines["READ"])
     assert from_s3 == read_back(str(local), info["num_classes"])

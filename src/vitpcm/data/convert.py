@@ -336,8 +336,7 @@ def convert_dataset(
 
         total = sum(len(p.samples) for p in plans)
         if workers is None:
-            # Starting a worker costs a few seconds (NumPy, PIL, TensorFlow's decoder),
-            # worth ~1000 images.
+            # Starting a worker costs about a second (NumPy, PIL), worth ~1000 images.
             workers = min(os.cpu_count() or 1, -(-total // IMAGES_PER_WORKER))
         count = min(workers, len(tasks))
         with tqdm(total=total, desc=f"convert {dataset}", unit="img", disable=not progress) as bar:
@@ -361,6 +360,7 @@ def _s3_generation(out: str, generation: str) -> Iterator[str]:
     The prefix is marked as ours first; what killed runs left is removed; on failure the
     run's own upload is removed and the committed dataset is left as it was.
     """
+    fresh = not storage.list_files(out)
     outputs.write_marker(out, KIND)
     current = _read_existing_info(out)
     _remove_unreferenced(out, current)
@@ -369,7 +369,8 @@ def _s3_generation(out: str, generation: str) -> Iterator[str]:
     try:
         yield target
     except BaseException:
-        storage.remove_tree(target)
+        # A first conversion that failed leaves nothing, not even the marker.
+        storage.remove_tree(out if fresh else target)
         raise
 
 
