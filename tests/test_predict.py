@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (fixtures)
 from helpers.tiny import TINY_OVERRIDES, tiny_config
 from vitpcm.cli import main
 from vitpcm.config import save_config
@@ -230,3 +231,38 @@ def test_predict_replaces_its_own_output(setup: dict[str, Path], tmp_path: Path)
     assert main(["predict", "-m", str(setup["model"]), str(first[1]), "--out", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     assert sorted(p.name for p in out.glob("*.png")) == [f"{first[1].stem}.png"]
+
+
+@pytest.mark.slow
+def test_predict_reads_and_writes_s3(
+    setup: dict[str, Path],
+    s3_bucket: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    client = s3_bucket.client()
+    images = sorted(setup["images"].iterdir())[:2]
+    for path in images:
+        client.upload_file(str(path), s3_bucket.bucket, f"photos/{path.name}")
+    vitpcm = str(Path(sys.executable).parent / "vitpcm")
+    command = [vitpcm, "predict", "-m", str(setup["model"]), s3_bucket.uri("photos"),
+               "--out", s3_bucket.uri("masks"), "--no-progress"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, **s3_bucket.env()}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    local = tmp_path / "local"
+    assert main(["predict", "-m", str(setup["model"]), *map(str, images), "--out", str(local),
+                 "--no-progress"]) == 0  # fmt: skip
+    keys = s3_bucket.list_keys("masks")
+    for path in images:
+        assert f"masks/{path.stem}.png" in keys
+        served = np.asarray(Image.open(io.BytesIO(s3_bucket.read(f"masks/{path.stem}.png"))))
+        np.testing.assert_array_equal(served, _png(local / f"{path.stem}.png"))
+    lines = s3_bucket.read("masks/predictions.jsonl").decode().splitlines()
+    assert [json.loads(x)["image"] for x in lines] == [
+        s3_bucket.uri(f"photos/{p.name}") for p in images
+    ]

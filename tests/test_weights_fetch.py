@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from helpers.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (fixtures)
 from helpers.vit_numpy import random_vit_weights
 from vitpcm.cli import main
 from vitpcm.errors import ChecksumError, DownloadError, ModelError, VitpcmError
@@ -148,3 +149,30 @@ def test_missing_file_on_the_mirror_is_one_error(
     rc = main(["weights", "fetch", "vit_b16", "--out", str(foreign), "--mirror",
                http_server.base_url, "--no-progress"])  # fmt: skip
     assert rc != 0 and "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fetch_to_s3_prints_the_s3_value(
+    http_server: LocalHTTPServer,
+    s3_bucket: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    entry = PRETRAINED["vit_b16"]
+    data = _entry_like(entry)
+    (http_server.root / entry.file).write_bytes(data)
+    vitpcm = str(Path(sys.executable).parent / "vitpcm")
+    command = [vitpcm, "weights", "fetch", "vit_b16", "--out", s3_bucket.uri("weights"),
+               "--mirror", http_server.base_url, "--no-progress"]  # fmt: skip
+    env = {**os.environ, **s3_bucket.env(), "VITPCM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = s3_bucket.uri(f"weights/{entry.file}")
+    assert f"model.pretrained={uri}" in done.stdout.splitlines()
+    assert s3_bucket.read(f"weights/{entry.file}") == data
+    # the partial file lived in the cache, now complete with its digest
+    cached = tmp_path / "cache" / "weights" / entry.file
+    assert cached.read_bytes() == data and cached.with_name(cached.name + ".sha256").exists()
