@@ -288,41 +288,45 @@ S3_SCRIPT = """
 import os, signal, sys
 from vitpcm import storage
 from vitpcm.data import convert
+from vitpcm.data.reader import read_split_info
+import tensorflow as tf
 
-mode, src, out = sys.argv[1:4]
+steps, src, out = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
 real_write, real_remove = storage.write_bytes, storage.remove_files
-committed = []
+mode, committed = [None], []
 
 def write_bytes(uri, data):
-    if mode == "kill-before-commit" and uri == out + "/dataset.json":
+    if mode[0] == "kill-before-commit" and uri == out + "/dataset.json":
         os.kill(os.getpid(), signal.SIGKILL)
     real_write(uri, data)
     if uri == out + "/dataset.json":
         committed.append(uri)
 
 def remove_files(uri, relative):
-    if mode == "kill-after-commit" and committed and relative:
+    if mode[0] == "kill-after-commit" and committed and relative:
         real_remove(uri, list(relative)[:1])  # part of the old generation is gone
         os.kill(os.getpid(), signal.SIGKILL)
     real_remove(uri, relative)
 
 storage.write_bytes, storage.remove_files = write_bytes, remove_files
 convert.storage.write_bytes, convert.storage.remove_files = write_bytes, remove_files
-if mode != "read":
-    convert.convert_dataset("voc12", src, out, shards=2, workers=1, progress=False)
-from vitpcm.data.reader import read_split_info
-import tensorflow as tf
-info = read_split_info(out, "train")
-names = sorted(tf.train.Example.FromString(r.numpy()).features.feature["image/filename"]
-               .bytes_list.value[0].decode() for r in tf.data.TFRecordDataset(list(info.files)))
-print("TRAIN", ",".join(names))
+for step in steps:
+    if step == "read":
+        records = tf.data.TFRecordDataset(list(read_split_info(out, "train").files))
+        examples = [tf.train.Example.FromString(r.numpy()).features.feature for r in records]
+        names = sorted(e["image/filename"].bytes_list.value[0].decode() for e in examples)
+        print("TRAIN", ",".join(names), flush=True)
+    else:
+        mode[0] = step
+        convert.convert_dataset("voc12", src, out, shards=2, workers=1, progress=False)
 storage.exit_process(0)
 """
 
 
-def _s3_run(bucket: Any, mode: str, src: Path | str, out: str) -> subprocess.CompletedProcess:
+def _s3_run(bucket: Any, steps: str, src: Path | str, out: str) -> subprocess.CompletedProcess:
+    """Run ``steps`` (``read``, ``convert``, ``kill-before-commit``...) in one subprocess."""
     return subprocess.run(
-        [sys.executable, "-c", S3_SCRIPT, mode, str(src), out],
+        [sys.executable, "-c", S3_SCRIPT, steps, str(src), out],
         capture_output=True,
         text=True,
         timeout=600,
@@ -330,10 +334,12 @@ def _s3_run(bucket: Any, mode: str, src: Path | str, out: str) -> subprocess.Com
     )
 
 
-def _train_names(done: subprocess.CompletedProcess) -> list[str]:
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("TRAIN "))
-    return line.removeprefix("TRAIN ").split(",")
+def _train_names(done: subprocess.CompletedProcess, ok: bool = True) -> list[list[str]]:
+    """The train split's file names, once per ``read`` step that ran."""
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    lines = [x for x in done.stdout.splitlines() if x.startswith("TRAIN ")]
+    return [line.removeprefix("TRAIN ").split(",") for line in lines]
 
 
 def _objects(bucket: Any, prefix: str) -> dict[str, str]:
@@ -355,7 +361,7 @@ def test_s3_convert_killed_during_its_commit_leaves_a_complete_dataset(
     make_synthetic(old_src, train=4, val=2, test=0, size=32, seed=1, progress=False)
     make_synthetic(new_src, train=6, val=2, test=0, size=32, seed=2, progress=False)
     out = s3_bucket.uri("data/voc")
-    old_names = _train_names(_s3_run(s3_bucket, "convert", old_src, out))
+    [old_names] = _train_names(_s3_run(s3_bucket, "convert,read", old_src, out))
     old = _objects(s3_bucket, "data/voc/")
 
     # Killed after uploading every new shard, before the dataset.json that commits them.
@@ -364,16 +370,16 @@ def test_s3_convert_killed_during_its_commit_leaves_a_complete_dataset(
     after = _objects(s3_bucket, "data/voc/")
     assert {k: v for k, v in after.items() if k in old} == old  # every old byte is there
     assert set(after) > set(old)  # plus the killed run's generation
-    assert _train_names(_s3_run(s3_bucket, "read", "", out)) == old_names
 
-    # Killed after the commit, while deleting the old generation: the new one is whole.
-    killed = _s3_run(s3_bucket, "kill-after-commit", new_src, out)
+    # The old dataset reads whole; then a run killed after its commit, while deleting the
+    # old generation, leaves the new dataset whole.
+    killed = _s3_run(s3_bucket, "read,kill-after-commit", new_src, out)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    new_names = _train_names(_s3_run(s3_bucket, "read", "", out))
-    assert len(new_names) == 6 and new_names != old_names
+    assert _train_names(killed, ok=False) == [old_names]
 
-    # The next run leaves exactly one generation: stale uploads and old files are gone.
-    assert _train_names(_s3_run(s3_bucket, "convert", new_src, out)) == new_names
+    # The next run reads the new dataset, and leaves exactly one generation.
+    [new_names, again] = _train_names(_s3_run(s3_bucket, "read,convert,read", new_src, out))
+    assert len(new_names) == 6 and new_names != old_names and again == new_names
     keys = set(s3_bucket.list_keys("data/voc/"))
     assert keys == _referenced(s3_bucket, "data/voc")
     assert not [k for k in s3_bucket.list_keys() if ".tmp-" in k]
@@ -607,10 +613,13 @@ def test_killed_convert_leaves_no_worker_behind(tmp_path: Path) -> None:
 
     src = tmp_path / "src"
     make_synthetic(src, train=240, val=8, test=0, size=96, seed=5, progress=False)
+    scratch = tmp_path / "scratch"  # the conversion's $TMPDIR, for its staging folder
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2"}
     parent = subprocess.Popen(
         [sys.executable, "-m", "vitpcm", *_convert(src, tmp_path / "records"),
          "--workers", "2", "--shards", "8", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -631,10 +640,12 @@ def test_killed_convert_leaves_no_worker_behind(tmp_path: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
-    # The next run removes the killed run's temporary folder and converts.
+    assert [p.name for p in scratch.iterdir()] != []  # the killed run's staging folder
+    # The next run removes the killed run's temporary and staging folders, and converts.
     rerun = subprocess.run(
         [sys.executable, "-m", "vitpcm", *_convert(src, tmp_path / "records"), "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["records", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records", "scratch", "src"]
+    assert [p.name for p in scratch.iterdir()] == []

@@ -27,21 +27,19 @@ a killed run's upload) are deleted after the commit and at the start of the next
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import posixpath
-import re
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vitpcm import outputs, storage
-from vitpcm.data import tfrecord
+from vitpcm.data import generations, tfrecord
 from vitpcm.data.shards import (  # noqa: F401  (Sample and encode_sample are public here too)
     Sample,
     ShardResult,
@@ -63,7 +61,7 @@ COCO_SPLITS = ("train", "val")
 DATASETS = ("voc12", "coco14")
 KIND = "data convert"
 OPTIONAL_SPLITS = ("test",)  # may be listed empty (no test images): skipped with a warning
-_GENERATION = re.compile(r"gen-[0-9a-f]{12}$")
+_STAGING = "vitpcm-convert-"  # local staging folders: vitpcm-convert-<pid>-<random>
 
 
 @dataclass
@@ -311,9 +309,13 @@ def convert_dataset(
     remote = storage.is_s3(out_uri)
     generation = f"gen-{uuid.uuid4().hex[:12]}" if remote else ""
     commit = (
-        _s3_generation(out_uri, generation) if remote else storage.atomic_dir(out_uri, kind=KIND)
+        generations.open_generation(out_uri, generation)
+        if remote
+        else storage.atomic_dir(out_uri, kind=KIND)
     )
-    with tempfile.TemporaryDirectory(prefix="vitpcm-convert-") as staging, commit as tmp:
+    _remove_dead_staging()
+    staging_dir = tempfile.TemporaryDirectory(prefix=f"{_STAGING}{os.getpid()}-")
+    with staging_dir as staging, commit as tmp:
         folder = Path(staging) if remote else Path(tmp)
         by_split = _plan_tasks(plans, shards, folder, len(class_names), skip_bad)
         for plan in plans:
@@ -349,76 +351,26 @@ def convert_dataset(
             storage.join(out_uri if remote else tmp, tfrecord.DATASET_JSON), payload
         )
     if remote:
-        _remove_unreferenced(out_uri, info)
+        generations.remove_unreferenced(out_uri, info)
     return info
 
 
-@contextlib.contextmanager
-def _s3_generation(out: str, generation: str) -> Iterator[str]:
-    """The ``s3://`` generation prefix a run uploads into (see the module docstring).
+def _remove_dead_staging() -> None:
+    """Delete local staging folders of conversions whose process is gone (killed runs)."""
+    import shutil
 
-    The prefix is marked as ours first; what killed runs left is removed; on failure the
-    run's own upload is removed and the committed dataset is left as it was.
-    """
-    fresh = not storage.list_files(out)
-    outputs.write_marker(out, KIND)
-    current = _read_existing_info(out)
-    _remove_unreferenced(out, current)
-    _remove_legacy_temporaries(out)
-    target = storage.join(out, generation)
-    try:
-        yield target
-    except BaseException:
-        # A first conversion that failed leaves nothing, not even the marker.
-        storage.remove_tree(out if fresh else target)
-        raise
-
-
-def _read_existing_info(out: str) -> dict[str, Any] | None:
-    """The committed ``dataset.json`` of ``out``, or None (none yet, or unreadable)."""
-    try:
-        return read_dataset_info(out)
-    except DataError:
-        return None
-
-
-def _referenced(info: dict[str, Any] | None) -> set[str]:
-    """Files (relative to the dataset root) that a ``dataset.json`` makes part of the dataset."""
-    keep = {tfrecord.DATASET_JSON, outputs.MARKER}
-    for entry in (info or {}).get("splits", {}).values():
-        if isinstance(entry, dict):
-            keep.update(str(f) for f in entry.get("files", []))
-    return keep
-
-
-def _remove_unreferenced(out: str, info: dict[str, Any] | None) -> None:
-    """Delete objects under ``out`` that its ``dataset.json`` does not list.
-
-    Without a readable ``dataset.json`` only generation prefixes (``gen-<id>/``, always
-    ours) are removed: there is then no list to tell ours from anything else.
-    """
-    keep = _referenced(info)
-    stale = [
-        rel
-        for rel in storage.list_files(out)
-        if rel not in keep and (info is not None or _GENERATION.match(rel.split("/", 1)[0]))
-    ]
-    if stale:
-        logger.info("removing %d object(s) no dataset.json refers to under %s", len(stale), out)
-        storage.remove_files(out, stale)
-
-
-def _remove_legacy_temporaries(out: str) -> None:
-    """Delete ``<out>.tmp-<id>/`` prefixes that killed conversions of earlier versions left."""
-    name = posixpath.basename(out)
-    for folder in storage.glob(f"{out}.tmp-*"):
-        tail = posixpath.basename(folder.rstrip("/"))[len(name) :]
-        if not re.fullmatch(r"\.tmp-[0-9a-f]{8}", tail):
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{_STAGING}*-*"):
+        pid = folder.name[len(_STAGING) :].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir():
             continue
-        files = storage.list_files(folder)
-        if all(f.endswith(".tfrecord") or f == tfrecord.DATASET_JSON for f in files):
-            logger.info("removing %s, left by an interrupted conversion", folder)
-            storage.remove_files(folder, files)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by a killed conversion", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
 
 
 def _dataset_info(
