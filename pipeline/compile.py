@@ -2,7 +2,8 @@
 
 ``--variant cluster`` (default) is the pipeline to upload in the Kubeflow UI;
 ``--variant single-node`` trains in the step's pod only (no ``distributed`` parameter),
-the DAG ``make run-local`` runs. The file is written under a temporary name and renamed when complete.
+the DAG ``make run-local`` runs. The file is written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
