@@ -78,7 +78,7 @@ test-images: setup ## Build the CPU image with podman on a debootstrapped Debian
 test-containers: setup ## Build both images with podman, check the GPU image's CUDA libraries, run the DAG in them (root; 20-40 min)
 	images/setup-podman.sh
 	images/make-base.sh
-	VITPCM_TEST_IMAGES=1 $(BIN)/pytest -q -s tests/test_images.py -k "gpu_image or dag_runs_in_the_images"
+	VITPCM_TEST_IMAGES=1 $(BIN)/pytest -q -s tests/test_containers.py
 
 validate-manifests: setup ## Render manifests/ with kubectl kustomize, validate every object (strict), hadolint the Dockerfiles
 	set -o pipefail; kubectl kustomize manifests/ | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -

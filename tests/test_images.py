@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers.podman import build_image, needs_image_build, podman, run_in
 from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 from pipeline.images import DIGESTS_ENV, image, record_digest, tagged
 from pipeline.images import image as pinned
@@ -273,60 +273,17 @@ def test_build_script_rejects_bad_arguments(
 
 # ----------------------------------------------------------------------------- real image
 
-needs_image_build = pytest.mark.skipif(
-    os.environ.get("VITPCM_TEST_IMAGES") != "1",
-    reason="builds the CPU image with podman (minutes, root): run `make test-images` "
-    "(sets VITPCM_TEST_IMAGES=1)",
-)
-BASE_IMAGE = os.environ.get("BASE_IMAGE", "localhost/debian-py:bookworm")
-CA_BUNDLE = Path(os.environ.get("CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"))
-
-
-def _podman(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, timeout=timeout, **kwargs
-    )
-
 
 @pytest.fixture(scope="module")
 def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Builds the CPU image as `make test-images` does and returns its name.
-
-    With VITPCM_TEST_IMAGE set, tests that image instead (already built or pulled).
-    """
-    if shutil.which("podman") is None:
-        pytest.fail("podman not found: run images/setup-podman.sh (or `make test-images`)")
-    given = os.environ.get("VITPCM_TEST_IMAGE")
-    if given:
-        if _podman("image", "exists", given).returncode != 0:
-            pytest.fail(f"VITPCM_TEST_IMAGE={given} is not a local image; build or pull it")
-        return given
-    if _podman("image", "exists", BASE_IMAGE).returncode != 0:
-        pytest.fail(f"base image {BASE_IMAGE} missing: run images/make-base.sh first")
-    args = ["--engine", "podman", "--base-image", BASE_IMAGE, "--network", "host"]
-    if CA_BUNDLE.is_file():
-        args += ["--ca-bundle", str(CA_BUNDLE)]
-    log = tmp_path_factory.mktemp("build") / "build.log"
-    with log.open("w", encoding="utf-8") as out:
-        done = subprocess.run(
-            ["bash", str(BUILD), *args, "cpu"], stdout=out, stderr=subprocess.STDOUT, timeout=3000
-        )
-    tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-40:])
-    assert done.returncode == 0, f"image build failed:\n{tail}"
-    print(tail.splitlines()[-1])  # "build: <image> built in N s", shown with -s
-    return image("cpu")
-
-
-def _run(image_name: str, *command: str, network: str = "none", timeout: float = 300) -> str:
-    done = _podman("run", "--rm", f"--network={network}", image_name, *command, timeout=timeout)
-    assert done.returncode == 0, f"{command} failed ({done.returncode}):\n{done.stderr[-3000:]}"
-    return done.stdout
+    """Builds the CPU image as `make test-images` does (VITPCM_TEST_IMAGE: use that)."""
+    return build_image("cpu", tmp_path_factory.mktemp("build"))
 
 
 @needs_image_build
 @pytest.mark.slow
 def test_image_runs_as_uid_1000_with_python_pip_and_vitpcm_on_path(cpu_image: str) -> None:
-    out = _run(
+    out = run_in(
         cpu_image,
         "sh",
         "-c",
@@ -344,9 +301,9 @@ def test_image_runs_as_uid_1000_with_python_pip_and_vitpcm_on_path(cpu_image: st
 @needs_image_build
 @pytest.mark.slow
 def test_vitpcm_help_and_bare_config_names(cpu_image: str) -> None:
-    assert "usage: vitpcm" in _run(cpu_image, "vitpcm", "--help")
+    assert "usage: vitpcm" in run_in(cpu_image, "vitpcm", "--help")
     # The configs baked into the image are found by bare name through VITPCM_CONFIG_DIR.
-    shown = yaml.safe_load(_run(cpu_image, "vitpcm", "config", "show", "-c", "synthetic"))
+    shown = yaml.safe_load(run_in(cpu_image, "vitpcm", "config", "show", "-c", "synthetic"))
     assert shown["name"] == "synthetic"
 
 
@@ -357,7 +314,7 @@ def test_image_carries_the_kfp_components_and_names_itself(cpu_image: str) -> No
         "import components.launchers.trainjob, pipeline.images as i; "
         "print(i.image('cpu', environ={}))"
     )
-    assert _run(cpu_image, "python3", "-c", script).strip() == image("cpu", environ={})
+    assert run_in(cpu_image, "python3", "-c", script).strip() == image("cpu", environ={})
 
 
 @needs_image_build
@@ -369,7 +326,7 @@ def test_convert_a_tiny_synthetic_dataset(cpu_image: str) -> None:
         "vitpcm data convert --dataset voc12 --src /tmp/s --out /tmp/t --no-progress; "
         "ls /tmp/t; cat /tmp/t/dataset.json"
     )
-    out = _run(cpu_image, "sh", "-c", script, timeout=600)
+    out = run_in(cpu_image, "sh", "-c", script, timeout=600)
     listing, _, info_text = out.partition("{")
     info = json.loads("{" + info_text)
     assert "train-00000-of-00001.tfrecord" in listing.split()
@@ -387,7 +344,7 @@ def test_kfp_runtime_install_needs_no_network(cpu_image: str) -> None:
         "'kfp==2.13.0' '--no-deps' 'typing-extensions>=3.7.4,<5; python_version<\"3.9\"' "
         "&& python3 -c 'import kfp; print(kfp.__version__)'"
     )
-    assert _run(cpu_image, "sh", "-c", install).split()[-1] == "2.13.0"
+    assert run_in(cpu_image, "sh", "-c", install).split()[-1] == "2.13.0"
 
 
 @needs_image_build
@@ -395,7 +352,7 @@ def test_kfp_runtime_install_needs_no_network(cpu_image: str) -> None:
 def test_image_pins_match_the_ci_environment(cpu_image: str) -> None:
     frozen = dict(
         line.split("==", 1)
-        for line in _run(cpu_image, "pip", "freeze", "--all").splitlines()
+        for line in run_in(cpu_image, "pip", "freeze", "--all").splitlines()
         if "==" in line
     )
     frozen = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in frozen.items()}
@@ -455,7 +412,7 @@ def test_mlflow_server_runs_as_the_manifest_starts_it(cpu_image: str, tmp_path: 
     db.mkdir()
     db.chmod(0o777)  # the pod's fsGroup does this on a cluster
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "db"]
-    done = _podman(
+    done = podman(
         "run",
         "--rm",
         "--network=none",
@@ -503,7 +460,7 @@ try:
     import mlflow
 
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-    with mlflow.start_run() as run:
+    with mlflow.startrun_in() as run:
         result["run_id"] = run.info.run_id
         mlflow.log_text("proxied", "notes/hello.txt")
     result["logged"] = True
@@ -562,7 +519,7 @@ def test_mlflow_server_proxies_artifacts_to_s3(
     db = tmp_path / "db"
     db.mkdir()
     db.chmod(0o777)
-    done = _podman(
+    done = podman(
         "run",
         "--rm",
         "--network=host",
@@ -586,81 +543,3 @@ def test_mlflow_server_proxies_artifacts_to_s3(
     run_id = result["run_id"]
     keys = s3_bucket.list_keys("mlflow")
     assert any(k.endswith(f"{run_id}/artifacts/notes/hello.txt") for k in keys), keys
-
-
-# ----------------------------------------------------------------------------- GPU image, DAG
-
-
-@pytest.fixture(scope="module")
-def gpu_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Builds the GPU image as `make test-containers` does (VITPCM_TEST_GPU_IMAGE: use that)."""
-    given = os.environ.get("VITPCM_TEST_GPU_IMAGE")
-    if given:
-        if _podman("image", "exists", given).returncode != 0:
-            pytest.fail(f"VITPCM_TEST_GPU_IMAGE={given} is not a local image; build or pull it")
-        return given
-    if _podman("image", "exists", BASE_IMAGE).returncode != 0:
-        pytest.fail(f"base image {BASE_IMAGE} missing: run images/make-base.sh first")
-    args = ["--engine", "podman", "--base-image", BASE_IMAGE, "--network", "host"]
-    if CA_BUNDLE.is_file():
-        args += ["--ca-bundle", str(CA_BUNDLE)]
-    log = tmp_path_factory.mktemp("build-gpu") / "build.log"
-    with log.open("w", encoding="utf-8") as out:
-        done = subprocess.run(
-            ["bash", str(BUILD), *args, "gpu"], stdout=out, stderr=subprocess.STDOUT, timeout=5400
-        )
-    tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-40:])
-    assert done.returncode == 0, f"GPU image build failed:\n{tail}"
-    return image("gpu")
-
-
-_CUDA_PROBE = """
-import glob, json, os, sys
-import tensorflow as tf
-info = tf.sysconfig.get_build_info()
-site = [p for p in sys.path if p.endswith("site-packages")][0]
-pattern = os.path.join(site, "nvidia", "*", "lib", "*.so*")
-libs = sorted(os.path.basename(p) for p in glob.glob(pattern))
-print(json.dumps({"tf": tf.__version__, "cuda": info.get("cuda_version"),
-                  "cudnn": info.get("cudnn_version"), "is_cuda_build": info.get("is_cuda_build"),
-                  "gpus": len(tf.config.list_physical_devices("GPU")), "libs": libs}))
-"""
-
-
-@needs_image_build
-@pytest.mark.slow
-def test_gpu_image_carries_tensorflow_with_its_cuda_libraries(gpu_image: str) -> None:
-    """No GPU here: TensorFlow imports, is a CUDA build, and the CUDA/cuDNN wheels are in."""
-    probe = json.loads(_run(gpu_image, "python3", "-c", _CUDA_PROBE).splitlines()[-1])
-    pins = {r.split("==")[0]: r.split("==")[1] for r in _pyproject_dependencies() if "==" in r}
-    assert probe["tf"] == pins["tensorflow-cpu"]  # the CI pin, as tensorflow[and-cuda]
-    assert probe["is_cuda_build"] is True
-    assert probe["cuda"] and probe["cudnn"]
-    print(f"GPU image: TF {probe['tf']}, CUDA {probe['cuda']}, cuDNN {probe['cudnn']}")
-    for lib in ("libcudart.so", "libcudnn.so", "libcublas.so", "libcufft.so", "libcusolver.so"):
-        assert any(name.startswith(lib) for name in probe["libs"]), (lib, probe["libs"])
-    # The image's own ldconfig knows them, so TensorFlow's dlopen finds them on a GPU node.
-    cache = _run(gpu_image, "sh", "-c", "ldconfig -p | grep -E 'libcudnn|libcudart'")
-    assert "libcudnn" in cache and "libcudart" in cache
-
-
-@needs_image_build
-@pytest.mark.slow
-def test_the_dag_runs_in_the_images(cpu_image: str, gpu_image: str, tmp_path: Path) -> None:
-    """`make run-local ARGS=--containers`: every step in its image through kfp.local's
-    DockerRunner on podman's Docker API, with the local MLflow; the outputs belong to this
-    user and the pipeline root is not opened to others."""
-    from pipeline.local import main as run_local_main
-
-    root = tmp_path / "runs"
-    root.mkdir(mode=0o755)
-    args = ["--containers", "--root", str(root), "--train", "16", "--val", "8", "--test", "4"]
-    args += ["--size", "64", "--epochs", "1"]
-    for item in ("train.steps_per_epoch=1", "crf.iterations=2"):
-        args += ["--set", item]
-    assert run_local_main(args) == 0
-    summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
-    assert summary["mlflow"]["version"], summary
-    assert oct(root.stat().st_mode & 0o777) == "0o755"
-    owners = {p.stat().st_uid for p in root.rglob("*")}
-    assert owners == {os.getuid()}, owners
