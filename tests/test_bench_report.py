@@ -52,3 +52,29 @@ def test_a_max_only_run_keeps_the_comparison_of_the_ablation_run() -> None:
     assert "-0.050" in comparison["value"] and comparison["verdict"] != "met"
     # Without an ablation file there is no comparison row.
     assert len(report.learning_rows(primary)) == 1
+
+
+def _seed(seed: int, bpm: float, wall_s: float = 600.0) -> dict[str, Any]:
+    return {"seed": seed, "test_bpm_miou": bpm, "test_crf_miou": bpm + 0.07, "wall_s": wall_s,
+            "val_bpm_miou": bpm,
+            "cpu_s": 700.0, "load_1min_mean": 2.0}  # fmt: skip
+
+
+def test_the_seeds_row_summarises_readme_commands_and_names_a_weak_seed() -> None:
+    import importlib.util as util
+
+    spec = util.spec_from_file_location("learning_steps", ROOT / "bench" / "learning_steps.py")
+    assert spec is not None and spec.loader is not None
+    steps = util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+    report = _report()
+    rows = [_seed(0, 0.84), _seed(1, 0.80), _seed(2, 0.68)]
+    payload = {**_payload("seeds", *rows), "summary": steps.summarise(rows)}
+    row = report.learning_steps_row(payload)
+    # mean 0.7733, sample sd of (0.84, 0.80, 0.68) = 0.0833
+    assert "BPM mean **0.773** (sd 0.083, min 0.680, max 0.840)" in row["value"]
+    assert "seed 2: 0.680 / 0.750 in 10.0 min (CPU 11.7 min, load 2.0)" in row["value"]
+    assert row["verdict"] == "**not met**"  # seed 2 is below 0.70
+    fine = [_seed(0, 0.84), _seed(1, 0.8, wall_s=1000.0)]
+    row = report.learning_steps_row({**_payload("seeds", *fine), "summary": steps.summarise(fine)})
+    assert row["verdict"].startswith("mIoU met; **time not met**")
