@@ -36,6 +36,7 @@ class Dims:
     num_classes: int
     unfreeze_blocks: int
     backbone_dropout: float = 0.0
+    frozen_dropout: bool = False
 
 
 def dims_from_config(cfg: Any) -> Dims:
@@ -51,6 +52,7 @@ def dims_from_config(cfg: Any) -> Dims:
         cfg.data.num_classes,
         cfg.train.unfreeze_blocks,
         float(m.backbone_dropout or 0.0),
+        bool(getattr(m, "frozen_dropout", False)),
     )
 
 
@@ -96,8 +98,8 @@ def executed_flops(d: Dims, fused: bool) -> dict[str, float]:
     trained = head + f["block"] * trained_blocks
     if trained_blocks >= d.depth:
         trained += f["patch_embedding"]
-    if not fused:
-        target = forward
+    if not fused or (d.backbone_dropout > 0.0 and d.frozen_dropout):
+        target = forward  # dropout everywhere (or the separate path): a whole second pass
     elif d.backbone_dropout == 0.0:
         target = head
     else:  # frozen layers run without dropout: they are shared

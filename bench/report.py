@@ -30,9 +30,18 @@ if str(BENCH) not in sys.path:  # imported as a file (tests), not run as a scrip
 
 from report_train import gpu_rows, train_step_rows  # noqa: E402
 
+EARLIER_DROPOUT = (
+    "backbone_dropout=0.0",
+    "frozen_dropout=false",
+    "dropout=0.1",
+    "lstm_dropout=0.0",
+)
 # The sizes `make bench` uses: large enough to amortise start-up, small enough for 2 cores.
 RUNS: dict[str, list[str]] = {
-    "train_step": "--precision fp32 bf16 --xla off on --baseline --rounds 3".split(),
+    # The earlier S/16 defaults (no backbone dropout, 0.1 head dropout), so the one-pass
+    # step and the earlier one are compared on the model config they both ran.
+    "train_step": "--precision fp32 bf16 --xla off on --baseline --rounds 3".split()
+    + [f"--set=model.{s}" for s in EARLIER_DROPOUT],
     "input": ["--images", "400", "--rounds", "3"],
     "data": ["--images", "6000", "--rounds", "6"],
     "crf": ["--images", "5", "--split", "24"],

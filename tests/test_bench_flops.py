@@ -70,6 +70,10 @@ def test_executed_flops_per_path() -> None:
     assert flops.executed_flops(with_dropout, fused=True)["executed"] - one_pass == (
         pytest.approx(5 * f["block"])
     )
+    # Dropout in frozen blocks too (the authors' recipe): nothing is shared, the target is a
+    # whole forward pass again.
+    authors = dataclasses.replace(d, backbone_dropout=0.1, frozen_dropout=True)
+    assert flops.executed_flops(authors, fused=True)["executed"] == pytest.approx(separate)
     assert head > 0
 
 

@@ -71,7 +71,7 @@ def test_fused_scan_keeps_float32_lstms_under_bfloat16() -> None:
 
 def test_one_loop_for_all_four_lstms() -> None:
     """A square grid's forward and backward pass hold one while loop each (G iterations)."""
-    layer = HVBiLSTM(units=3)
+    layer = HVBiLSTM(units=3, implementation="fused")
     grid = _grid((2, 4, 4, 5), seed=1)
     layer(grid)
 
@@ -135,3 +135,50 @@ def test_xla_train_step_follows_the_graph_one() -> None:
         losses[jit] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]
     assert losses[False][0] > losses[False][2]  # it learns
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_lstm_input_dropout_is_one_mask_per_lstm_and_sequence() -> None:
+    """The fused masks equal Keras LSTMs run on inputs masked per sequence (constant in time)."""
+    from vitpcm.model.hv_bilstm import _fused
+
+    layer = HVBiLSTM(units=3, lstm_dropout=0.5)
+    grid = _grid((2, 4, 4, 5), seed=9)
+    layer(grid)
+    masks = layer._input_masks(grid, 2)
+    assert set(np.unique(masks.numpy())) <= {0.0, 2.0}
+    # Row masks are constant along each row, column masks along each column.
+    np.testing.assert_array_equal(masks[:2].numpy(), np.repeat(masks[:2, :, :, :1], 4, axis=3))
+    np.testing.assert_array_equal(masks[2:].numpy(), np.repeat(masks[2:, :, :1], 4, axis=2))
+    got = _fused(grid, layer._cells(), masks).numpy()
+
+    def direction(
+        bidirectional: object, backward: bool, masked: tf.Tensor, rows: bool
+    ) -> tf.Tensor:
+        x = masked if rows else tf.transpose(masked, (0, 2, 1, 3))
+        seq = tf.reshape(x, (-1, 4, 5))
+        sub = bidirectional.backward_layer if backward else bidirectional.forward_layer
+        out = sub(seq, training=False)
+        out = tf.reverse(out, [1]) if backward else out
+        out = tf.reshape(out, (2, 4, 4, 3))
+        return out if rows else tf.transpose(out, (0, 2, 1, 3))
+
+    expected = tf.concat(
+        [
+            direction(layer.horizontal, False, grid * masks[0], True),
+            direction(layer.horizontal, True, grid * masks[1], True),
+            direction(layer.vertical, False, grid * masks[2], False),
+            direction(layer.vertical, True, grid * masks[3], False),
+        ],
+        axis=-1,
+    ).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "keras"])
+def test_lstm_input_dropout_spares_the_images_after_the_count(implementation: str) -> None:
+    layer = HVBiLSTM(units=3, lstm_dropout=0.5, implementation=implementation)
+    grid = _grid((3, 4, 4, 5), seed=2)
+    inference = layer(grid).numpy()
+    partial = layer.condition(grid, lstm_dropout_images=1).numpy()
+    np.testing.assert_allclose(partial[1:], inference[1:], rtol=1e-6, atol=1e-7)
+    assert np.abs(partial[0] - inference[0]).max() > 1e-3

@@ -66,14 +66,24 @@ def test_one_pass_gives_the_separate_passes_loss_and_gradients(unfreeze: int) ->
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize("unfreeze", [0, 1, 2])
-def test_target_is_the_dropout_free_pass_with_dropout_on(unfreeze: int) -> None:
-    """Backbone and head dropout on: the target still equals an inference-mode pass.
+@pytest.mark.parametrize(
+    "unfreeze, frozen_dropout", [(0, False), (1, False), (2, False), (1, True)]
+)
+def test_target_is_the_dropout_free_pass_with_dropout_on(
+    unfreeze: int, frozen_dropout: bool
+) -> None:
+    """Backbone, head and LSTM-input dropout on: the target still equals an inference pass.
 
     With 1 of 2 blocks trained the frozen prefix is shared and the trained block runs again
-    in inference mode; with 2 nothing but the input is shared; with 0 all of it.
+    in inference mode; with 2 nothing but the input is shared; with 0 all of it; with dropout
+    in frozen blocks too (the authors' recipe) nothing is.
     """
-    cfg = tiny_config("model.dropout=0.3", "model.backbone_dropout=0.3")
+    cfg = tiny_config(
+        "model.dropout=0.3",
+        "model.backbone_dropout=0.3",
+        "model.lstm_dropout=0.3",
+        f"model.frozen_dropout={frozen_dropout}",
+    )
     keras.utils.set_random_seed(1)
     model = build_vitpcm(cfg.model, cfg.data.num_classes)
     set_backbone_trainable(model, unfreeze)

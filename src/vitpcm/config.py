@@ -94,7 +94,11 @@ class ModelConfig:
     mlp_dim: int | None = None
     pretrained: str | None = None
     backbone_dropout: float = 0.0
+    # Backbone dropout in frozen blocks too (the authors' recipe; docs/METHOD-NOTES.md).
+    frozen_dropout: bool = False
     dropout: float = 0.1
+    # Input dropout inside the HV-BiLSTM's LSTMs (the authors' recipe: 0.2).
+    lstm_dropout: float = 0.0
     lstm_units: int = 192
     pooling: str = "max"
     l2: float = 0.01
@@ -613,6 +617,7 @@ def _validate(cfg: Config, sources: _Sources) -> None:
     check(model.gelu in GELU_FORMS, "model.gelu", f"must be one of {list(GELU_FORMS)}")
     in_unit("model.dropout", model.dropout, closed=False)
     in_unit("model.backbone_dropout", model.backbone_dropout, closed=False)
+    in_unit("model.lstm_dropout", model.lstm_dropout, closed=False)
     check(model.l2 >= 0, "model.l2", f"must be >= 0, got {model.l2}")
     check(model.pretrained != "", "model.pretrained", "must be a path/URI or null")
     for key in ("image_size", "test_size"):

@@ -5,9 +5,11 @@ For each image of the split (METHOD.md, "Evaluation and inference"): the network
 embedding), the class maps are merged with the image labels and upsampled to the image's
 own size; the probability maps of the present classes go to ``probs/<id>.npz`` and the
 arg-max to ``pseudo_masks/<id>.png`` (VOC palette). With ``--crf`` the same probabilities go
-through the dense CRF over the present classes only, spread over all cores and streamed
-(memory does not grow with the split), into ``pseudo_masks_crf/<id>.png``. The PNG folders
-are the pseudo-mask dataset a second-stage segmenter trains on.
+through the dense CRF over the present classes only into ``pseudo_masks_crf/<id>.png``. The
+PNG folders are the pseudo-mask dataset a second-stage segmenter trains on. Everything per
+image after the network (merge, upsampling, arg-max, CRF, PNG/npz encoding) runs in worker
+processes (:mod:`vitpcm.pseudo_masks`, ``crf.workers``: 0 = all cores), streamed and
+overlapped with the next batch's forward (memory does not grow with the split).
 
 Splits without ground truth (VOC ``test``) use the network's own image-level predictions
 (``class_probs >= 0.5``, background always kept) as labels, and report no mIoU.
@@ -15,7 +17,6 @@ Splits without ground truth (VOC ``test``) use the network's own image-level pre
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from vitpcm import outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError
 from vitpcm.metrics import ConfusionMatrix
+from vitpcm.pseudo_masks import Task, finish_map
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,6 @@ KIND = "test"
 
 def _stem(filename: str) -> str:
     return os.path.splitext(os.path.basename(filename))[0]
-
-
-def _npz_bytes(probs: Any, classes: Any) -> bytes:
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
-    return buffer.getvalue()
 
 
 def run_test(
@@ -55,19 +49,11 @@ def run_test(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run test inference (and optionally the CRF); returns and writes ``metrics.json``."""
-    import numpy as np
     from tqdm.auto import tqdm
 
-    from vitpcm.crf import crf_map
-    from vitpcm.data.labels import encode_palette_png
+    from vitpcm.crf import CrfParams
     from vitpcm.data.reader import dataset_from_config, read_split_info, split_has_masks
-    from vitpcm.eval import (
-        check_model_matches,
-        iter_samples,
-        load_model,
-        merged_probabilities,
-        predict_batches,
-    )
+    from vitpcm.eval import check_model_matches, iter_samples, load_model, predict_batches
     from vitpcm.metrics import write_metrics_json
 
     data_uri = data_uri or cfg.data.uri
@@ -95,47 +81,43 @@ def run_test(
     crf_matrix = ConfusionMatrix(k, class_names=names)
     masks: dict[str, Any] = {}
     counts = {"images": 0}
+    crf_params = CrfParams.from_any(cfg.crf) if crf else None
+    workers = int(cfg.crf.workers or 0)
 
     with storage.atomic_dir(out_dir, kind=KIND) as tmp:
         bar = tqdm(total=info.num_examples, desc="inference", unit="img", disable=not progress)
 
-        def samples() -> Iterator[tuple[str, Any, Any, Any]]:
+        def tasks() -> Iterator[Task]:
+            # The forward of the next batch runs while the workers finish earlier images.
             for sample, patch_probs in iter_samples(predict_batches(model, dataset)):
                 stem = _stem(sample["filename"])
                 labels = sample["labels"] if has_masks else _predicted_labels(patch_probs)
-                merged = merged_probabilities(
-                    patch_probs, labels, sample["height"], sample["width"]
-                )
-                prediction = merged.argmax(axis=-1).astype(np.uint8)
-                present = np.flatnonzero(labels > 0)
-                storage.write_bytes(
-                    storage.join(tmp, "probs", f"{stem}.npz"),
-                    _npz_bytes(merged[..., present], present),
-                )
-                storage.write_bytes(
-                    storage.join(tmp, "pseudo_masks", f"{stem}.png"),
-                    encode_palette_png(prediction),
-                )
                 if has_masks:
-                    bpm_matrix.update(sample["mask"], prediction)
-                    if crf:
-                        masks[stem] = sample["mask"]
-                counts["images"] += 1
-                bar.update(1)
-                if crf:
-                    yield stem, sample["original_image"], merged, labels
+                    masks[stem] = sample["mask"]
+                yield Task(
+                    stem,
+                    patch_probs,
+                    labels,
+                    sample["height"],
+                    sample["width"],
+                    image=sample["original_image"] if crf else None,
+                    crf_params=crf_params,
+                )
 
-        if crf:
-            for stem, labels in crf_map(samples(), cfg.crf, progress=progress):
+        for result in finish_map(tasks(), workers=workers):
+            storage.write_bytes(storage.join(tmp, "probs", f"{result.stem}.npz"), result.npz)
+            storage.write_bytes(storage.join(tmp, "pseudo_masks", f"{result.stem}.png"), result.png)
+            if result.crf_png is not None:
                 storage.write_bytes(
-                    storage.join(tmp, "pseudo_masks_crf", f"{stem}.png"),
-                    encode_palette_png(labels.astype(np.uint8)),
+                    storage.join(tmp, "pseudo_masks_crf", f"{result.stem}.png"), result.crf_png
                 )
-                if has_masks:
-                    crf_matrix.update(masks.pop(stem), labels)
-        else:
-            for _ in samples():
-                pass
+            if has_masks:
+                mask = masks.pop(result.stem)
+                bpm_matrix.update(mask, result.prediction)
+                if crf:
+                    crf_matrix.update(mask, result.crf_labels)
+            counts["images"] += 1
+            bar.update(1)
         bar.close()
 
         metrics: dict[str, Any] = {"split": split, "num_images": counts["images"], "crf": crf}

@@ -567,8 +567,9 @@ class _TrainingLoop:
         replicas = self.strategy.num_replicas_in_sync
         classifier = model.get_layer("patch_classifier")
         fused = cfg.train.fused_step
-        # The earlier step ran Keras' LSTMs, one loop per direction and pass.
-        model.get_layer("hv_bilstm").implementation = "fused" if fused else "keras"
+        # XLA: the HV-BiLSTM's own fused scan (one loop for all directions); graph mode:
+        # Keras' LSTMs (cuDNN on a GPU; on a CPU faster there than the scan).
+        model.get_layer("hv_bilstm").implementation = "fused" if cfg.train.jit_compile else "keras"
 
         def replica_step(batch: dict[str, Any]) -> dict[str, Any]:
             images, labels = batch["image"], batch["labels"]

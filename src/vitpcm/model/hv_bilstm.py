@@ -6,16 +6,20 @@ folded into the batch), and so do columns. The two outputs are concatenated, giv
 ``4 * units`` channels (768 with the paper's 192 units per direction).
 
 The weights live in two Keras ``Bidirectional(LSTM)`` layers (``horizontal``, ``vertical``),
-so saved models and imported checkpoints keep their layout. The default implementation
-(``"fused"``) does not call them, though: it computes the input products of all four LSTMs
-(row/column x forward/backward) in one matmul and runs the four recurrences in **one** loop
-(:func:`lstm_scan`) when the grid is square, two loops (rows, columns) otherwise. A step
-therefore runs one forward loop and one backward loop of ``G`` iterations, with and without
-XLA, instead of a loop per direction; the loop brings its own backward pass (the gate
-gradients of every step first, then the weight gradients as single matmuls, as cuDNN does),
-which XLA compiles well too. Its forward values are Keras' to float32 rounding, and so are its
-gradients (``tests/test_hv_bilstm.py``). ``implementation="keras"`` calls the Keras layers
-instead (the earlier code path, kept for comparisons).
+so saved models and imported checkpoints keep their layout. Two implementations compute the
+same values on them (to float32 rounding, gradients too: ``tests/test_hv_bilstm.py``):
+
+* ``"keras"`` (default): the Keras LSTMs, one loop per direction (cuDNN on a GPU). Without
+  XLA on a CPU it is the faster one: TensorFlow runs the four loops concurrently and their
+  autodiff backward well (a ViT-S/16 train step's HV-BiLSTM: half the CPU time of the fused
+  scan, measured with ``bench/``).
+* ``"fused"``, for XLA (``train.jit_compile`` selects it): the input products of all four
+  LSTMs (row/column x forward/backward) in one matmul and the four recurrences in **one**
+  loop (:func:`lstm_scan`) when the grid is square, two loops (rows, columns) otherwise, with
+  its own backward pass (the gate gradients of every step first, then the weight gradients as
+  single matmuls, as cuDNN does). A step then runs one forward and one backward loop of
+  ``G`` iterations (48 for a 24 x 24 grid), which is what a GPU needs; Keras' LSTM inside XLA
+  is a cuDNN op XLA cannot compile (GPU) or a loop whose backward XLA runs slowly (CPU).
 
 Under a bfloat16 policy the layer (dropout and LSTMs) runs in float32: cuDNN's LSTM kernels
 take float16/32/64 only, and the recurrence is small next to the ViT.
@@ -34,9 +38,11 @@ from vitpcm.errors import ModelError
 IMPLEMENTATIONS = ("fused", "keras")
 
 
-def _bidirectional_lstm(units: int, name: str, policy: Any) -> keras.layers.Bidirectional:
+def _bidirectional_lstm(
+    units: int, name: str, policy: Any, dropout: float
+) -> keras.layers.Bidirectional:
     return keras.layers.Bidirectional(
-        keras.layers.LSTM(units, return_sequences=True, dtype=policy),
+        keras.layers.LSTM(units, return_sequences=True, dropout=dropout, dtype=policy),
         merge_mode="concat",
         name=name,
         dtype=policy,
@@ -53,13 +59,20 @@ class HVBiLSTM(keras.layers.Layer):
     Args:
         units: LSTM units per direction (192 in the paper).
         dropout: Dropout rate on the input grid.
+        lstm_dropout: Input dropout inside each LSTM (Keras' ``LSTM(dropout=...)``: one mask
+            per sequence, the same at every step, drawn for each of the four LSTMs).
         implementation: ``"fused"`` (one loop for all directions) or ``"keras"`` (the Keras
             LSTM layers, one loop per direction); same weights, same values.
         **kwargs: Standard layer arguments.
     """
 
     def __init__(
-        self, units: int = 192, dropout: float = 0.0, implementation: str = "fused", **kwargs: Any
+        self,
+        units: int = 192,
+        dropout: float = 0.0,
+        implementation: str = "keras",
+        lstm_dropout: float = 0.0,
+        **kwargs: Any,
     ) -> None:
         # Under a bfloat16 policy the whole layer runs in float32: its weights are then read in
         # their own dtype (no autocast scope), and the grid is cast to float32 on the way in.
@@ -69,10 +82,15 @@ class HVBiLSTM(keras.layers.Layer):
         super().__init__(**kwargs)
         self.units = int(units)
         self.dropout = float(dropout)
+        self.lstm_dropout = float(lstm_dropout)
+        if not 0.0 <= self.lstm_dropout < 1.0:
+            raise ModelError(f"HV-BiLSTM lstm_dropout must be in [0, 1), got {lstm_dropout}")
         self.implementation = implementation
+        self.lstm_seed = keras.random.SeedGenerator()
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.horizontal = _bidirectional_lstm(self.units, "horizontal", self.dtype_policy)
-        self.vertical = _bidirectional_lstm(self.units, "vertical", self.dtype_policy)
+        policy, rate = self.dtype_policy, self.lstm_dropout
+        self.horizontal = _bidirectional_lstm(self.units, "horizontal", policy, rate)
+        self.vertical = _bidirectional_lstm(self.units, "vertical", policy, rate)
 
     @property
     def implementation(self) -> str:
@@ -94,18 +112,57 @@ class HVBiLSTM(keras.layers.Layer):
         self.built = True
 
     def call(self, grid: Any, training: bool | None = None) -> Any:
-        return self.condition(self.dropout_layer(grid, training=training))
+        grid = self.dropout_layer(grid, training=training)
+        return self.condition(grid, lstm_dropout_images=ops.shape(grid)[0] if training else 0)
 
-    def condition(self, grid: Any) -> Any:
-        """The LSTMs without the dropout: (B, G_h, G_w, D) -> (B, G_h, G_w, 4 * units)."""
+    def condition(self, grid: Any, lstm_dropout_images: Any = 0) -> Any:
+        """The LSTMs without the grid dropout: (B, G_h, G_w, D) -> (B, G_h, G_w, 4 * units).
+
+        Args:
+            grid: The (already dropped-out) grid.
+            lstm_dropout_images: The first this-many images get the LSTMs' input dropout
+                (training mode); the rest run as at inference.
+        """
         grid = ops.cast(grid, self.horizontal.compute_dtype)
-        if self.implementation == "fused":
-            return ops.cast(_fused(grid, self._cells()), self.compute_dtype)
+        dropping = not (isinstance(lstm_dropout_images, int) and lstm_dropout_images == 0)
+        if self.implementation == "keras":
+            if not dropping or self.lstm_dropout == 0.0:
+                return self._keras(grid, training=dropping)
+            # Keras' LSTMs drop the inputs of a whole batch: call them twice.
+            dropped = self._keras(grid[:lstm_dropout_images], training=True)
+            return ops.concatenate(
+                [dropped, self._keras(grid[lstm_dropout_images:], training=False)], axis=0
+            )
+        masks = None
+        if self.lstm_dropout > 0.0 and dropping:
+            masks = self._input_masks(grid, lstm_dropout_images)
+        return ops.cast(_fused(grid, self._cells(), masks), self.compute_dtype)
+
+    def _input_masks(self, grid: tf.Tensor, images: Any) -> tf.Tensor:
+        """(4, B, G_h, G_w, D) input masks: one per LSTM and sequence; ones after ``images``."""
+        shape = tf.shape(grid)
+        batch, grid_h, grid_w, channels = shape[0], shape[1], shape[2], shape[3]
+        ones = tf.ones((2, batch, grid_h, 1, channels), grid.dtype)
+        rows = keras.random.dropout(ones, self.lstm_dropout, seed=self.lstm_seed)
+        ones = tf.ones((2, batch, 1, grid_w, channels), grid.dtype)
+        columns = keras.random.dropout(ones, self.lstm_dropout, seed=self.lstm_seed)
+        masks = tf.concat(
+            [
+                tf.broadcast_to(rows, (2, batch, grid_h, grid_w, channels)),
+                tf.broadcast_to(columns, (2, batch, grid_h, grid_w, channels)),
+            ],
+            axis=0,
+        )
+        keep = tf.range(batch) < images
+        return tf.where(keep[None, :, None, None, None], masks, tf.ones_like(masks))
+
+    def _keras(self, grid: Any, training: bool) -> Any:
         shape = ops.shape(grid)
         batch, grid_h, grid_w, channels = shape[0], shape[1], shape[2], shape[3]
         rows = ops.reshape(grid, (batch * grid_h, grid_w, channels))
         columns = ops.reshape(ops.transpose(grid, (0, 2, 1, 3)), (batch * grid_w, grid_h, channels))
-        rows, columns = self.horizontal(rows), self.vertical(columns)
+        rows = self.horizontal(rows, training=training)
+        columns = self.vertical(columns, training=training)
         rows = ops.reshape(rows, (batch, grid_h, grid_w, 2 * self.units))
         columns = ops.reshape(columns, (batch, grid_w, grid_h, 2 * self.units))
         columns = ops.transpose(columns, (0, 2, 1, 3))
@@ -124,15 +181,23 @@ class HVBiLSTM(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(units=self.units, dropout=self.dropout, implementation=self.implementation)
+        config.update(
+            units=self.units,
+            dropout=self.dropout,
+            implementation=self.implementation,
+            lstm_dropout=self.lstm_dropout,
+        )
         return config
 
 
 # --------------------------------------------------------------------------- fused path
 
 
-def _fused(grid: tf.Tensor, cells: list[Any]) -> tf.Tensor:
-    """The four LSTMs over a (B, G_h, G_w, D) float grid: (B, G_h, G_w, 4H)."""
+def _fused(grid: tf.Tensor, cells: list[Any], masks: tf.Tensor | None = None) -> tf.Tensor:
+    """The four LSTMs over a (B, G_h, G_w, D) float grid: (B, G_h, G_w, 4H).
+
+    ``masks`` (4, B, G_h, G_w, D), if given, multiply each LSTM's inputs (input dropout).
+    """
     units = cells[0].units
     kernel = tf.concat([tf.convert_to_tensor(c.kernel.value) for c in cells], axis=1)
     recurrent = tf.stack([tf.convert_to_tensor(c.recurrent_kernel.value) for c in cells])
@@ -141,7 +206,12 @@ def _fused(grid: tf.Tensor, cells: list[Any]) -> tf.Tensor:
     batch, grid_h, grid_w = shape[0], shape[1], shape[2]
     # One 2-D matmul gives every LSTM's input products at every patch (a batched matmul
     # against a shared kernel has a far costlier gradient).
-    products = tf.matmul(tf.reshape(grid, (-1, shape[3])), kernel)
+    if masks is None:
+        products = tf.matmul(tf.reshape(grid, (-1, shape[3])), kernel)
+    else:  # each LSTM sees its own masked inputs: four products, one batched matmul
+        kernels = tf.stack(tf.split(kernel, 4, axis=1))  # (4, D, 4H)
+        inputs = tf.reshape(masks * grid[None], (4, -1, shape[3]))
+        products = tf.transpose(tf.matmul(inputs, kernels), (1, 0, 2))
     products = tf.reshape(products, (batch, grid_h, grid_w, 4, 4 * units))
     # (time, direction, sequence, 4H) in reading order: a backward LSTM reads reversed.
     rows = tf.transpose(products[:, :, :, :2], (2, 3, 0, 1, 4))  # (w, d, b, h, 4H)

@@ -40,8 +40,12 @@ def check_gelu(gelu: str) -> str:
 
 
 def dropout_active(layer: keras.layers.Layer, training: Any) -> bool:
-    """Whether dropout inside ``layer`` should run: training mode *and* the layer is trainable."""
-    return bool(training) and layer.trainable
+    """Whether dropout inside ``layer`` should run: training mode *and* the layer is trainable.
+
+    A layer whose ``frozen_dropout`` attribute is True (``model.frozen_dropout``, the authors'
+    recipe) runs its dropout in training mode even while frozen.
+    """
+    return bool(training) and (layer.trainable or bool(getattr(layer, "frozen_dropout", False)))
 
 
 def resize_position_grid(grid_embedding: Any, size: tuple[Any, Any]) -> tf.Tensor:

@@ -8,6 +8,7 @@ backbone frozen, then the last blocks and the final LayerNorm unfrozen).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import keras
@@ -51,12 +52,19 @@ def build_vitpcm(
     dropout = float(getattr(model_cfg, "dropout", 0.0))
 
     backbone = ViTBackbone.from_model_config(model_cfg, name=BACKBONE_NAME)
+    if getattr(model_cfg, "frozen_dropout", False):
+        # The authors' recipe: backbone dropout also in frozen blocks (METHOD.md, "Known flaws").
+        for layer in backbone.layers:
+            layer.frozen_dropout = True
     images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
     # The checkpoints expect inputs in [-1, 1].
     scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(images)
     grid = backbone(scaled)
     conditioned = HVBiLSTM(
-        units=int(getattr(model_cfg, "lstm_units", 192)), dropout=dropout, name="hv_bilstm"
+        units=int(getattr(model_cfg, "lstm_units", 192)),
+        dropout=dropout,
+        lstm_dropout=float(getattr(model_cfg, "lstm_dropout", 0.0) or 0.0),
+        name="hv_bilstm",
     )(grid)
     patch_probs = PatchClassifier(
         num_classes,
@@ -139,8 +147,9 @@ def train_forward(model: keras.Model, images: Any, mosaics: Any) -> dict[str, An
     up to the first backbone layer whose dropout runs in training (a frozen block or a zero
     rate runs none), i.e. the frozen prefix always and the whole backbone when its dropout is
     0; the rest of the backbone runs again in inference mode for the main views only. The
-    target then joins the same HV-BiLSTM and classifier batch, without their dropout, so the
-    step runs one recurrent loop forward and one backward. The values are those of
+    target then joins the same HV-BiLSTM and classifier batch, without their dropout (with the
+    fused HV-BiLSTM, the XLA one, the step runs one recurrent loop forward and one backward).
+    The values are those of
     ``model(images, training=True)``, ``model(mosaics, training=True)`` and
     ``stop_gradient(model(images, training=False))`` up to float rounding and dropout draws.
 
@@ -169,7 +178,11 @@ def train_forward(model: keras.Model, images: Any, mosaics: Any) -> dict[str, An
     hv = model.get_layer("hv_bilstm")
     classifier = patch_classifier_of(model)
     groups = [hv.dropout_layer(g, training=True) for g in trained] + [tf.stop_gradient(target)]
-    conditioned = _joint(hv.condition, groups)
+    if len(trained) == 1:  # one batch: the LSTMs' input dropout for all but the target
+        conditioned = _joint(partial(hv.condition, lstm_dropout_images=tf.shape(grid)[0]), groups)
+    else:
+        conditioned = [hv.condition(g, lstm_dropout_images=tf.shape(g)[0]) for g in groups[:-1]]
+        conditioned.append(hv.condition(groups[-1]))
     groups = [classifier.dropout_layer(c, training=True) for c in conditioned[:-1]]
     probs = _joint(classifier.classify, [*groups, conditioned[-1]])
     main_probs = probs[0][:count] if len(trained) == 1 else probs[0]
