@@ -41,6 +41,8 @@ RUN = (
     *TINY_OVERRIDES,
     "train.epochs=1",
     "model.dropout=0.0",
+    "model.backbone_dropout=0.0",
+    "model.lstm_dropout=0.0",
     "train.et.enabled=false",
     "eval.train_miou_images=0",
 )
