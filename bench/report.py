@@ -28,7 +28,7 @@ ROOT = BENCH.parent
 if str(BENCH) not in sys.path:  # imported as a file (tests), not run as a script
     sys.path.insert(0, str(BENCH))
 
-from report_train import gpu_rows, train_step_rows  # noqa: E402
+from report_train import gpu_rows, pseudo_mask_rows, train_step_rows  # noqa: E402
 
 EARLIER_DROPOUT = (
     "backbone_dropout=0.0",
@@ -46,6 +46,7 @@ RUNS: dict[str, list[str]] = {
     "data": ["--images", "6000", "--rounds", "6"],
     "crf": ["--images", "5", "--split", "24"],
     "metrics": ["--images", "200"],
+    "pseudo_masks": ["--images", "6"],
 }
 
 
@@ -172,6 +173,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[dict[str, str]]]] = {
     "data": data_rows,
     "crf": crf_rows,
     "metrics": metrics_rows,
+    "pseudo_masks": pseudo_mask_rows,
 }
 
 
@@ -308,25 +310,30 @@ NOTES = [
     "",
     "- **Train step**: `vitpcm train`'s own step (`_TrainingLoop`, fine-tuning phase: the "
     "last 5 of 12 blocks, the final LayerNorm, the HV-BiLSTM and the classifier train; "
-    "ET loss on) on one in-memory batch of 4. FLOPs are counted analytically (matmuls and "
-    "convolutions): per image the main view forward and backward, the no-gradient ET target "
-    "pass, and a quarter of a 2x2 mosaic forward and backward. *Required* FLOPs give frozen "
-    "layers no backward; the *3x convention* charges every trained pass 3 forwards "
-    "(4.75 forwards per image). The ceiling is a 3072^3 matmul in the same precision, "
-    "timed right before and after each round's step (the faster kept); the ratio is the "
-    "median over rounds of step FLOP/s over that ceiling.",
-    "- **Mixed bfloat16** runs the matmuls on the CPU's AVX512-BF16 units; it is faster but "
-    "its losses differ from fp32's (defaults row), so it stays opt-in "
-    "(`--set train.mixed_precision=true`) until a training run shows the same mIoU. **XLA** "
-    "(`--set train.jit_compile=true`) is faster here too, but draws other dropout masks, so "
-    "its losses differ as well (without dropout they agree to 1e-4: "
-    "`tests/test_hv_bilstm.py`); it stays opt-in. "
-    "Under XLA the HV-BiLSTM runs its own LSTM loop with a hand-written backward pass "
-    "(`vitpcm.model.hv_bilstm.lstm_scan`): Keras' LSTM there is a cuDNN op XLA cannot compile "
-    "(GPU), or a loop whose XLA backward ran the ViT-S step 10x slower (CPU).",
-    "- **GPU**: `bench/train_step.py --device gpu` measures ViT-B/16 at 384 px, batch 16, "
-    "bf16 with XLA, and gives MFU against the datasheet peak as well as against a measured "
-    "8192^3 bf16 matmul.",
+    "ET loss on) on one in-memory batch of 4, with the earlier S/16 dropout settings "
+    "(no backbone dropout, 0.1 head dropout) so both steps run one model config. *One pass* "
+    "(`train.fused_step`, default): main views and mosaics in one batch, the ET target from "
+    "the main pass's activations where exact; *earlier three-pass step*: "
+    "`train.fused_step=false`. All configurations are built first, then timed in interleaved "
+    "rounds. *Executed* FLOPs (matmuls and convolutions): read off XLA's optimized HLO where "
+    "XLA runs (it merges duplicated work), analytic in graph mode. Ratios: to a 3072^3 matmul "
+    "timed around each round in the same precision (median over rounds) and in fp32, and to "
+    "the CPU's FMA peak (ISA, clock and cores from /proc/cpuinfo; 2 FMA units per core "
+    "assumed), per CPU-second against one core's peak. Speed ratios are given by wall clock "
+    "and by CPU time per image, so load cannot flatter them.",
+    "- **Mixed bfloat16** and **XLA** stay opt-in (`--set train.mixed_precision=true`, "
+    "`--set train.jit_compile=true`): both change the losses (defaults row). bf16 vs fp32 "
+    "is given as a plain speed ratio. Under XLA the HV-BiLSTM runs its fused scan "
+    "(`vitpcm.model.hv_bilstm`, one loop for all four LSTMs: 48 sequential iterations per "
+    "step at 384 px); in graph mode Keras' LSTMs, which are faster there on a CPU.",
+    "- **GPU**: `bench/gpu_smoke.sh` (one run, < 8 minutes; `--dry` checks it on a CPU): the "
+    "device, `bench/train_step.py --device gpu` (ViT-B/16, 384 px, batch 16, bf16, XLA; MFU "
+    "against the datasheet peak and a measured 8192^3 bf16 matmul), one synthetic training "
+    "epoch (MirroredStrategy) and 960 px inference throughput; JSON under `$OUT` "
+    "(`build/bench/gpu/` is read by the report).",
+    "- **Pseudo masks**: `bench/pseudo_masks.py` runs `vitpcm test --crf`'s function at 960 "
+    "px with `crf.workers=1` and with all cores; the trainaug rows are projections, and say "
+    "how they are made.",
     "- **Conversion**: 1- and 2-worker runs alternate six times, best of each; CPU ms per "
     "image shows whether the workers add work (start-up, messages) or only wait for cores.",
     "- **Learning**: `bench/learning.py` (two training runs, max vs average pooling, about "

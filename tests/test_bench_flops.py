@@ -118,3 +118,18 @@ def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
     assert rows[2]["verdict"] == "**not met**" and "1.5x" in rows[2]["value"]
     gpu = report_train.gpu_rows(tmp_path)
     assert len(gpu) == 3 and all("no GPU lent" in r["value"] for r in gpu)
+
+
+def test_pseudo_mask_rows_say_what_is_projected() -> None:
+    payload = {
+        "cores": 2, "images": 4, "image_size": 480, "images_per_s_all_cores": 0.2,
+        "images_per_s_one_worker": 0.15, "speedup": 1.333, "postprocess_cpu_s_per_image": 1.5,
+        "forward_gflop_per_image": 330.0, "projected_trainaug_here_h": 14.7,
+        "projected_trainaug_one_gpu_h": {"8_host_cores_h": 0.55, "16_host_cores_h": 0.28},
+        "command": "python bench/pseudo_masks.py", "machine": "CPU: Test CPU, 2 cores",
+        "date": "2026-12-01", "load_average": [1, 2, 3],
+    }  # fmt: skip
+    measured, projected = report_train.pseudo_mask_rows(payload)
+    assert measured["verdict"] == "met" and "1.333x" in measured["value"]
+    assert "projection" in projected["goal"] and "14.7 h" in projected["value"]
+    assert "0.55 h" in projected["value"] and "assumed 40%" in projected["value"]
