@@ -25,8 +25,19 @@ log = logging.getLogger(__name__)
 
 STATE_JSON = "state.json"
 CONFIG_FILE = "config.yaml"
-# Keys the checkpoint's shapes depend on: never changed on resume, even with --force-config.
-CHECKPOINT_KEYS = ("model.", "data.num_classes", "data.image_size", "train.batch_size")
+# Keys that shape the checkpoint's variables: never changed on resume, even with
+# --force-config (the checkpoint would not load into the model they build).
+STRUCTURE_KEYS = (
+    "model.backbone",
+    "model.patch_size",
+    "model.hidden_dim",
+    "model.depth",
+    "model.num_heads",
+    "model.mlp_dim",
+    "model.lstm_units",
+    "model.pos_embed_grid",
+    "data.num_classes",
+)
 
 
 class TrainingError(VitpcmError):
@@ -49,7 +60,7 @@ def check_same_config(out_uri: str, cfg: Config, force: bool) -> None:
         return
     shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:8])
     more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-    fixed = [key for key, _, _ in changed if key.startswith(CHECKPOINT_KEYS)]
+    fixed = [key for key, _, _ in changed if key in STRUCTURE_KEYS]
     if fixed:
         raise ConfigError(
             f"{out_uri} holds a run with a different config ({shown}{more}); its checkpoint "

@@ -55,6 +55,7 @@ from vitpcm.errors import ConfigError, DataError
 from vitpcm.run_folder import (
     CONFIG_FILE,
     STATE_JSON,
+    STRUCTURE_KEYS,
     TrainingError,  # noqa: F401  (raised from here; part of this module's API)
     check_same_config,
     is_tf_error,
@@ -153,8 +154,8 @@ def train(
         tracking: log live to MLflow when a tracking URI is configured (chief worker only);
             ``False`` when the caller tracks the run itself.
         force_config: continue a run in ``out_uri`` whose ``config.yaml`` differs from
-            ``cfg`` (the old one is kept as ``config.<n>.yaml``); keys the checkpoint
-            depends on (model, classes, image size, batch) can never change.
+            ``cfg`` (the old one is kept as ``config.<n>.yaml``); the keys that shape the
+            checkpoint (model dimensions, class count) can never change.
 
     Returns:
         ``metrics.json``'s content (``best_epoch`` counted from 1), plus ``mlflow`` (what
@@ -193,6 +194,7 @@ def train(
             callbacks=callbacks,
             stop_after_epochs=stop_after_epochs,
             tracker=tracker,
+            force_config=force_config,
         )
     except BaseException as exc:
         if tracker is not None:
@@ -253,6 +255,7 @@ def _train(
     callbacks: Sequence[EpochCallback],
     stop_after_epochs: int | None,
     tracker: Any,
+    force_config: bool = False,
 ) -> dict[str, Any]:
     """:func:`train` without the MLflow run's opening and closing (``tracker``: or None)."""
     import numpy as np
@@ -308,7 +311,7 @@ def _train(
     )
 
     loop = _TrainingLoop(cfg, strategy, num_classes, global_batch)
-    state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes))
+    state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes), force_config)
     if role.is_chief:
         save_config(cfg, storage.join(out_uri, CONFIG_FILE))
 
@@ -489,8 +492,14 @@ class _TrainingLoop:
 
     # -- resumption ---------------------------------------------------------------------
 
-    def restore_or_start(self, out: str, signature: dict[str, Any]) -> LoopState:
-        """Restore the last completed epoch from ``out`` or start fresh (recording the config)."""
+    def restore_or_start(
+        self, out: str, signature: dict[str, Any], force: bool = False
+    ) -> LoopState:
+        """Restore the last completed epoch from ``out`` or start fresh (recording the config).
+
+        With ``force`` (``--force-config``) only the keys that shape the checkpoint's
+        variables must match.
+        """
         sig_uri = storage.join(out, "checkpoints", "signature.json")
         state_uri = storage.join(out, STATE_JSON)
         if not storage.exists(state_uri):
@@ -498,6 +507,8 @@ class _TrainingLoop:
             return LoopState(history=[])
         saved = json.loads(storage.read_bytes(sig_uri)) if storage.exists(sig_uri) else {}
         diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+        if force:
+            diff = [k for k in diff if f"model.{k}" in STRUCTURE_KEYS or k in ("num_classes",)]
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {signature.get(k)!r}" for k in diff)
             raise ConfigError(
