@@ -558,6 +558,7 @@ def s3_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Any:
             yield endpoint.endpoint, key["AccessKeyId"], key["SecretAccessKey"]
 
 
+@pytest.mark.slow
 def test_s3_dataset_with_wrong_credentials_reports_access_denied(
     s3_with_auth: Any, tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -583,6 +584,14 @@ def test_s3_dataset_with_wrong_credentials_reports_access_denied(
     line = one_error(done.stderr.splitlines(), "s3://datasets/voc", "access denied by S3")
     assert "AWS_SECRET_ACCESS_KEY" in line and "run vitpcm data convert" not in line
     assert not out.exists()
+    # Writing with them is refused as truly: a conversion to the same bucket.
+    done = subprocess.run(
+        [sys.executable, "-m", "vitpcm", *_convert(tmp_path, "s3://datasets/new"),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    one_error(done.stderr.splitlines(), "s3://datasets/new", "access denied by S3")
     after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="datasets")["Contents"]}
     assert after == before
 
