@@ -152,6 +152,50 @@ def test_convert_replaces_only_its_own_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records", "records-notes.txt"]
 
 
+def test_reader_sees_the_old_or_the_new_output_during_a_local_commit(
+    voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder is swapped in with one renameat2(RENAME_EXCHANGE): never missing."""
+    import threading
+
+    from vitpcm import atomic
+    from vitpcm.data.convert import convert_dataset
+
+    out = tmp_path / "records"
+    convert_dataset("voc12", voc, out, workers=1, progress=False)
+    swaps: list[bool] = []
+    real_exchange = atomic._exchange
+
+    def exchange(a: str, b: str) -> bool:
+        swaps.append(real_exchange(a, b))
+        return swaps[-1]
+
+    monkeypatch.setattr(atomic, "_exchange", exchange)
+    missing: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                info = json.loads((out / "dataset.json").read_text())
+            except (OSError, ValueError) as exc:
+                missing.append(repr(exc))
+                continue
+            for entry in info["splits"].values():
+                missing.extend(f for f in entry["files"] if not (out / f).is_file())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(2):
+            convert_dataset("voc12", voc, out, workers=1, progress=False)
+    finally:
+        stop.set()
+        reader.join()
+    assert swaps == [True, True]
+    assert missing == []
+
+
 def test_killed_local_convert_temporaries_are_removed_by_the_next_run(
     voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
