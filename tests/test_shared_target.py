@@ -115,3 +115,21 @@ def test_train_step_setting_switches_between_the_two_paths() -> None:
         losses[fused] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]
     assert losses[True][0] > losses[True][2]  # it learns
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_one_pass_under_mixed_bfloat16() -> None:
+    """bf16 backbone and classifier, float32 HV-BiLSTM: the batches still join."""
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        cfg = tiny_config("model.dropout=0.2", "model.lstm_dropout=0.2")
+        keras.utils.set_random_seed(2)
+        model = build_vitpcm(cfg.model, cfg.data.num_classes)
+        set_backbone_trainable(model, 1)
+        batch = _batch(cfg)
+        out = tf.function(train_forward)(model, batch["image"], tile_mosaic(batch["view2"]))
+        expected = model(batch["image"], training=False)["patch_probs"].numpy()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert out["target_patch_probs"].dtype == tf.float32
+    np.testing.assert_allclose(out["target_patch_probs"].numpy(), expected, atol=2e-2)

@@ -177,14 +177,16 @@ def train_forward(model: keras.Model, images: Any, mosaics: Any) -> dict[str, An
         trained = [main, backbone(rescale(mosaics), training=True)]
     hv = model.get_layer("hv_bilstm")
     classifier = patch_classifier_of(model)
-    groups = [hv.dropout_layer(g, training=True) for g in trained] + [tf.stop_gradient(target)]
+    groups = [hv.dropout_layer(g, training=True) for g in trained]
+    # In the dropout layers' dtype (float32 for the HV-BiLSTM under mixed precision).
+    groups.append(tf.cast(tf.stop_gradient(target), groups[0].dtype))
     if len(trained) == 1:  # one batch: the LSTMs' input dropout for all but the target
         conditioned = _joint(partial(hv.condition, lstm_dropout_images=tf.shape(grid)[0]), groups)
     else:
         conditioned = [hv.condition(g, lstm_dropout_images=tf.shape(g)[0]) for g in groups[:-1]]
         conditioned.append(hv.condition(groups[-1]))
     groups = [classifier.dropout_layer(c, training=True) for c in conditioned[:-1]]
-    probs = _joint(classifier.classify, [*groups, conditioned[-1]])
+    probs = _joint(classifier.classify, [*groups, tf.cast(conditioned[-1], groups[0].dtype)])
     main_probs = probs[0][:count] if len(trained) == 1 else probs[0]
     mosaic_probs = probs[0][count:] if len(trained) == 1 else probs[1]
     return {
