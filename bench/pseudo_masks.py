@@ -11,7 +11,8 @@ main process's CPU time and its workers' CPU time are recorded.
 
 Projections for VOC ``trainaug`` (10,582 images), stated as such:
 
-* this machine: 10,582 / the all-cores images/s;
+* this machine: 10,582 / the all-cores images/s (wall clock, stretched by any load), and
+  10,582 x the CPU seconds per image (main process and workers) / the cores (load-free);
 * one GPU: the forward at the analytic FLOPs (:mod:`flops`) and an assumed 40% MFU of an
   H100's bf16 peak, overlapped with the per-image post-processing (the measured CPU seconds
   per image outside the forward) spread over 8 or 16 host cores; the slower of the two.
@@ -45,7 +46,8 @@ def _children_cpu() -> float:
 OVERRIDES = [
     "model.backbone=vit_s16", "model.patch_size=16", "model.hidden_dim=384", "model.depth=12",
     "model.num_heads=6", "model.mlp_dim=1536", "model.lstm_units=192", "model.pos_embed_grid=24",
-    "data.image_size=384", "data.test_size=960", "eval.batch_size=2",
+    "data.image_size=384", "data.test_size=960", "eval.batch_size=2", "train.et.view_size=192",
+    "train.et.crop_size=128",
 ]  # fmt: skip
 
 
@@ -106,7 +108,11 @@ def project(runs: dict[int, list[dict[str, float]]], cores: int) -> dict[str, An
         f"{host}_host_cores_h": round(TRAINAUG * max(gpu_forward_s, post / host) / 3600, 2)
         for host in (8, 16)
     }
+    # Load cannot stretch CPU seconds: all CPU per image (forward, workers) over the cores.
+    cpu_per_image = min((r["main_cpu_s"] + r["workers_cpu_s"]) / r["images"] for r in runs[cores])
     return {
+        "cpu_s_per_image": round(cpu_per_image, 3),
+        "projected_trainaug_here_cpu_time_h": round(TRAINAUG * cpu_per_image / cores / 3600, 2),
         "images_per_s_one_worker": round(1 / one, 3),
         "images_per_s_all_cores": round(1 / every, 3),
         "speedup": round(one / every, 3),

@@ -93,7 +93,12 @@ def train_step_rows(f: dict[str, Any]) -> list[dict[str, str]]:
                 **_context(f),
             }
         )
-    rows.append(_defaults_row(f))
+    if len([r for r in f["results"] if r["fused"]]) > 1:
+        rows.append(_defaults_row(f))
+    peak = f.get("cpu_peak")
+    if peak:  # the ISA and clock the peak was computed from, in every row's machine column
+        for row in rows:
+            row["machine"] += f" ({peak['isa']}, {peak['clock_ghz']} GHz)"
     return rows
 
 
@@ -183,8 +188,11 @@ def pseudo_mask_rows(f: dict[str, Any]) -> list[dict[str, str]]:
         {
             "figure": "Pseudo masks for VOC trainaug (10,582 images, 960 px + CRF): projected",
             "goal": "reported (projection, not a measurement)",
-            "value": f"here: **{f['projected_trainaug_here_h']} h** (10,582 / the all-cores "
-            f"img/s); one GPU: **{gpu['8_host_cores_h']} h** with 8 host cores, "
+            "value": f"here: **{f['projected_trainaug_here_cpu_time_h']} h** by CPU time "
+            f"(10,582 x {f['cpu_s_per_image']} CPU s/img / {f['cores']} cores), "
+            f"{f['projected_trainaug_here_h']} h by this run's wall clock (10,582 / the "
+            f"all-cores img/s, at this run's load); one GPU: **{gpu['8_host_cores_h']} h** "
+            "with 8 host cores, "
             f"{gpu['16_host_cores_h']} h with 16 (forward {f['forward_gflop_per_image']} "
             f"GFLOP/img at an assumed 40% of an H100's bf16 peak, overlapped with the measured "
             "post-processing CPU s/img spread over the host cores; the slower one counts)",

@@ -102,7 +102,8 @@ def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
     payload = {
         "model": "vit_s16", "image_size": 384, "command": "python bench/train_step.py",
         "machine": "CPU: Test CPU, 2 cores", "date": "2026-12-01", "load_average": [1, 2, 3],
-        "cpu_peak": {"fp32": 3.3e11, "bf16": 6.6e11, "cores": 2, "formula": "f"},
+        "cpu_peak": {"fp32": 3.3e11, "bf16": 6.6e11, "cores": 2, "formula": "f",
+                     "isa": "AVX-512", "clock_ghz": 2.6},
         "results": [
             _result("fp32, XLA off", True, False, 1.5, 2.0),
             _result("fp32, XLA off, earlier three-pass step", False, False, 1.6, 1.0),
@@ -111,7 +112,9 @@ def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
             "wall": 1.7, "best_wall": 1.8, "cpu_time": 1.5, "executed_flops": 0.7}},
     }  # fmt: skip
     rows = report_train.train_step_rows(payload)
-    assert all(r["machine"] == "CPU: Test CPU, 2 cores" and r["load"] == "1, 2, 3" for r in rows)
+    assert all(r["machine"].startswith("CPU: Test CPU, 2 cores (AVX") for r in rows)
+    assert all(r["load"] == "1, 2, 3" for r in rows)
+    assert len(rows) == 3  # one configuration of the current step: no defaults row
     assert rows[0]["verdict"] == "met" and "0.3 of the fp32 FMA peak" in rows[0]["value"]
     assert rows[1]["verdict"] == "reference"
     # 1.7x by wall clock but 1.5x by CPU time: load must not flatter it.
@@ -125,6 +128,7 @@ def test_pseudo_mask_rows_say_what_is_projected() -> None:
         "cores": 2, "images": 4, "image_size": 480, "images_per_s_all_cores": 0.2,
         "images_per_s_one_worker": 0.15, "speedup": 1.333, "postprocess_cpu_s_per_image": 1.5,
         "forward_gflop_per_image": 330.0, "projected_trainaug_here_h": 14.7,
+        "cpu_s_per_image": 7.5, "projected_trainaug_here_cpu_time_h": 11.0,
         "projected_trainaug_one_gpu_h": {"8_host_cores_h": 0.55, "16_host_cores_h": 0.28},
         "command": "python bench/pseudo_masks.py", "machine": "CPU: Test CPU, 2 cores",
         "date": "2026-12-01", "load_average": [1, 2, 3],
@@ -132,4 +136,5 @@ def test_pseudo_mask_rows_say_what_is_projected() -> None:
     measured, projected = report_train.pseudo_mask_rows(payload)
     assert measured["verdict"] == "met" and "1.333x" in measured["value"]
     assert "projection" in projected["goal"] and "14.7 h" in projected["value"]
+    assert "**11.0 h** by CPU time" in projected["value"]
     assert "0.55 h" in projected["value"] and "assumed 40%" in projected["value"]
