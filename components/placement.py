@@ -21,7 +21,9 @@ def gpu_placement(
     node_selector: dict = {},  # noqa: B006  (kfp takes the default as a constant)
     tolerations: list = [],  # noqa: B006
     distributed: str = "none",
-) -> NamedTuple("Placement", [("resource", str), ("node_selector", dict), ("tolerations", list)]):
+) -> NamedTuple(
+    "Placement", [("resource", str), ("count", str), ("node_selector", dict), ("tolerations", list)]
+):
     """Scheduling settings of the training pod: all of them with GPUs, none without.
 
     Args:
@@ -33,11 +35,15 @@ def gpu_placement(
             then its workers get the GPUs, and the launching pod none.
 
     Returns:
-        resource (empty without GPUs), node_selector and tolerations (empty without GPUs).
+        resource and count (both empty without GPUs), node_selector and tolerations (empty
+        without GPUs). The count is a string on purpose: the KFP driver (2.5 through 2.17,
+        ``resolvePodSpecInputRuntimeParameter``) reads a parameterised accelerator count with
+        ``GetStringValue()``, so an integer parameter there resolves to "" and the GPU
+        request is silently dropped.
     """
     from collections import namedtuple
 
-    out = namedtuple("Placement", ["resource", "node_selector", "tolerations"])
+    out = namedtuple("Placement", ["resource", "count", "node_selector", "tolerations"])
     if gpus <= 0 or distributed != "none":
-        return out("", {}, [])
-    return out(resource, dict(node_selector), list(tolerations))
+        return out("", "", {}, [])
+    return out(resource, str(gpus), dict(node_selector), list(tolerations))

@@ -61,7 +61,10 @@ def _on_gpu_nodes(task: PipelineTask, gpus: int, distributed: str = "none") -> N
         tolerations=settings.tolerations,
     ).set_display_name("GPU placement")
     placement.set_caching_options(True).set_cpu_limit("100m").set_memory_limit("256Mi")
-    task.set_accelerator_type(placement.outputs["resource"]).set_accelerator_limit(gpus)
+    # The count as the placement step's string output, never the int `gpus` itself: the
+    # driver resolves a parameterised count with GetStringValue() (see gpu_placement).
+    task.set_accelerator_type(placement.outputs["resource"])
+    task.set_accelerator_limit(placement.outputs["count"])
     kubernetes.add_node_selector_json(task, placement.outputs["node_selector"])
     kubernetes.add_toleration_json(task, placement.outputs["tolerations"])
 

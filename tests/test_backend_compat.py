@@ -144,6 +144,48 @@ def test_the_floor_driver_reads_every_resource_field_the_pipeline_sets(packages)
     assert "resourceCount" not in reads["2.3.0"]["accelerator"]
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parameterised_resources_are_string_parameters(packages, variant) -> None:
+    """Drivers 2.5 through 2.17 resolve a ``{{$.inputs.parameters[...]}}`` resource field with
+    ``GetStringValue()`` (backend/src/v2/driver: util.go at 2.5.0, resolve.go at 2.17.0): an
+    INTEGER parameter there reads as "" and the request is silently dropped."""
+    spec, _ = packages[variant]
+    placeholder = re.compile(r"^\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}$")
+    checked = 0
+    for task, dag_inputs, siblings in _tasks(spec, spec["root"]):
+        component = spec["components"][task["componentRef"]["name"]]
+        executor = spec["deploymentSpec"]["executors"].get(component.get("executorLabel"), {})
+        resources = executor.get("container", {}).get("resources", {})
+        values = [*resources.values(), *resources.get("accelerator", {}).values()]
+        for value in values:
+            match = placeholder.match(value) if isinstance(value, str) else None
+            if not match:
+                continue
+            checked += 1
+            source = task["inputs"]["parameters"][match.group(1)]
+            if "componentInputParameter" in source:
+                declared = dag_inputs[source["componentInputParameter"]]
+            else:
+                producer = siblings[source["taskOutputParameter"]["producerTask"]]
+                outputs = spec["components"][producer["componentRef"]["name"]]["outputDefinitions"]
+                declared = outputs["parameters"][
+                    source["taskOutputParameter"]["outputParameterKey"]
+                ]
+            assert declared["parameterType"] == "STRING", (task["taskInfo"]["name"], value)
+    assert checked, "no parameterised resource field found: the GPU request is not set"
+
+
+def _tasks(spec: dict, owner: dict) -> list[tuple[dict, dict, dict]]:
+    """(task, its DAG's input parameters, the tasks beside it) for every task, nested DAGs too."""
+    found = []
+    tasks = owner.get("dag", {}).get("tasks", {})
+    dag_inputs = owner.get("inputDefinitions", {}).get("parameters", {})
+    for task in tasks.values():
+        found.append((task, dag_inputs, tasks))
+        found.extend(_tasks(spec, spec["components"][task["componentRef"]["name"]]))
+    return found
+
+
 def test_readme_states_the_floor_the_check_uses() -> None:
     readme = (ROOT / "README.md").read_text()
     matrix = readme.split("## Supported versions", 1)[1].split("\n## ", 1)[0]

@@ -155,10 +155,16 @@ def test_training_requests_gpus_from_the_gpus_parameter(cluster_package) -> None
     # The resource name comes from the placement step: empty (no GPU limit) when gpus=0.
     placeholder = "{{$.inputs.parameters['pipelinechannel--gpu-placement-resource']}}"
     assert accel["resourceType"] == placeholder
-    assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    count = "{{$.inputs.parameters['pipelinechannel--gpu-placement-count']}}"
+    assert accel["resourceCount"] == count
     train_inputs = _all_tasks(spec)["train-model"]["inputs"]["parameters"]
-    # At the root of the DAG now (no branch): the pipeline's own parameter.
-    assert train_inputs["pipelinechannel--gpus"]["componentInputParameter"] == "gpus"
+    # The run's gpus reach the placement step, which hands the count on as a string.
+    placement_inputs = _all_tasks(spec)["gpu-placement"]["inputs"]["parameters"]
+    assert placement_inputs["gpus"]["componentInputParameter"] == "gpus"
+    assert train_inputs["pipelinechannel--gpu-placement-count"]["taskOutputParameter"] == {
+        "outputParameterKey": "count",
+        "producerTask": "gpu-placement",
+    }
     assert train_inputs["pipelinechannel--gpu-placement-resource"]["taskOutputParameter"] == {
         "outputParameterKey": "resource",
         "producerTask": "gpu-placement",
@@ -243,12 +249,14 @@ def test_placement_step_applies_nothing_without_gpus() -> None:
     selector = {"pool": "a100"}
     tolerations = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     args = {"resource": "amd.com/gpu", "node_selector": selector, "tolerations": tolerations}
-    assert tuple(gpu_placement.python_func(gpus=0, **args)) == ("", {}, [])
+    assert tuple(gpu_placement.python_func(gpus=0, **args)) == ("", "", {}, [])
     # A pod that launches a distributed job gets no GPU either: its workers do.
     for mode in ("trainjob", "tfjob"):
-        assert tuple(gpu_placement.python_func(gpus=2, distributed=mode, **args)) == ("", {}, [])
+        none = ("", "", {}, [])
+        assert tuple(gpu_placement.python_func(gpus=2, distributed=mode, **args)) == none
     assert tuple(gpu_placement.python_func(gpus=2, **args)) == (
         "amd.com/gpu",
+        "2",
         selector,
         tolerations,
     )
