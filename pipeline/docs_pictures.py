@@ -36,6 +36,7 @@ DEFAULT_PACKAGE = "build/vitpcm_pipeline.yaml"
 # (file in docs/, run page tab or artifact path, window height)
 SHOTS: tuple[tuple[str, str, int], ...] = (
     ("mlflow-run.png", "", 1500),
+    # Taller windows leave the charts loading in headless Chromium: the first sections only.
     ("mlflow-run-metrics.png", "model-metrics", 2200),
     ("mlflow-run-crf.png", "artifacts/test/class_iou_before_after_crf.png", 1100),
 )
@@ -65,12 +66,8 @@ def _browser_command(
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
         "--hide-scrollbars",
+        # No --disable-background-networking & co.: with them the charts never render.
         f"--user-data-dir={profile}",
         # The UI is a single-page app: let its scripts fetch and render before capturing.
         f"--virtual-time-budget={budget_ms}",
@@ -101,9 +98,13 @@ def page_text(dom: str) -> str:
 
 def screenshot(
     url: str, path: str | os.PathLike[str], *, width: int = 1400, height: int = 1500,
-    budget_ms: int = 30000,
+    budget_ms: int = 60000,
 ) -> Path:  # fmt: skip
-    """Photograph ``url`` into the PNG ``path`` (written under a temporary name first)."""
+    """Photograph ``url`` into the PNG ``path`` (written under a temporary name first).
+
+    The charts of the model-metrics tab render late: below about 60 s of virtual time the
+    picture shows their spinners.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.partial.png")
