@@ -93,8 +93,9 @@ def train_step_rows(f: dict[str, Any]) -> list[dict[str, str]]:
                 **_context(f),
             }
         )
-    if len([r for r in f["results"] if r["fused"]]) > 1:
-        rows.append(_defaults_row(f))
+    defaults = _defaults_row(f) if len([r for r in f["results"] if r["fused"]]) > 1 else {}
+    if defaults:
+        rows.append(defaults)
     peak = f.get("cpu_peak")
     if peak:  # the ISA and clock the peak was computed from, in every row's machine column
         for row in rows:
