@@ -26,8 +26,8 @@ step "device"
   | tee -a "$OUT/device.txt"
 
 if [ "$DRY" = 1 ]; then
-  step "train step (dry: CPU, ViT-S/16 128 px, bf16, XLA, 1 round)"
-  timeout 600 "$PY" bench/train_step.py --device cpu --size 128 --precision bf16 --xla on \
+  step "train step (dry: CPU, ViT-S/16 128 px, fp32, graph mode, 1 round)"
+  timeout 600 "$PY" bench/train_step.py --device cpu --size 128 --precision fp32 --xla off \
     --rounds 1 --steps 1 --matmul-size 512 --json "$OUT/train_step.json"
   step "one synthetic epoch (dry)"
   timeout 600 "$PY" bench/gpu_extra.py epoch --dry --json "$OUT/epoch.json"
