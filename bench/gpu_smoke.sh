@@ -4,7 +4,7 @@
 #   2. bench/train_step.py --device gpu: ViT-B/16, 384 px, batch 16, bf16 + XLA, img/s and
 #      MFU against the datasheet peak and a measured 8192^3 bf16 matmul;
 #   3. one synthetic training epoch through `vitpcm train` (MirroredStrategy);
-#   4. 960 px inference throughput (ViT-B/16, bf16, XLA).
+#   4. 960 px inference throughput (ViT-B/16, bf16, graph mode as `vitpcm test` runs it).
 # JSON goes to $OUT (default build/bench/gpu), where `python bench/report.py --from-json`
 # picks it up for BENCHMARKS.md's GPU rows. `--dry` runs the same steps at tiny sizes on
 # the CPU (seconds to minutes), to check the script where no GPU is lent.
