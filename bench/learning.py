@@ -128,7 +128,7 @@ def train_and_test(cfg: Any, data: Path, out: Path, progress: bool) -> dict[str,
 
     start_wall, start_cpu = time.perf_counter(), cpu_seconds()
     tested = run_test(
-        cfg, str(out), data_uri=str(data), out_dir=str(out / "test"), crf=True,
+        cfg, str(out), data_uri=str(data), out_dir=str(out.with_name(f"{out.name}-test")), crf=True,
         split="test", progress=False,
     )  # fmt: skip
     test_wall, test_cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
