@@ -311,7 +311,11 @@ def _train(
     )
 
     loop = _TrainingLoop(cfg, strategy, num_classes, global_batch)
-    state = loop.restore_or_start(own_out, _model_signature(cfg, num_classes), force_config)
+    # Every worker resumes from the chief's last checkpoint (the replicas' weights are equal
+    # after each step): a preemption between the chief's and another worker's checkpoint
+    # write must not restart the workers one epoch apart.
+    signature = _model_signature(cfg, num_classes)
+    state = loop.restore_or_start(own_out, signature, force_config, resume_from=out_uri)
     if role.is_chief:
         save_config(cfg, storage.join(out_uri, CONFIG_FILE))
 
@@ -493,17 +497,28 @@ class _TrainingLoop:
     # -- resumption ---------------------------------------------------------------------
 
     def restore_or_start(
-        self, out: str, signature: dict[str, Any], force: bool = False
+        self,
+        out: str,
+        signature: dict[str, Any],
+        force: bool = False,
+        resume_from: str | None = None,
     ) -> LoopState:
-        """Restore the last completed epoch from ``out`` or start fresh (recording the config).
+        """Restore the last completed epoch or start fresh (recording the config in ``out``).
 
-        With ``force`` (``--force-config``) only the keys that shape the checkpoint's
-        variables must match.
+        Args:
+            out: This worker's own folder: where it records the config and checkpoints.
+            signature: The keys the run's config must keep to resume.
+            force: ``--force-config``: only the keys that shape the checkpoint's variables
+                must match.
+            resume_from: The run folder whose checkpoint to restore (the chief's; default
+                ``out``). It is only read.
         """
-        sig_uri = storage.join(out, "checkpoints", "signature.json")
-        state_uri = storage.join(out, STATE_JSON)
+        source = resume_from or out
+        sig_uri = storage.join(source, "checkpoints", "signature.json")
+        state_uri = storage.join(source, STATE_JSON)
         if not storage.exists(state_uri):
-            storage.write_bytes(sig_uri, json.dumps(signature, sort_keys=True).encode())
+            own_sig = storage.join(out, "checkpoints", "signature.json")
+            storage.write_bytes(own_sig, json.dumps(signature, sort_keys=True).encode())
             return LoopState(history=[])
         saved = json.loads(storage.read_bytes(sig_uri)) if storage.exists(sig_uri) else {}
         diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
@@ -518,14 +533,15 @@ class _TrainingLoop:
         state = LoopState.from_json(storage.read_bytes(state_uri))
         if state.checkpoint:
             # Relative to <out> (older runs stored a path as given: only its name counts).
-            path = storage.join(out, "checkpoints", posixpath.basename(state.checkpoint))
+            path = storage.join(source, "checkpoints", posixpath.basename(state.checkpoint))
             if not storage.glob(path + ".index"):
                 raise DataError(
                     f"{state_uri} names checkpoint {state.checkpoint}, which is not in "
-                    f"{storage.join(out, 'checkpoints')}; the run cannot resume: choose a new --out"
+                    f"{storage.join(source, 'checkpoints')}; the run cannot resume: "
+                    "choose a new --out"
                 )
             self._ckpt.restore(path).assert_existing_objects_matched()
-            log.info("resuming %s at epoch %d", out, state.next_epoch + 1)
+            log.info("resuming %s at epoch %d", source, state.next_epoch + 1)
         return state
 
     def checkpoint(self, out: str, state: LoopState) -> None:
