@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from common import emit_figures, run_context
-from vitpcm.crf import CrfParams, crf_map, crf_present_classes, crf_refine
+from vitpcm.config import CrfConfig
+from vitpcm.crf import crf_map, crf_present_classes, crf_refine
 
 NUM_CLASSES = 21
 HEIGHT, WIDTH = 375, 500
@@ -60,7 +61,7 @@ def split_items(n: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarra
         yield f"img{i:04d}", image, probs, labels
 
 
-def bench_present_vs_all(n: int, params: CrfParams) -> dict[str, object]:
+def bench_present_vs_all(n: int, params: CrfConfig) -> dict[str, object]:
     present_times, all_times, identical, agree = [], [], 0, []
     for i in range(n):
         image, probs, labels = voc_like_sample(i)
@@ -95,7 +96,7 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bench_throughput(n: int, workers: int, params: CrfParams) -> dict[str, object]:
+def bench_throughput(n: int, workers: int, params: CrfConfig) -> dict[str, object]:
     figures: dict[str, object] = {"split_images": n, "workers": workers}
     reference = None
     for label, count in (("1_worker", 1), ("all_workers", workers)):
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    params = CrfParams(iterations=args.iterations)
+    params = CrfConfig(iterations=args.iterations)
     workers = args.workers or os.cpu_count() or 1
     figures: dict[str, object] = {
         "benchmark": "crf",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vitpcm.config import CrfConfig
-from vitpcm.crf import CrfParams, crf_map, crf_present_classes, crf_refine
+from vitpcm.crf import crf_map, crf_present_classes, crf_refine
 
 K = 21
 
@@ -85,11 +85,13 @@ def test_mismatched_shapes_are_rejected() -> None:
         crf_present_classes(image, probs, labels[:20])
 
 
-def test_params_from_config_section_and_mapping() -> None:
-    cfg = CrfConfig(iterations=3, bilateral_srgb=5.0, workers=2)
-    assert CrfParams.from_any(cfg) == CrfParams(iterations=3, bilateral_srgb=5.0)
-    assert CrfParams.from_any({"gaussian_sxy": 2, "workers": 1}) == CrfParams(gaussian_sxy=2)
-    assert CrfParams.from_any(None) == CrfParams()
+def test_crf_takes_its_parameters_from_the_config_section() -> None:
+    image, probs, _labels, _truth = two_region_sample(3)
+    np.testing.assert_array_equal(crf_refine(image, probs), crf_refine(image, probs, CrfConfig()))
+    # Without pairwise terms the CRF keeps the unaries' own argmax.
+    unary_only = CrfConfig(gaussian_compat=0.0, bilateral_compat=0.0)
+    np.testing.assert_array_equal(crf_refine(image, probs, unary_only), probs.argmax(axis=-1))
+    assert not np.array_equal(crf_refine(image, probs), probs.argmax(axis=-1))
 
 
 def counting_items(n: int, pulled: list[int]):
@@ -102,10 +104,10 @@ def counting_items(n: int, pulled: list[int]):
 
 def test_crf_map_inline_matches_single_calls() -> None:
     items = list(counting_items(3, [0]))
-    out = list(crf_map(items, CrfParams(iterations=5), workers=1, progress=False))
+    out = list(crf_map(items, CrfConfig(iterations=5), workers=1, progress=False))
     assert [key for key, _ in out] == ["img00", "img01", "img02"]
     for (_key, image, probs, labels), (_k, result) in zip(items, out, strict=True):
-        expected = crf_present_classes(image, probs, labels, CrfParams(iterations=5))
+        expected = crf_present_classes(image, probs, labels, CrfConfig(iterations=5))
         np.testing.assert_array_equal(result, expected)
 
 
@@ -115,7 +117,7 @@ def test_crf_map_two_workers_streams_in_order() -> None:
     gaps = []
     results = []
     stream = crf_map(
-        counting_items(n, pulled), CrfParams(iterations=5), workers=workers, progress=False
+        counting_items(n, pulled), CrfConfig(iterations=5), workers=workers, progress=False
     )
     for consumed, (key, labels) in enumerate(stream, start=1):
         gaps.append(pulled[0] - consumed)
@@ -126,7 +128,7 @@ def test_crf_map_two_workers_streams_in_order() -> None:
     assert gaps[0] < n - 1
     for i, (_key, labels) in enumerate(results):
         image, probs, image_labels, _truth = two_region_sample(100 + i, height=24, width=32)
-        expected = crf_present_classes(image, probs, image_labels, CrfParams(iterations=5))
+        expected = crf_present_classes(image, probs, image_labels, CrfConfig(iterations=5))
         np.testing.assert_array_equal(labels, expected)
 
 
@@ -134,7 +136,7 @@ def test_crf_map_stops_early_without_draining_the_input() -> None:
     pulled = [0]
     stream = crf_map(
         counting_items(50, pulled),
-        CrfParams(iterations=2),
+        CrfConfig(iterations=2),
         workers=2,
         progress=False,
         max_in_flight=3,
@@ -150,5 +152,5 @@ def test_crf_map_takes_workers_and_params_from_the_config_section() -> None:
     cfg = CrfConfig(iterations=3, workers=1)
     out = dict(crf_map(items, cfg, progress=False))
     for key, image, probs, labels in items:
-        expected = crf_present_classes(image, probs, labels, CrfParams(iterations=3))
+        expected = crf_present_classes(image, probs, labels, CrfConfig(iterations=3))
         np.testing.assert_array_equal(out[key], expected)

@@ -21,8 +21,7 @@ import collections
 import contextlib
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,47 +33,13 @@ from vitpcm.config import CrfConfig
 PROB_FLOOR = 1e-8
 
 
-_PAPER = CrfConfig()
-
-
-@dataclass(frozen=True)
-class CrfParams:
-    """Dense CRF parameters (defaults: the paper's); mirrors the ``crf`` config section."""
-
-    # The paper's values live once, in the config schema.
-    iterations: int = _PAPER.iterations
-    gaussian_sxy: float = _PAPER.gaussian_sxy
-    gaussian_compat: float = _PAPER.gaussian_compat
-    bilateral_sxy: float = _PAPER.bilateral_sxy
-    bilateral_srgb: float = _PAPER.bilateral_srgb
-    bilateral_compat: float = _PAPER.bilateral_compat
-
-    @classmethod
-    def from_any(cls, params: Any = None) -> CrfParams:
-        """Build from ``None`` (defaults), a mapping, or an object with these attributes.
-
-        The ``crf`` config section (which also has ``workers``) is accepted as is; fields
-        it lacks keep their defaults.
-        """
-        if params is None:
-            return cls()
-        if isinstance(params, cls):
-            return params
-        names = [f.name for f in fields(cls)]
-        if isinstance(params, Mapping):
-            values = {n: params[n] for n in names if n in params}
-        else:
-            values = {n: getattr(params, n) for n in names if hasattr(params, n)}
-        return cls(**values)
-
-
-def crf_refine(image: np.ndarray, probs: np.ndarray, params: Any = None) -> np.ndarray:
+def crf_refine(image: np.ndarray, probs: np.ndarray, params: CrfConfig | None = None) -> np.ndarray:
     """Refine class probabilities with a dense CRF.
 
     Args:
         image: (H, W, 3) uint8 RGB image the probabilities belong to.
         probs: (H, W, C) class probabilities (float32, any C >= 1), at the image's size.
-        params: :class:`CrfParams`, the ``crf`` config section, a mapping or ``None``.
+        params: the ``crf`` config section; ``None`` for the paper's values.
 
     Returns:
         (H, W) int32 labels in ``0..C-1`` (channel indices of ``probs``).
@@ -84,7 +49,7 @@ def crf_refine(image: np.ndarray, probs: np.ndarray, params: Any = None) -> np.n
     """
     import pydensecrf.densecrf as dcrf
 
-    p = CrfParams.from_any(params)
+    p = params or CrfConfig()
     image = np.asarray(image)
     probs = np.asarray(probs)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -131,7 +96,7 @@ def crf_present_classes(
     image: np.ndarray,
     probs_full: np.ndarray,
     image_labels: np.ndarray | None,
-    params: Any = None,
+    params: CrfConfig | None = None,
 ) -> np.ndarray:
     """Dense CRF over the present classes only, labels mapped back to class ids.
 
@@ -153,7 +118,7 @@ def crf_present_classes(
 
 
 def _refine_subset(
-    image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray, params: Any
+    image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray, params: CrfConfig | None
 ) -> np.ndarray:
     if class_ids.size == 1:
         # A single label leaves the CRF nothing to decide.
@@ -183,14 +148,14 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[var] = value
 
 
-def _task(item: tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfParams]) -> tuple[Any, Any]:
+def _task(item: tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfConfig]) -> tuple[Any, Any]:
     key, image, probs, class_ids, params = item
     return key, _refine_subset(image, probs, class_ids, params)
 
 
 def _prepare(
-    items: Iterable[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]], params: CrfParams
-) -> Iterator[tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfParams]]:
+    items: Iterable[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]], params: CrfConfig
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfConfig]]:
     # Slicing to the present channels in the parent means only those cross the process
     # boundary (2-3 channels instead of 21 or 81).
     for key, image, probs, labels in items:
@@ -203,7 +168,7 @@ def _prepare(
 
 def crf_map(
     items: Iterable[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]],
-    params: Any = None,
+    params: CrfConfig | None = None,
     workers: int = 0,
     progress: bool = True,
     total: int | None = None,
@@ -219,8 +184,8 @@ def crf_map(
 
     Args:
         items: iterable of ``(key, image (H,W,3) uint8, probs (H,W,K), labels (K,) or None)``.
-        params: CRF parameters: :class:`CrfParams`, the ``crf`` config section, or a mapping;
-            its ``workers`` field is used when ``workers`` is 0.
+        params: the ``crf`` config section (``None``: the paper's values); its ``workers``
+            field is used when ``workers`` is 0.
         workers: processes to use; 0 takes ``params.workers`` or else all cores; 1 runs in
             this process.
         progress: show a tqdm progress bar.
@@ -230,9 +195,9 @@ def crf_map(
     Yields:
         ``(key, labels)`` with (H, W) int32 labels in ``0..K-1``, in input order.
     """
-    crf_params = CrfParams.from_any(params)
+    crf_params = params or CrfConfig()
     if workers == 0:
-        workers = _configured_workers(params)
+        workers = crf_params.workers
     if workers <= 0:
         workers = os.cpu_count() or 1
     if total is None and hasattr(items, "__len__"):
@@ -256,12 +221,6 @@ def crf_map(
     finally:
         if bar is not None:
             bar.close()
-
-
-def _configured_workers(params: Any) -> int:
-    if isinstance(params, Mapping):
-        return int(params.get("workers") or 0)
-    return int(getattr(params, "workers", 0) or 0)
 
 
 def _pooled(

@@ -51,7 +51,6 @@ def run_test(
     """Run test inference (and optionally the CRF); returns and writes ``metrics.json``."""
     from tqdm.auto import tqdm
 
-    from vitpcm.crf import CrfParams
     from vitpcm.data.reader import dataset_from_config, read_split_info, split_has_masks
     from vitpcm.eval import check_model_matches, iter_samples, load_model, predict_batches
     from vitpcm.metrics import write_metrics_json
@@ -81,8 +80,8 @@ def run_test(
     crf_matrix = ConfusionMatrix(k, class_names=names)
     masks: dict[str, Any] = {}
     counts = {"images": 0}
-    crf_params = CrfParams.from_any(cfg.crf) if crf else None
-    workers = int(cfg.crf.workers or 0)
+    crf_params = cfg.crf if crf else None
+    workers = cfg.crf.workers
 
     with storage.atomic_dir(out_dir, kind=KIND) as tmp:
         bar = tqdm(total=info.num_examples, desc="inference", unit="img", disable=not progress)
