@@ -2,7 +2,7 @@
 
 Each component is a lightweight Python component whose body imports the ``vitpcm`` library
 and calls one function, so the same code runs in the cluster (in the images named by
-:mod:`pipeline.images`) and on one machine under ``kfp.local``.
+:mod:`components.images`) and on one machine under ``kfp.local``.
 
 Components are loaded on first use: inside a running step (``_KFP_RUNTIME``) kfp offers no
 ``dsl.component``, yet the train step imports :mod:`components.launchers` from here.

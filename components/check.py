@@ -8,7 +8,7 @@ clear message instead of at training, hours of download and conversion later.
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 from kfp import dsl
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

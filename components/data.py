@@ -8,7 +8,7 @@ interpreter, so each imports what it needs inside the function.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

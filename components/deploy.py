@@ -13,7 +13,7 @@ service account needs ``manifests/serving/rbac.yaml``.
 from kfp import dsl
 from kfp.dsl import Artifact, Input
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

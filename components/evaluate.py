@@ -11,7 +11,7 @@ shard.
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

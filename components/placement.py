@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

@@ -12,7 +12,7 @@ UI and ``run_local`` show.
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from pipeline.images import cpu_image
+from components.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), install_kfp_package=False)

@@ -17,7 +17,7 @@ artifact into the pod); training reads the TFRecords straight from the artifact 
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
 
-from pipeline.images import gpu_image
+from components.images import gpu_image
 
 
 @dsl.component(base_image=gpu_image(), install_kfp_package=False)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the vitpcm container images with docker or podman.
 #
-# Image names and tags come from pipeline/images.py (`python -m pipeline.images --print
+# Image names and tags come from components/images.py (`python -m components.images --print
 # cpu|gpu`), the one place the compiled pipeline reads them too; VITPCM_IMAGE_REGISTRY and
 # VITPCM_IMAGE_TAG change both at once.
 #
@@ -74,8 +74,8 @@ trap 'rm -rf "$context"' EXIT
     pyproject.toml README.md src components pipeline configs images/requirements.py) | tar -xf - -C "$context"
 
 for variant in "${variants[@]}"; do
-    image=$(cd "$repo" && "$python" -m pipeline.images --print "$variant") ||
-        die "cannot read the $variant image name from pipeline/images.py (python: $python)"
+    image=$(cd "$repo" && "$python" -m components.images --print "$variant") ||
+        die "cannot read the $variant image name from components/images.py (python: $python)"
     args=(build --file "$repo/images/$variant/Dockerfile" --tag "$image")
     # podman writes OCI images by default, whose config has no SHELL: the Dockerfiles'
     # `SHELL [... pipefail ...]` would be dropped with a warning.
@@ -99,7 +99,7 @@ for variant in "${variants[@]}"; do
                 awk -v repo="$repo_name" 'index($0, repo "@") == 1 { sub(/^[^@]*@/, ""); print; exit }')
         fi
         [[ -n $digest ]] || die "$engine push gave no digest for $image"
-        (cd "$repo" && "$python" -m pipeline.images --record "$variant" "$image" "$digest") ||
+        (cd "$repo" && "$python" -m components.images --record "$variant" "$image" "$digest") ||
             die "cannot record the digest of $image"
     fi
 done

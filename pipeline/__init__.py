@@ -1,5 +1,3 @@
-"""Kubeflow wiring of the ViT-PCM steps: DAG, compilation, submission, schedules, local runs.
-
-Submodules are imported where used (``python -m pipeline.compile`` and friends); this
-package imports nothing itself, so ``pipeline.images`` stays cheap for the Makefile.
+"""Kubeflow wiring of the ViT-PCM steps: the step table, the DAG, compilation, submission,
+schedules. Submodules are imported where used (``python -m pipeline.compile`` and friends).
 """

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="cluster", help="(cluster)")
     args = parser.parse_args(argv)
     path = compile_pipeline(args.out, args.variant)
-    from pipeline.images import cpu_image, gpu_image
+    from components.images import cpu_image, gpu_image
 
     print(f"wrote {path} ({args.variant}; images {cpu_image()}, {gpu_image()})")
     return 0

@@ -17,8 +17,8 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 
+from components.images import cpu_image
 from pipeline import cluster
-from pipeline.images import cpu_image
 from pipeline.steps import (
     add_check_step,
     add_data_steps,

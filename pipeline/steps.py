@@ -18,11 +18,12 @@ from components import (
     download_data,
     evaluate_model,
     gpu_placement,
+    images,
     infer_crf,
     register_model,
     train_model,
 )
-from pipeline import cluster, images
+from pipeline import cluster
 
 
 def _size(task: PipelineTask, step: str) -> PipelineTask:

@@ -2,7 +2,7 @@
 
 The first part is fast and always runs: images/requirements.py derives the images' pins from
 pyproject.toml, and images/build.sh stages a small context, reads the names from
-pipeline/images.py and calls the engine with the right flags (checked with a stand-in engine).
+components/images.py and calls the engine with the right flags (checked with a stand-in engine).
 
 The second part builds the CPU image with podman and runs it: `vitpcm --help`, a convert of a
 tiny synthetic dataset, a KFP-style runtime pip install with no network, and the MLflow server
@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 import yaml
 
+from components.images import DIGESTS_ENV, image, record_digest, tagged
+from components.images import image as pinned
+from components.images import main as images_main
 from helpers.podman import build_image, needs_image_build, podman, run_in
 from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
-from pipeline.images import DIGESTS_ENV, image, record_digest, tagged
-from pipeline.images import image as pinned
-from pipeline.images import main as images_main
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "images" / "build.sh"
@@ -190,7 +190,7 @@ def test_build_script_uses_pipeline_image_names_and_a_small_context(
     assert "./src/vitpcm/cli.py" in context
     assert "./configs/synthetic.yaml" in context
     # The package also holds the KFP components and pipeline (the train step's launchers).
-    assert {"./components/launchers/tfjob.py", "./pipeline/images.py"} <= set(context)
+    assert {"./components/launchers/tfjob.py", "./components/images.py"} <= set(context)
     assert not [f for f in context if f.startswith(("./.venv", "./tests", "./.git"))]
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]
 
@@ -216,7 +216,7 @@ def test_pushed_images_are_pinned_by_digest(
     assert pinned("cpu", {**settings, "VITPCM_IMAGE_TAG": "t2"}).endswith("vitpcm-cpu:t2")
     # What the compiled pipeline then names.
     cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.images", "--print", "cpu", "--pinned"],
+        [sys.executable, "-m", "components.images", "--print", "cpu", "--pinned"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -311,7 +311,7 @@ def test_vitpcm_help_and_bare_config_names(cpu_image: str) -> None:
 @pytest.mark.slow
 def test_image_carries_the_kfp_components_and_names_itself(cpu_image: str) -> None:
     script = (
-        "import components.launchers.trainjob, pipeline.images as i; "
+        "import components.launchers.trainjob, components.images as i; "
         "print(i.image('cpu', environ={}))"
     )
     assert run_in(cpu_image, "python3", "-c", script).strip() == image("cpu", environ={})

@@ -20,9 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.images import tagged
 from helpers.s3_server import s3_server  # noqa: F401  (pytest fixture)
 from pipeline import cluster
-from pipeline.images import tagged
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import cluster, images
+from components import images
+from pipeline import cluster
 from pipeline.compile import compile_pipeline, main
 
 STEPS = {

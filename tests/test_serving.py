@@ -221,7 +221,7 @@ def _isvc_errors(obj: dict) -> list[str]:
 def test_serving_manifests_validate_and_match_the_deploy_step() -> None:
     import kubernetes_validate
 
-    from pipeline.images import tagged
+    from components.images import tagged
     from vitpcm.serving_deploy import inference_service
 
     objects = _kustomize(REPO / "manifests" / "serving")

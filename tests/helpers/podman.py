@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.images import image
+from components.images import image
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "images" / "build.sh"

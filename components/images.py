@@ -8,7 +8,7 @@ The registry and tag can be changed without editing code, so the image build and
 compiled pipeline always agree::
 
     VITPCM_IMAGE_REGISTRY=registry.example.com/ml VITPCM_IMAGE_TAG=2026.11 make compile-pipeline
-    python -m pipeline.images --print gpu     # -> registry.example.com/ml/vitpcm-gpu:2026.11
+    python -m components.images --print gpu     # -> registry.example.com/ml/vitpcm-gpu:2026.11
 
 A tag can be moved by a rebuild, so pods could pull another image than the one tested and
 KFP's cache keys (which include the image) would not notice. When ``images/build.sh --push``
@@ -17,7 +17,7 @@ KFP's cache keys (which include the image) would not notice. When ``images/build
 names the image by that digest (``registry/name:tag@sha256:...``) as long as the recorded
 tag is still the one configured; otherwise by its tag::
 
-    python -m pipeline.images --print gpu --pinned   # what the compiled pipeline uses
+    python -m components.images --print gpu --pinned   # what the compiled pipeline uses
 """
 
 from __future__ import annotations
@@ -155,9 +155,10 @@ def gpu_image() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.images --print cpu|gpu [--pinned]`` or ``--record KIND REF DIGEST``."""
+    """``python -m components.images --print cpu|gpu [--pinned]``, or ``--record KIND REF DIGEST``:
+    print an image reference, or record a pushed digest."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.images",
+        prog="python -m components.images",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
