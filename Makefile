@@ -48,14 +48,14 @@ format: setup ## Apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 run-local: setup ## Run the whole DAG locally (kfp.local, synthetic data, local MLflow + S3); ARGS="--help"
-	$(BIN)/python -m pipeline.local $(ARGS)
+	$(BIN)/python -m localrun $(ARGS)
 
 docs-pictures: setup compile-pipeline ## README's pictures from real outputs: MLflow run page of the last run-local (ARGS="--root DIR"), pipeline graph
-	$(BIN)/python -m pipeline.docs_pictures screenshots $(ARGS)
-	$(BIN)/python -m pipeline.docs_pictures graph --package $(PIPELINE_YAML)
+	$(BIN)/python -m localrun.docs_pictures screenshots $(ARGS)
+	$(BIN)/python -m localrun.docs_pictures graph --package $(PIPELINE_YAML)
 
 mlflow-ui: setup ## Browse the runs of run-local in MLflow at http://127.0.0.1:5000 (ARGS="--root DIR --port N")
-	$(BIN)/python -m pipeline.local_mlflow ui $(ARGS)
+	$(BIN)/python -m localrun.mlflow_store ui $(ARGS)
 
 compile-pipeline: setup ## Compile the Kubeflow pipeline to build/vitpcm_pipeline.yaml (upload it in the UI)
 	$(BIN)/python -m pipeline.compile --out $(PIPELINE_YAML)

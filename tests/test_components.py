@@ -95,6 +95,7 @@ def test_download_rejects_an_unknown_dataset(tmp_path: Path) -> None:
 def test_download_from_a_mirror_drops_the_archives(tmp_path: Path, http_server: Any) -> None:
     """The real-dataset branch: archives fetched from --mirror, unpacked, then removed."""
     from vitpcm.data import download
+    from vitpcm.data.sources import get_source
 
     # A one-image COCO-shaped mirror; checksums are not known for hand-made archives.
     _write_tiny_coco_archives(http_server.root)
@@ -102,7 +103,7 @@ def test_download_from_a_mirror_drops_the_archives(tmp_path: Path, http_server: 
     download_data.python_func(
         raw=raw, dataset="coco14", mirror=http_server.base_url, skip_checksum=True
     )
-    names = {f.name for f in download.DATASET_FILES["coco14"]}
+    names = {f.name for f in get_source("coco14").files}
     assert {r.name for r in http_server.requests if r.method == "GET"} >= names
     assert (Path(raw.path) / "coco2014" / "annotations").is_dir()
     assert not (Path(raw.path) / download.DOWNLOADS_DIR).exists()
@@ -486,7 +487,7 @@ def test_random_weights_on_a_real_dataset_are_logged_loudly(
 
 
 def test_run_local_refuses_bad_source_folders(tmp_path: Path) -> None:
-    from pipeline.local import run_local
+    from localrun.run import run_local
     from vitpcm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="is not a folder"):
@@ -498,7 +499,7 @@ def test_run_local_refuses_bad_source_folders(tmp_path: Path) -> None:
 def test_run_local_cli_reports_errors_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from pipeline.local import main
+    from localrun.run import main
 
     missing = str(tmp_path / "nope")
     assert main(["--root", str(tmp_path), "--dataset", "voc12", "--source-dir", missing]) == 2
@@ -511,7 +512,7 @@ def test_run_local_cli_reports_errors_in_one_line(
 @pytest.mark.slow
 def test_whole_dag_runs_under_kfp_local(tmp_path: Path) -> None:
     """The single-node pipeline, every step a subprocess, as `make run-local` runs it."""
-    from pipeline.local import SyntheticData, run_local
+    from localrun.run import SyntheticData, run_local
 
     run = run_local(
         pipeline_root=tmp_path / "runs",

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import docs_pictures
+from localrun import docs_pictures
 from pipeline.compile import compile_pipeline
 
 

@@ -158,8 +158,8 @@ def test_reader_sees_the_old_or_the_new_output_during_a_local_commit(
     """The folder is swapped in with one renameat2(RENAME_EXCHANGE): never missing."""
     import threading
 
-    from vitpcm import atomic
     from vitpcm.data.convert import convert_dataset
+    from vitpcm.storage import atomic
 
     out = tmp_path / "records"
     convert_dataset("voc12", voc, out, workers=1, progress=False)
@@ -579,7 +579,7 @@ def s3_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """
     import boto3
 
-    from pipeline.services import S3Endpoint
+    from localrun.services import S3Endpoint
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")

@@ -21,7 +21,8 @@ import pytest
 import requests
 import yaml
 
-from pipeline import cluster, services
+from localrun import services
+from pipeline import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

@@ -2,7 +2,7 @@
 headless Chromium against a real server.
 
 Needs the Debian ``chromium`` package (``make system-deps``; CI installs it); skipped with a
-reason when absent. The link is the one ``make run-local`` prints (``pipeline.summary``); the
+reason when absent. The link is the one ``make run-local`` prints (``localrun.summary``); the
 page is read from the DOM after the UI's scripts ran. The same link without its
 ``workflowType`` query opens MLflow 3's GenAI layout, which the last test shows, so the
 checks cannot pass on a page that ignores the query.
@@ -18,8 +18,8 @@ import pytest
 
 from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa: F401
 from helpers.tiny import tiny_config
-from pipeline import docs_pictures
-from pipeline.summary import _mlflow_part
+from localrun import docs_pictures
+from localrun.summary import _mlflow_part
 from vitpcm.errors import ConfigError
 from vitpcm.tracking import RunTracker
 

@@ -1,6 +1,6 @@
 """`make run-local`: progress display, local services, summary, and the MLflow store it leaves.
 
-The slow tests run ``python -m pipeline.local`` (what ``make run-local`` runs) in a
+The slow tests run ``python -m localrun`` (what ``make run-local`` runs) in a
 subprocess on a tiny synthetic dataset with one short epoch, against its own MLflow server
 and moto S3 endpoint, then check the printed summary, ``summary.json``, that nothing is left
 running, and that ``make mlflow-ui``'s server shows the run, artifacts included.
@@ -26,11 +26,11 @@ from types import SimpleNamespace
 import pytest
 
 from helpers.tiny import TINY_OVERRIDES
-from pipeline.local_mlflow import main as mlflow_ui_main
-from pipeline.local_mlflow import serve_ui
-from pipeline.progress import KfpLogSink, StepDisplay, run_step_process
-from pipeline.services import MlflowServer, S3Endpoint, free_port
-from pipeline.summary import build_summary, format_summary
+from localrun.mlflow_store import main as mlflow_ui_main
+from localrun.mlflow_store import serve_ui
+from localrun.progress import KfpLogSink, StepDisplay, run_step_process
+from localrun.services import MlflowServer, S3Endpoint, free_port
+from localrun.summary import build_summary, format_summary
 from vitpcm.errors import ConfigError, TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,8 +161,8 @@ def test_a_server_that_cannot_start_shows_the_end_of_its_log(tmp_path: Path) -> 
 def test_a_busy_default_mlflow_port_falls_back_to_a_free_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pipeline import services
-    from pipeline.local import _mlflow_port
+    from localrun import services
+    from localrun.run import _mlflow_port
 
     screen = io.StringIO()
     with socket.socket() as busy:
@@ -179,7 +179,7 @@ def test_a_busy_default_mlflow_port_falls_back_to_a_free_one(
 def test_local_mlflow_server_is_set_up_like_the_cluster_one(tmp_path: Path) -> None:
     import yaml
 
-    from pipeline import services
+    from localrun import services
 
     deployment = yaml.safe_load((REPO / "manifests" / "mlflow-deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -275,8 +275,8 @@ def test_summary_lists_scores_places_and_the_mlflow_outcome(tmp_path: Path) -> N
 
 def test_make_targets_run_the_modules() -> None:
     for target, command in (
-        ("run-local", "-m pipeline.local --epochs 2"),
-        ("mlflow-ui", "-m pipeline.local_mlflow ui --epochs 2"),
+        ("run-local", "-m localrun --epochs 2"),
+        ("mlflow-ui", "-m localrun.mlflow_store ui --epochs 2"),
     ):
         dry = subprocess.run(
             ["make", "-n", target, "ARGS=--epochs 2"],
@@ -292,12 +292,12 @@ def test_make_targets_run_the_modules() -> None:
 
 
 def _command(root: Path, *extra: str, tiny: bool = True) -> list[str]:
-    """``python -m pipeline.local`` on a small synthetic set (and a tiny model: ``tiny``)."""
+    """``python -m localrun`` on a small synthetic set (and a tiny model: ``tiny``)."""
     sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)] if tiny else []
     return [
         sys.executable,
         "-m",
-        "pipeline.local",
+        "localrun",
         "--root",
         str(root),
         "--train",

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.tiny import make_tiny_dataset
 from vitpcm import cli, run_plan
-from vitpcm.data.labels import VOC_CLASSES
+from vitpcm.data.sources.voc12 import VOC_CLASSES
 from vitpcm.data.synth import SYNTH_CLASSES
 from vitpcm.errors import ConfigError
 from vitpcm.predict import COCO_CLASSES
@@ -103,7 +103,7 @@ def test_cli_config_defaults_to_the_datasets(synth_records: Path, tmp_path: Path
 
 
 def test_run_local_checks_before_starting_anything(tmp_path: Path, capsys) -> None:
-    from pipeline import local
+    from localrun import run as local
 
     root = tmp_path / "root"
     assert local.check_config("", [], 0, "coco14") == "coco14_vit_b16"

@@ -1,8 +1,8 @@
-"""A real MLflow tracking server for tests: a pytest fixture over :mod:`pipeline.services`.
+"""A real MLflow tracking server for tests: a pytest fixture over :mod:`localrun.services`.
 
 ``mlflow server`` on 127.0.0.1 with runs and the model registry in SQLite and artifacts
 proxied (``--serve-artifacts``) to ``s3://<bucket>/mlflow`` on the moto endpoint of the
-``s3_server`` fixture: :class:`pipeline.services.MlflowServer`, the server of
+``s3_server`` fixture: :class:`localrun.services.MlflowServer`, the server of
 ``make run-local``, set up like the in-cluster deployment (PostgreSQL aside).
 
 API::
@@ -29,11 +29,11 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.s3_server import S3Server, s3_server  # noqa: F401  (fixture dependency)
-from pipeline import services
+from localrun import services
 
 
 class MlflowServer(services.MlflowServer):
-    """:class:`pipeline.services.MlflowServer` with outages on demand."""
+    """:class:`localrun.services.MlflowServer` with outages on demand."""
 
     @contextlib.contextmanager
     def outage(self, kill: bool = True) -> Iterator[None]:

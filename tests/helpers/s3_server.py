@@ -1,4 +1,4 @@
-"""A real local S3 endpoint for tests: pytest fixtures over :mod:`pipeline.services`.
+"""A real local S3 endpoint for tests: pytest fixtures over :mod:`localrun.services`.
 
 API (kept stable; other test modules rely on it)::
 
@@ -18,7 +18,7 @@ API (kept stable; other test modules rely on it)::
     def test_other(s3_bucket):              # function-scoped: a fresh empty bucket,
         s3_bucket.uri("out")                # same endpoint, same methods
 
-The server is ``moto_server`` started by :class:`pipeline.services.S3Endpoint`, the same
+The server is ``moto_server`` started by :class:`localrun.services.S3Endpoint`, the same
 class ``make run-local`` uses. While the session fixture is alive ``S3_ENDPOINT``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION`` are set in
 ``os.environ`` (restored afterwards), so code under test and subprocesses started with the
@@ -35,8 +35,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.services import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-from pipeline.services import S3Bucket as S3Server
+from localrun.services import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
+from localrun.services import S3Bucket as S3Server
 
 __all__ = [
     "ACCESS_KEY",

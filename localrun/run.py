@@ -8,11 +8,11 @@ environment of this process is inherited by every step.
 By default the built-in synthetic dataset is generated; ``mirror`` downloads VOC/COCO from
 a mirror, and ``source_dir`` starts from a dataset folder already on disk.
 
-``python -m pipeline.local`` is the newcomer's first command. Around :func:`run_local` it
-starts a local MLflow server and S3 endpoint (:mod:`pipeline.local_mlflow`, set up like
-the cluster's) and stops them at the end, shows one line per step (:mod:`pipeline.progress`;
+``python -m localrun`` is the newcomer's first command. Around :func:`run_local` it
+starts a local MLflow server and S3 endpoint (:mod:`localrun.mlflow_store`, set up like
+the cluster's) and stops them at the end, shows one line per step (:mod:`localrun.progress`;
 the steps' full logs go to ``<root>/logs/``), and ends with a summary
-(:mod:`pipeline.summary`; also ``<root>/summary.json``). ``make mlflow-ui`` browses the
+(:mod:`localrun.summary`; also ``<root>/summary.json``). ``make mlflow-ui`` browses the
 runs afterwards.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.progress import (
+from localrun.progress import (
     STEP_LABELS,
     KfpLogSink,
     StepDisplay,
@@ -209,7 +209,7 @@ def run_local(
         log_path: Where the steps' logs go (default ``<root>/logs/run-<time>.log``).
         echo_logs: Also print the steps' logs as they come.
         containers: Run each step in its image (``kfp.local.DockerRunner`` on docker or
-            podman, :mod:`pipeline.containers`) instead of this interpreter.
+            podman, :mod:`localrun.containers`) instead of this interpreter.
 
     Returns:
         The run's artifact paths, metrics and registration summary.
@@ -232,7 +232,7 @@ def run_local(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     stack = contextlib.ExitStack()
     if containers:
-        from pipeline.containers import docker_engine, step_containers
+        from localrun.containers import docker_engine, step_containers
 
         host = stack.enter_context(docker_engine())
         stack.enter_context(_environment(DOCKER_HOST=host))
@@ -312,10 +312,10 @@ def _collect(root: Path, outputs: Any) -> LocalRun:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from pipeline.services import DEFAULT_MLFLOW_PORT
+    from localrun.services import DEFAULT_MLFLOW_PORT
 
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.local",
+        prog="python -m localrun",
         description=(
             "Run the ViT-PCM pipeline on this machine with kfp.local, with a local MLflow "
             "server and S3 endpoint, and print a summary."
@@ -388,7 +388,7 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 def _mlflow_port(requested: int | None, display: StepDisplay) -> int:
-    from pipeline.services import DEFAULT_MLFLOW_PORT, free_port, port_is_free
+    from localrun.services import DEFAULT_MLFLOW_PORT, free_port, port_is_free
 
     if requested is not None:
         return requested  # explicit: a busy one is an error (0: a free one)
@@ -403,7 +403,7 @@ def _mlflow_port(requested: int | None, display: StepDisplay) -> int:
 
 
 def _browse_command(root: Path, port: int) -> str:
-    from pipeline.services import DEFAULT_MLFLOW_PORT
+    from localrun.services import DEFAULT_MLFLOW_PORT
 
     options = []
     if root != Path(DEFAULT_ROOT).resolve():
@@ -429,8 +429,8 @@ def _run_and_summarise(
     args: argparse.Namespace, root: Path, log_path: Path, display: StepDisplay, out: Any
 ) -> str:
     """Services, the DAG, ``summary.json``; returns the summary text still to print."""
-    from pipeline.local_mlflow import local_services, wait_for_interrupt
-    from pipeline.summary import build_summary, format_summary, write_summary
+    from localrun.mlflow_store import local_services, wait_for_interrupt
+    from localrun.summary import build_summary, format_summary, write_summary
 
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -486,7 +486,7 @@ def _run_and_summarise(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.local``: services, the DAG with progress, then the summary."""
+    """``python -m localrun``: services, the DAG with progress, then the summary."""
     args = _parse_args(argv)
     try:
         check_source(args.source_dir, args.dataset)

@@ -130,8 +130,8 @@ def run_screenshots(root: str | os.PathLike[str], out_dir: str | os.PathLike[str
     Raises:
         ConfigError: no finished run there (run ``make run-local`` first).
     """
-    from pipeline.local_mlflow import serve_ui
-    from pipeline.services import free_port
+    from localrun.mlflow_store import serve_ui
+    from localrun.services import free_port
     from vitpcm.tracking.naming import ui_run_url
 
     summary_path = Path(root) / "summary.json"
@@ -257,9 +257,9 @@ def draw_pipeline_graph(package: str | os.PathLike[str], path: str | os.PathLike
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.docs_pictures {screenshots,graph}``."""
+    """``python -m localrun.docs_pictures {screenshots,graph}``."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.docs_pictures", description=__doc__.splitlines()[0]
+        prog="python -m localrun.docs_pictures", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="what", required=True)
     shots = sub.add_parser("screenshots", help="MLflow run page of the last make run-local")

@@ -7,7 +7,7 @@
   (``mlflow-artifacts:/`` URIs), so they need no S3 credentials, as in the cluster.
 * :class:`S3Bucket` -- one bucket of an endpoint, with the few boto3 calls callers need.
 
-``make run-local`` runs both for its run folder (:mod:`pipeline.local_mlflow`); the tests use
+``make run-local`` runs both for its run folder (:mod:`localrun.mlflow_store`); the tests use
 them through the fixtures in ``tests/helpers/``. Each server runs in a process group of its
 own: ``stop`` ends the CLI and its workers together, and a Ctrl-C in the terminal reaches
 only the caller, which then stops them in order. Both work as context managers.

@@ -1,12 +1,12 @@
 """The MLflow store of ``make run-local``: kept in the run folder, browsable afterwards.
 
-:func:`local_services` runs the two servers of :mod:`pipeline.services` for a run folder:
+:func:`local_services` runs the two servers of :mod:`localrun.services` for a run folder:
 ``<root>/mlflow/`` holds the SQLite store and the server logs. moto forgets everything when
 it stops, so the artifacts are copied from the bucket to ``<root>/mlflow-artifacts/`` at the
 end (and back into it at the next start): with the SQLite file next to them, nothing is
 lost between runs.
 
-``python -m pipeline.local_mlflow ui --root runs/local`` (``make mlflow-ui``) serves the same
+``python -m localrun.mlflow_store ui --root runs/local`` (``make mlflow-ui``) serves the same
 SQLite store with ``--artifacts-destination <root>/mlflow-artifacts``: the runs' proxied
 artifact URIs (``mlflow-artifacts:/<experiment>/<run>/artifacts/...``) resolve to the same
 relative paths there, so the UI shows every run, artifacts included, after the run ended.
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.services import (
+from localrun.services import (
     ARTIFACTS_PREFIX,
     DB_FILE,
     DEFAULT_MLFLOW_PORT,
@@ -168,7 +168,7 @@ def wait_for_interrupt() -> None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.local_mlflow",
+        prog="python -m localrun.mlflow_store",
         description="The MLflow store of make run-local.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +184,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.local_mlflow ui``: serve a run folder's MLflow store until Ctrl-C."""
+    """``python -m localrun.mlflow_store ui``: serve a run folder's MLflow store until Ctrl-C."""
     args = _parse_args(argv)
     print(f"starting the MLflow UI over {Path(args.root).resolve()} ...", flush=True)
     try:

@@ -1,6 +1,6 @@
 """The closing summary of ``make run-local``: scores, where things are, the MLflow run.
 
-:func:`build_summary` gathers it from a finished :class:`pipeline.local.LocalRun` (step
+:func:`build_summary` gathers it from a finished :class:`localrun.run.LocalRun` (step
 metrics, the evaluation and test ``metrics.json`` files, the registration step's MLflow
 outcome); :func:`format_summary` renders it for the terminal and :func:`write_summary`
 saves it as JSON (``<root>/summary.json``).
@@ -84,11 +84,11 @@ def build_summary(
     """The summary of a finished local run, as JSON-ready data.
 
     Args:
-        run: the :class:`pipeline.local.LocalRun`.
+        run: the :class:`localrun.run.LocalRun`.
         dataset: dataset name of the run.
         config: config name or path of the run.
         wall_seconds: the whole command's duration.
-        steps: :class:`pipeline.progress.StepRecord` of each step (name, seconds, status).
+        steps: :class:`localrun.progress.StepRecord` of each step (name, seconds, status).
         log_path: the step logs.
         tracking_uri: the MLflow server the run was logged to (for the run's URL).
         browse_command: how to browse the MLflow runs later.

@@ -1,0 +1,7 @@
+"""``python -m localrun`` (``make run-local``)."""
+
+import sys
+
+from localrun.run import main
+
+sys.exit(main())
