@@ -1,277 +1,215 @@
 """The ViT-PCM DAG: download -> convert -> train -> evaluate -> infer + CRF -> register.
 
-Three pipelines share every step through :mod:`pipeline.steps`:
+One builder, :func:`build_pipeline`, makes every pipeline from the step table
+(:data:`pipeline.steps.STEPS`) and the run form's fields (:data:`FIELDS`):
 
-* :func:`vitpcm_pipeline` (``vitpcm-wsss``), the one to upload: training runs in the step's
+* :data:`vitpcm_pipeline` (``vitpcm-wsss``), the one to upload: training runs in the step's
   own GPU pod, or, with ``distributed``, the same step launches a Kubeflow Trainer v2
   TrainJob or a Training Operator TFJob and waits for it; one step either way, so no branch.
-* :func:`vitpcm_single_node_pipeline` (``vitpcm-wsss-single-node``): training in the step's
+* :data:`vitpcm_single_node_pipeline` (``vitpcm-wsss-single-node``): training in the step's
   pod only, so ``kfp.local`` can run it (``make run-local``). It returns every step's outputs.
 * :func:`prepared_data_pipeline`: the single-node DAG starting from a dataset folder on disk.
 """
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
-from typing import NamedTuple
+import inspect
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 
-from components.images import cpu_image
 from pipeline import cluster
-from pipeline.steps import (
-    add_check_step,
-    add_data_steps,
-    add_scoring_steps,
-    add_train_step,
-)
+from pipeline.steps import BY_TASK, Dag, add_step
 
 PIPELINE_NAME = "vitpcm-wsss"
 SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
 
 
-def add_deploy_step(register: PipelineTask, tracking_uri: str, enabled: bool) -> PipelineTask:
-    """The ``deploy`` step after ``register`` (components/deploy.py); a no-op unless enabled."""
-    from components.deploy import deploy_model
+class Field(NamedTuple):
+    """A field of the run form (a pipeline parameter): its type, default and help."""
 
-    task = deploy_model(
-        summary=register.outputs["summary"],
-        tracking_uri=tracking_uri,
-        image=cpu_image(),
-        enabled=enabled,
-    ).set_display_name("deploy the champion (KServe)")
-    task.set_caching_options(False)
-    return task
+    type: type
+    default: Any
+    help: str
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description=(
-        "ViT-PCM weakly supervised semantic segmentation (ECCV 2022): data, training on "
-        "GPUs (optionally multi-worker), evaluation, CRF pseudo masks, MLflow registration."
+FIELDS: dict[str, Field] = {
+    "dataset": Field(str, "voc12", "voc12 (VOC 2012 + SBD), coco14, or synthetic (a small "
+                     "built-in set)."),
+    "config": Field(str, "", "Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or "
+                    "synthetic; empty follows the dataset (voc12_vit_s16, coco14_vit_b16, "
+                    "synthetic)."),
+    "pretrained": Field(str, "", "Backbone checkpoint: empty for the config's (the public "
+                        "Google ViT .npz of the paper configs), a path, s3:// or https:// URI, "
+                        "or none for random weights."),
+    "epochs": Field(int, 0, "Fine-tuning epochs; 0 keeps the config's value."),
+    "overrides": Field(str, "", 'Space-separated KEY=VALUE config overrides, e.g. '
+                       '"train.lr=3e-4".'),
+    "gpus": Field(int, 1, "GPUs of the training pod (of each worker when distributed): 0, 1, "
+                  "2, 4, 8, 16."),
+    "distributed": Field(str, "none", "none (train in the step's pod), trainjob (Kubeflow "
+                         "Trainer v2 TrainJob, manifests/trainer/ applied) or tfjob (Training "
+                         "Operator v1 TFJob)."),
+    "workers": Field(int, 2, "Worker pods of a distributed job."),
+    "mirror": Field(str, "", "Base URL serving the official dataset archives; empty for the "
+                    "official hosts."),
+    "crf": Field(bool, True, "Refine the pseudo masks with the dense CRF."),
+    "mlflow_tracking_uri": Field(str, cluster.DEFAULT_MLFLOW_URI, "MLflow server; empty to "
+                                 "skip MLflow."),
+    "experiment": Field(str, "vitpcm", "MLflow experiment."),
+    "registered_model": Field(str, "", "MLflow registered model name; empty for the "
+                              "config's (mlflow.registered_model: vitpcm-voc12, vitpcm-coco14, "
+                              "vitpcm-synthetic)."),
+    "checkpoint_root": Field(str, "", "s3:// prefix for training checkpoints (resume after "
+                             "a restart); required when distributed."),
+    "shards": Field(int, 0, "TFRecord shards per split; 0 for about 1000 images per shard."),
+    "convert_workers": Field(int, cluster.CONVERT_WORKERS, "TFRecord encoding processes; 0 "
+                             "for every core of the machine."),
+    "crf_workers": Field(int, cluster.CRF_WORKERS, "CRF processes; 0 keeps the config's "
+                         "crf.workers."),
+    # = vitpcm data synth's defaults (vitpcm.data.synth)
+    "synthetic_train": Field(int, 2000, "Synthetic training images (dataset=synthetic)."),
+    "synthetic_val": Field(int, 100, "Synthetic validation images."),
+    "synthetic_test": Field(int, 200, "Synthetic test images."),
+    "synthetic_size": Field(int, 128, "Synthetic image side in pixels."),
+    "data_version": Field(str, "", "Any label of the dataset's version (e.g. 2026-12): a new "
+                          "value makes the data steps fetch and convert again instead of "
+                          "reusing their cached outputs."),
+    "deploy": Field(bool, False, 'Point the KServe InferenceService "vitpcm" at the model '
+                    "when this run makes it the champion (manifests/serving/ applied); off: "
+                    "MLflow only."),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline: its steps (task names, in order) and the run form it shows.
+
+    Attributes:
+        fields: the form's fields, in order (:data:`FIELDS`).
+        defaults: defaults of this form that differ from the field's.
+        fixed: run values that are not on this form (a step's argument that names neither
+            is left to the component's default).
+        returns: the pipeline returns every step's outputs (kfp.local reads them).
+    """
+
+    name: str
+    description: str
+    summary: str
+    steps: tuple[str, ...]
+    fields: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    returns: bool = False
+
+
+_SCORING = ("train-model", "evaluate-model", "infer-crf", "register-model")
+_SINGLE_NODE_FIXED = {"distributed": "none", "workers": 2}
+CLUSTER = Variant(
+    PIPELINE_NAME,
+    "ViT-PCM weakly supervised semantic segmentation (ECCV 2022): data, training on GPUs "
+    "(optionally multi-worker), evaluation, CRF pseudo masks, MLflow registration.",
+    "Train and evaluate ViT-PCM, and register the model in MLflow.",
+    steps=(
+        "check-run", "download-data", "convert-data", "gpu-placement", *_SCORING,
+        "deploy-model",
     ),
-)
-def vitpcm_pipeline(
-    dataset: str = "voc12",
-    config: str = "",
-    pretrained: str = "",
-    epochs: int = 0,
-    overrides: str = "",
-    gpus: int = 1,
-    distributed: str = "none",
-    workers: int = 2,
-    mirror: str = "",
-    crf: bool = True,
-    mlflow_tracking_uri: str = cluster.DEFAULT_MLFLOW_URI,
-    experiment: str = "vitpcm",
-    registered_model: str = "",
-    checkpoint_root: str = "",
-    shards: int = 0,
-    data_version: str = "",
-    deploy: bool = False,
-):
-    """Train and evaluate ViT-PCM, and register the model in MLflow.
+    fields=(
+        "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "distributed",
+        "workers", "mirror", "crf", "mlflow_tracking_uri", "experiment", "registered_model",
+        "checkpoint_root", "shards", "data_version", "deploy",
+    ),
+    fixed={"convert_workers": cluster.CONVERT_WORKERS, "crf_workers": cluster.CRF_WORKERS},
+)  # fmt: skip
+SINGLE_NODE = Variant(
+    SINGLE_NODE_PIPELINE_NAME,
+    "ViT-PCM on one node (kfp.local, or a cluster without the Training Operator).",
+    "Train and evaluate ViT-PCM on one node, and register the model in MLflow.",
+    steps=("check-run", "download-data", "convert-data", "gpu-placement", *_SCORING),
+    fields=(
+        "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "mirror", "crf",
+        "mlflow_tracking_uri", "experiment", "registered_model", "checkpoint_root", "shards",
+        "convert_workers", "crf_workers", "synthetic_train", "synthetic_val",
+        "synthetic_test", "synthetic_size", "data_version",
+    ),
+    defaults={"dataset": "synthetic", "mlflow_tracking_uri": ""},
+    fixed=_SINGLE_NODE_FIXED,
+    returns=True,
+)  # fmt: skip
+PREPARED_DATA = Variant(
+    f"{SINGLE_NODE_PIPELINE_NAME}-prepared-data",
+    "ViT-PCM on one node from a dataset folder already on disk.",
+    "Train and evaluate ViT-PCM on one node from a dataset folder, and register the model.",
+    steps=("check-run", "importer", "convert-data", "gpu-placement", *_SCORING),
+    fields=(
+        "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "crf",
+        "mlflow_tracking_uri", "experiment", "registered_model", "checkpoint_root", "shards",
+        "convert_workers", "crf_workers",
+    ),
+    defaults={"mlflow_tracking_uri": ""},
+    fixed={**_SINGLE_NODE_FIXED, "data_version": ""},
+    returns=True,
+)  # fmt: skip
+
+
+def outputs_of(variant: Variant) -> dict[str, tuple[str, str]]:
+    """What the pipeline returns: output name -> (task, the task's output)."""
+    if not variant.returns:
+        return {}
+    return {
+        name: (task, key) for task in variant.steps for name, key in BY_TASK[task].outputs.items()
+    }
+
+
+def _output_type(task: str, key: str) -> type:
+    """The artifact class of a step's output (``Output[Dataset]`` -> ``Dataset``)."""
+    hints = typing.get_type_hints(BY_TASK[task].component.python_func, include_extras=True)
+    return typing.get_args(hints[key])[0]
+
+
+def build_pipeline(variant: Variant, **fixed: Any) -> GraphComponent:
+    """The pipeline of ``variant``: its form, then every step of the table it names.
 
     Args:
-        dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
-        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
-            empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
-        pretrained: Backbone checkpoint: empty for the config's (the public Google ViT .npz
-            of the paper configs), a path, s3:// or https:// URI, or none for random weights.
-        epochs: Fine-tuning epochs; 0 keeps the config's value.
-        overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
-        gpus: GPUs of the training pod (of each worker when distributed): 0, 1, 2, 4, 8, 16.
-        distributed: none (train in the step's pod), trainjob (Kubeflow Trainer v2 TrainJob,
-            manifests/trainer/ applied) or tfjob (Training Operator v1 TFJob).
-        workers: Worker pods of a distributed job.
-        mirror: Base URL serving the official dataset archives; empty for the official hosts.
-        crf: Refine the pseudo masks with the dense CRF.
-        mlflow_tracking_uri: MLflow server; empty to skip MLflow.
-        experiment: MLflow experiment.
-        registered_model: MLflow registered model name; empty for the config's
-            (mlflow.registered_model: vitpcm-voc12, vitpcm-coco14, vitpcm-synthetic).
-        checkpoint_root: s3:// prefix for training checkpoints (resume after a restart);
-            required when distributed.
-        shards: TFRecord shards per split; 0 for about 1000 images per shard.
-        data_version: Any label of the dataset's version (e.g. 2026-12): a new value makes the
-            data steps fetch and convert again instead of reusing their cached outputs.
-        deploy: Point the KServe InferenceService "vitpcm" at the model when this run makes
-            it the champion (manifests/serving/ applied); off: MLflow only.
+        variant: which pipeline.
+        **fixed: more run values that are not on the form (e.g. ``source_dir``).
     """
-    check = add_check_step(dataset, config, overrides, pretrained)
-    convert = add_data_steps(dataset, mirror, shards, after=check, data_version=data_version)
-    train = add_train_step(
-        convert,
-        check.output,
-        overrides,
-        epochs,
-        gpus,
-        checkpoint_root,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        distributed=distributed,
-        workers=workers,
-        pretrained=pretrained,
-        registered_model=registered_model,
-    )
-    _evaluate, _infer, register = add_scoring_steps(
-        train.outputs["model"],
-        convert.outputs["Output"],
-        crf,
-        experiment,
-        registered_model,
-        mlflow_tracking_uri,
-    )
-    # Always in the DAG and a no-op unless asked (no branch, like the train step's launcher).
-    add_deploy_step(register, mlflow_tracking_uri, deploy)
+    form = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=variant.defaults.get(name, FIELDS[name].default),
+            annotation=FIELDS[name].type,
+        )
+        for name in variant.fields
+    ]
+    returned = outputs_of(variant)
+    returns: Any = inspect.Signature.empty
+    if returned:
+        returns = NamedTuple(  # type: ignore[misc]
+            "SingleNodeOutputs", [(n, _output_type(*where)) for n, where in returned.items()]
+        )
+
+    def dag(*args: Any) -> Any:
+        built = Dag({**variant.fixed, **fixed, **dict(zip(variant.fields, args, strict=True))})
+        for task in variant.steps:
+            add_step(built, BY_TASK[task])
+        if returned:
+            return returns(*(built.tasks[t].outputs[k] for t, k in returned.values()))
+        return None
+
+    dag.__signature__ = inspect.Signature(form, return_annotation=returns)  # type: ignore[attr-defined]
+    # kfp takes each field's help from the docstring's Args section.
+    args = "\n".join(f"    {name}: {FIELDS[name].help}" for name in variant.fields)
+    dag.__doc__ = f"{variant.summary}\n\nArgs:\n{args}\n"
+    return dsl.pipeline(name=variant.name, description=variant.description)(dag)
 
 
-class SingleNodeOutputs(NamedTuple):
-    """Every step's outputs (kfp.local returns them from a run)."""
-
-    tfrecords: Dataset
-    model: Model
-    train_metrics: Metrics
-    eval_metrics: Metrics
-    class_iou: Markdown
-    eval_report: Artifact
-    test_metrics: Metrics
-    pseudo_masks: Dataset
-    summary: Artifact
-
-
-def _single_node_dag(
-    convert: PipelineTask,
-    *,
-    config: str,
-    pretrained: str,
-    epochs: int,
-    overrides: str,
-    gpus: int,
-    crf: bool,
-    crf_workers: int,
-    mlflow_tracking_uri: str,
-    experiment: str,
-    registered_model: str,
-    checkpoint_root: str,
-) -> SingleNodeOutputs:
-    """Training and scoring after the data steps, shared by the single-node pipelines."""
-    tfrecords = convert.outputs["tfrecords"]
-    train = add_train_step(
-        convert,
-        config,
-        overrides,
-        epochs,
-        gpus,
-        checkpoint_root,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        pretrained=pretrained,
-        registered_model=registered_model,
-    )
-    evaluate, infer, register = add_scoring_steps(
-        train.outputs["model"],
-        convert.outputs["Output"],
-        crf,
-        experiment,
-        registered_model,
-        mlflow_tracking_uri,
-        crf_workers=crf_workers,
-    )
-    return SingleNodeOutputs(
-        tfrecords=tfrecords,
-        model=train.outputs["model"],
-        train_metrics=train.outputs["metrics"],
-        eval_metrics=evaluate.outputs["metrics"],
-        class_iou=evaluate.outputs["class_iou"],
-        eval_report=evaluate.outputs["report"],
-        test_metrics=infer.outputs["metrics"],
-        pseudo_masks=infer.outputs["pseudo_masks"],
-        summary=register.outputs["summary"],
-    )
-
-
-@dsl.pipeline(
-    name=SINGLE_NODE_PIPELINE_NAME,
-    description="ViT-PCM on one node (kfp.local, or a cluster without the Training Operator).",
-)
-def vitpcm_single_node_pipeline(
-    dataset: str = "synthetic",
-    config: str = "",
-    pretrained: str = "",
-    epochs: int = 0,
-    overrides: str = "",
-    gpus: int = 1,
-    mirror: str = "",
-    crf: bool = True,
-    mlflow_tracking_uri: str = "",
-    experiment: str = "vitpcm",
-    registered_model: str = "",
-    checkpoint_root: str = "",
-    shards: int = 0,
-    convert_workers: int = cluster.CONVERT_WORKERS,
-    crf_workers: int = cluster.CRF_WORKERS,
-    synthetic_train: int = 2000,  # = vitpcm data synth's defaults (vitpcm.data.synth)
-    synthetic_val: int = 100,
-    synthetic_test: int = 200,
-    synthetic_size: int = 128,
-    data_version: str = "",
-) -> SingleNodeOutputs:
-    """Train and evaluate ViT-PCM on one node, and register the model in MLflow.
-
-    Args:
-        dataset: voc12 (VOC 2012 + SBD), coco14, or synthetic (a small built-in set).
-        config: Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or synthetic;
-            empty follows the dataset (voc12_vit_s16, coco14_vit_b16, synthetic).
-        pretrained: Backbone checkpoint: empty for the config's (the public Google ViT .npz
-            of the paper configs), a path, s3:// or https:// URI, or none for random weights.
-        epochs: Fine-tuning epochs; 0 keeps the config's value.
-        overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
-        gpus: GPUs of the training pod: 0, 1, 2, 4, 8 or 16.
-        mirror: Base URL serving the official dataset archives; empty for the official hosts.
-        crf: Refine the pseudo masks with the dense CRF.
-        mlflow_tracking_uri: MLflow server; empty to skip MLflow.
-        experiment: MLflow experiment.
-        registered_model: MLflow registered model name; empty for the config's
-            (mlflow.registered_model: vitpcm-voc12, vitpcm-coco14, vitpcm-synthetic).
-        checkpoint_root: s3:// prefix for training checkpoints (resume after a restart).
-        shards: TFRecord shards per split; 0 for about 1000 images per shard.
-        convert_workers: TFRecord encoding processes; 0 for every core of the machine.
-        crf_workers: CRF processes; 0 keeps the config's crf.workers.
-        synthetic_train: Synthetic training images (dataset=synthetic).
-        synthetic_val: Synthetic validation images.
-        synthetic_test: Synthetic test images.
-        synthetic_size: Synthetic image side in pixels.
-        data_version: Any label of the dataset's version (e.g. 2026-12): a new value makes the
-            data steps fetch and convert again instead of reusing their cached outputs.
-    """
-    check = add_check_step(dataset, config, overrides, pretrained)
-    convert = add_data_steps(
-        dataset,
-        mirror,
-        shards,
-        workers=convert_workers,
-        after=check,
-        data_version=data_version,
-        synthetic_train=synthetic_train,
-        synthetic_val=synthetic_val,
-        synthetic_test=synthetic_test,
-        synthetic_size=synthetic_size,
-    )
-    return _single_node_dag(
-        convert,
-        config=check.output,
-        pretrained=pretrained,
-        epochs=epochs,
-        overrides=overrides,
-        gpus=gpus,
-        crf=crf,
-        crf_workers=crf_workers,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        registered_model=registered_model,
-        checkpoint_root=checkpoint_root,
-    )
+vitpcm_pipeline = build_pipeline(CLUSTER)
+vitpcm_single_node_pipeline = build_pipeline(SINGLE_NODE)
 
 
 def prepared_data_pipeline(source_dir: str) -> GraphComponent:
@@ -280,46 +218,4 @@ def prepared_data_pipeline(source_dir: str) -> GraphComponent:
     The folder (holding ``VOCdevkit/`` or ``coco2014/``) enters through ``dsl.importer``
     instead of the download step; everything after it is the single-node DAG.
     """
-
-    @dsl.pipeline(
-        name=f"{SINGLE_NODE_PIPELINE_NAME}-prepared-data",
-        description="ViT-PCM on one node from a dataset folder already on disk.",
-    )
-    def pipeline(
-        dataset: str = "voc12",
-        config: str = "",
-        pretrained: str = "",
-        epochs: int = 0,
-        overrides: str = "",
-        gpus: int = 1,
-        crf: bool = True,
-        mlflow_tracking_uri: str = "",
-        experiment: str = "vitpcm",
-        registered_model: str = "",
-        checkpoint_root: str = "",
-        shards: int = 0,
-        convert_workers: int = cluster.CONVERT_WORKERS,
-        crf_workers: int = cluster.CRF_WORKERS,
-    ) -> SingleNodeOutputs:
-        raw = dsl.importer(artifact_uri=source_dir, artifact_class=Dataset, reimport=False)
-        raw.set_display_name("dataset folder")
-        check = add_check_step(dataset, config, overrides, pretrained)
-        convert = add_data_steps(
-            dataset, "", shards, workers=convert_workers, raw=raw.output, after=check
-        )
-        return _single_node_dag(
-            convert,
-            config=check.output,
-            pretrained=pretrained,
-            epochs=epochs,
-            overrides=overrides,
-            gpus=gpus,
-            crf=crf,
-            crf_workers=crf_workers,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            experiment=experiment,
-            registered_model=registered_model,
-            checkpoint_root=checkpoint_root,
-        )
-
-    return pipeline
+    return build_pipeline(PREPARED_DATA, source_dir=source_dir)

@@ -1,221 +1,351 @@
-"""The steps of the ViT-PCM DAG, with what each asks of the cluster.
+"""The steps of the ViT-PCM DAG: one table that everything else reads.
 
-Each ``add_*`` function creates its tasks inside the pipeline being defined and attaches
-the Kubernetes settings (pod sizes, GPU request and placement, Secrets as environment,
-retries, caching), so every pipeline in :mod:`pipeline.pipeline` gets the same steps.
-``kfp.local`` ignores these settings.
+:data:`STEPS` names, for each step, its component, where each argument comes from, what the
+DAG returns of its outputs, and what its pod asks of the cluster (size, GPUs, Secrets,
+retries, caching; ``kfp.local`` ignores these). :func:`pipeline.pipeline.build_pipeline`
+wires the pipelines from it, and ``make run-local`` (:mod:`localrun`) takes its labels,
+its step count and the outputs it collects from it too. Adding a step: a component in
+``components/`` and one :class:`Step` here.
+
+An argument's source is one of :func:`value` (a run parameter, or a value the pipeline
+fixes), :func:`output` (an earlier step's output) or :func:`constant` (decided when the
+pipeline is compiled).
 """
 
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from kfp import dsl, kubernetes
-from kfp.dsl import PipelineTask
-from kfp.dsl.pipeline_channel import PipelineChannel
+from kfp.dsl import Dataset, PipelineTask
 
 from components import (
     check_run,
     convert_data,
+    deploy_model,
     download_data,
     evaluate_model,
     gpu_placement,
-    images,
     infer_crf,
     register_model,
     train_model,
 )
+from components.images import cpu_image, gpu_image
 from pipeline import cluster
 
+_OMIT = object()
 
-def _size(task: PipelineTask, step: str) -> PipelineTask:
+
+@dataclass
+class Dag:
+    """A DAG being built: the run's values by name and the tasks created so far."""
+
+    values: Mapping[str, Any]
+    tasks: dict[str, PipelineTask] = field(default_factory=dict)
+
+
+Source = Callable[[Dag], Any]
+
+
+def value(name: str) -> Source:
+    """The run's ``name`` (a pipeline parameter, or a value the pipeline fixes); a name the
+    pipeline lacks leaves the argument to the component's default."""
+    return lambda dag: dag.values.get(name, _OMIT)
+
+
+def output(*where: str) -> Source:
+    """``"task.output"`` of an earlier step: the first of ``where`` whose task is in the DAG."""
+
+    def find(dag: Dag) -> Any:
+        for task, _, key in (w.partition(".") for w in where):
+            if task in dag.tasks:
+                return dag.tasks[task].outputs[key]
+        return _OMIT
+
+    return find
+
+
+def constant(make: Callable[[], Any]) -> Source:
+    """A value decided at compile time (an image name, a cluster setting)."""
+    return lambda dag: make()
+
+
+# -- pod settings (Kubernetes; kfp.local ignores them) ----------------------------------
+
+
+def _size(task: PipelineTask, step: str) -> None:
     size = cluster.POD_SIZES[step]
-    return (
-        task.set_cpu_request(size.cpu_request)
-        .set_memory_request(size.memory_request)
-        .set_cpu_limit(size.cpu_limit)
-        .set_memory_limit(size.memory_limit)
-    )
+    task.set_cpu_request(size.cpu_request).set_memory_request(size.memory_request)
+    task.set_cpu_limit(size.cpu_limit).set_memory_limit(size.memory_limit)
 
 
 def _use_s3_secret(task: PipelineTask, for_mlflow: bool = False) -> None:
-    keys = {key: key for key in cluster.S3_SECRET_KEYS}
-    kubernetes.use_secret_as_env(task, cluster.S3_SECRET, keys)
-    if for_mlflow:
+    kubernetes.use_secret_as_env(task, cluster.S3_SECRET, {k: k for k in cluster.S3_SECRET_KEYS})
+    if for_mlflow:  # the S3 endpoint under the name MLflow's artifact client reads
         kubernetes.use_secret_as_env(task, cluster.S3_SECRET, cluster.S3_ENDPOINT_FOR_MLFLOW)
 
 
-def _use_mlflow_secret(task: PipelineTask) -> None:
-    """MLflow credentials, and the S3 endpoint under the name MLflow's artifact client reads."""
-    kubernetes.use_secret_as_env(
-        task, cluster.MLFLOW_SECRET, {key: key for key in cluster.MLFLOW_SECRET_KEYS}
-    )
+def _use_mlflow_secrets(task: PipelineTask) -> None:
+    """MLflow's credentials and its artifact store (train and register talk to MLflow)."""
+    _use_s3_secret(task, for_mlflow=True)
+    keys = {key: key for key in cluster.MLFLOW_SECRET_KEYS}
+    kubernetes.use_secret_as_env(task, cluster.MLFLOW_SECRET, keys)
 
 
-def _on_gpu_nodes(task: PipelineTask, gpus: int, distributed: str = "none") -> None:
-    """Request ``gpus`` GPUs with the compile-time placement; none of it when ``gpus`` is 0
-    or the task only launches a ``distributed`` job."""
-    settings = cluster.gpu_placement()
-    placement = gpu_placement(
-        gpus=gpus,
-        distributed=distributed,
-        resource=settings.resource,
-        node_selector=settings.node_selector,
-        tolerations=settings.tolerations,
-    ).set_display_name("GPU placement")
-    placement.set_caching_options(True).set_cpu_limit("100m").set_memory_limit("256Mi")
+PodSettings = Callable[[PipelineTask, Dag], None]
+
+
+def _small_pod(cpu: str, memory: str, cache: bool) -> PodSettings:
+    def settings(task: PipelineTask, dag: Dag) -> None:
+        task.set_caching_options(cache).set_cpu_limit(cpu).set_memory_limit(memory)
+
+    return settings
+
+
+def _data_pod(size: str) -> PodSettings:
+    """Cached (``data_version`` is in the key) and retried: downloads meet flaky hosts."""
+
+    def settings(task: PipelineTask, dag: Dag) -> None:
+        task.set_retry(
+            num_retries=cluster.DATA_RETRIES,
+            backoff_duration=cluster.RETRY_BACKOFF,
+            backoff_factor=cluster.RETRY_BACKOFF_FACTOR,
+            backoff_max_duration=cluster.RETRY_BACKOFF_MAX,
+        )
+        _size(task, size)
+        task.set_caching_options(True)
+
+    return settings
+
+
+def _train_pod(task: PipelineTask, dag: Dag) -> None:
+    """GPUs as the placement step decides (its outputs, so ``gpus=0`` asks for none)."""
+    _size(task, "train")
+    task.set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
+    placement = dag.tasks["gpu-placement"].outputs
     # The count as the placement step's string output, never the int `gpus` itself: the
     # driver resolves a parameterised count with GetStringValue() (see gpu_placement).
-    task.set_accelerator_type(placement.outputs["resource"])
-    task.set_accelerator_limit(placement.outputs["count"])
-    kubernetes.add_node_selector_json(task, placement.outputs["node_selector"])
-    kubernetes.add_toleration_json(task, placement.outputs["tolerations"])
+    task.set_accelerator_type(placement["resource"])
+    task.set_accelerator_limit(placement["count"])
+    kubernetes.add_node_selector_json(task, placement["node_selector"])
+    kubernetes.add_toleration_json(task, placement["tolerations"])
+    _use_mlflow_secrets(task)
 
 
-def _data_retries(task: PipelineTask) -> PipelineTask:
-    return task.set_retry(
-        num_retries=cluster.DATA_RETRIES,
-        backoff_duration=cluster.RETRY_BACKOFF,
-        backoff_factor=cluster.RETRY_BACKOFF_FACTOR,
-        backoff_max_duration=cluster.RETRY_BACKOFF_MAX,
+def _scoring_pod(size: str) -> PodSettings:
+    """Reads its split of the dataset in place, from the object store."""
+
+    def settings(task: PipelineTask, dag: Dag) -> None:
+        _size(task, size)
+        task.set_caching_options(False)
+        _use_s3_secret(task)
+
+    return settings
+
+
+def _register_pod(task: PipelineTask, dag: Dag) -> None:
+    _size(task, "register")
+    task.set_caching_options(False)
+    _use_mlflow_secrets(task)
+
+
+def _uncached(task: PipelineTask, dag: Dag) -> None:
+    task.set_caching_options(False)
+
+
+def _import_folder(artifact_uri: str) -> PipelineTask:
+    """A dataset folder already on disk enters the DAG in place of the download step."""
+    return dsl.importer(artifact_uri=artifact_uri, artifact_class=Dataset, reimport=False)
+
+
+def _worker_size() -> str:
+    """The train pod's size and GPU resource, for the workers of a distributed job."""
+    size = cluster.POD_SIZES["train"]
+    return json.dumps(
+        {
+            "gpu_resource": cluster.gpu_placement().resource,
+            "cpu_request": size.cpu_request,
+            "memory_request": size.memory_request,
+            "cpu_limit": size.cpu_limit,
+            "memory_limit": size.memory_limit,
+        },
+        sort_keys=True,
     )
 
 
-def add_check_step(dataset: str, config: str, overrides: str, pretrained: str = "") -> PipelineTask:
-    """The first step: dataset, config and pre-trained weights fit (``vitpcm.run_plan``).
+@dataclass(frozen=True)
+class Step:
+    """One step of the DAG.
 
-    Its output is the config name the training step loads (the dataset's default when
-    ``config`` is empty). Not cached: it is cheap, and a local checkpoint may have gone.
+    Attributes:
+        task: the kfp task name (the component's name, e.g. ``train-model``).
+        label: what the Kubeflow UI and ``make run-local`` show.
+        component: the component (or any function that creates the task).
+        inputs: component argument -> its :data:`Source`.
+        outputs: what the single-node pipelines return: DAG output name -> the step's output.
+        after: steps that must finish first although no output flows from them.
+        pod: Kubernetes settings of the step's pod.
     """
-    check = check_run(dataset=dataset, config=config, overrides=overrides, pretrained=pretrained)
-    check.set_display_name("check dataset and config").set_caching_options(False)
-    return check.set_cpu_limit("500m").set_memory_limit("512Mi")
+
+    task: str
+    label: str
+    component: Callable[..., PipelineTask]
+    inputs: Mapping[str, Source]
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    pod: PodSettings | None = None
 
 
-def add_data_steps(
-    dataset: str,
-    mirror: str,
-    shards: int,
-    workers: int = cluster.CONVERT_WORKERS,
-    raw: PipelineChannel | None = None,
-    after: PipelineTask | None = None,
-    data_version: str = "",
-    **synthetic: int,
-) -> PipelineTask:
-    """Download (or synthesise) and convert; returns the convert task (``tfrecords``).
+_RUN_ID = constant(lambda: dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+_DATASET_URI = output("convert-data.Output")  # each later step reads its split in place
+_MODEL = output("train-model.model")
 
-    ``raw``, when given, is an already downloaded dataset (an importer's output) and the
-    download step is left out. ``after`` (the check step) runs before either.
-    ``data_version`` enters both steps' cache keys: a new value fetches the data again.
-    """
-    if raw is None:
-        download = download_data(
-            dataset=dataset, mirror=mirror, data_version=data_version, **synthetic
-        )
-        download.set_display_name("download data")
-        _size(_data_retries(download), "download").set_caching_options(True)
-        if after is not None:
-            download.after(after)
-        raw = download.outputs["raw"]
-    convert = convert_data(
-        raw=raw, dataset=dataset, shards=shards, workers=workers, data_version=data_version
-    ).set_display_name("convert to TFRecords")
-    _size(_data_retries(convert), "convert").set_caching_options(True)
-    if after is not None:
-        convert.after(after)
-    return convert
+STEPS: tuple[Step, ...] = (
+    Step(
+        "check-run",
+        "check dataset and config",
+        check_run,
+        # Not cached: it is cheap, and a local checkpoint may have gone.
+        {name: value(name) for name in ("dataset", "config", "overrides", "pretrained")},
+        pod=_small_pod("500m", "512Mi", cache=False),
+    ),
+    Step(
+        "download-data",
+        "download / synthesise data",
+        download_data,
+        {
+            **{name: value(name) for name in ("dataset", "mirror", "data_version")},
+            **{f"synthetic_{k}": value(f"synthetic_{k}") for k in ("train", "val", "test")},
+            "synthetic_size": value("synthetic_size"),
+        },
+        after=("check-run",),
+        pod=_data_pod("download"),
+    ),
+    Step(
+        "importer",
+        "import dataset folder",
+        _import_folder,
+        {"artifact_uri": value("source_dir")},
+    ),
+    Step(
+        "convert-data",
+        "convert to TFRecords",
+        convert_data,
+        {
+            "raw": output("download-data.raw", "importer.artifact"),
+            "dataset": value("dataset"),
+            "shards": value("shards"),
+            "workers": value("convert_workers"),
+            "data_version": value("data_version"),
+        },
+        outputs={"tfrecords": "tfrecords"},
+        after=("check-run",),
+        pod=_data_pod("convert"),
+    ),
+    Step(
+        "gpu-placement",
+        "GPU placement",
+        gpu_placement,
+        {
+            "gpus": value("gpus"),
+            "distributed": value("distributed"),
+            "resource": constant(lambda: cluster.gpu_placement().resource),
+            "node_selector": constant(lambda: cluster.gpu_placement().node_selector),
+            "tolerations": constant(lambda: cluster.gpu_placement().tolerations),
+        },
+        pod=_small_pod("100m", "256Mi", cache=True),
+    ),
+    Step(
+        "train-model",
+        "train ViT-PCM",
+        train_model,
+        {
+            "tfrecords_uri": _DATASET_URI,
+            "config": output("check-run.Output"),
+            **{n: value(n) for n in ("overrides", "epochs", "checkpoint_root", "experiment")},
+            "kfp_run_id": _RUN_ID,
+            "tracking_uri": value("mlflow_tracking_uri"),
+            **{n: value(n) for n in ("registered_model", "pretrained", "distributed")},
+            "workers": value("workers"),
+            "gpus_per_worker": value("gpus"),
+            "worker_image": constant(gpu_image),
+            "worker_size": constant(_worker_size),
+            "worker_node_selector": constant(lambda: cluster.gpu_placement().node_selector),
+            "worker_tolerations": constant(lambda: cluster.gpu_placement().tolerations),
+        },
+        outputs={"model": "model", "train_metrics": "metrics"},
+        pod=_train_pod,
+    ),
+    Step(
+        "evaluate-model",
+        "evaluate baseline pseudo masks",
+        evaluate_model,
+        {"model": _MODEL, "tfrecords_uri": _DATASET_URI},
+        outputs={"eval_metrics": "metrics", "class_iou": "class_iou", "eval_report": "report"},
+        pod=_scoring_pod("evaluate"),
+    ),
+    Step(
+        "infer-crf",
+        "infer pseudo masks + CRF",
+        infer_crf,
+        {
+            "model": _MODEL,
+            "tfrecords_uri": _DATASET_URI,
+            "crf": value("crf"),
+            "workers": value("crf_workers"),
+        },
+        outputs={"test_metrics": "metrics", "pseudo_masks": "pseudo_masks"},
+        pod=_scoring_pod("infer"),
+    ),
+    Step(
+        "register-model",
+        "register in MLflow",
+        register_model,
+        {
+            "model": _MODEL,
+            "eval_metrics": output("evaluate-model.metrics"),
+            "test_metrics": output("infer-crf.metrics"),
+            "eval_report": output("evaluate-model.report"),
+            "pseudo_masks": output("infer-crf.pseudo_masks"),
+            # For the sample overlays (test images and ground truth next to the pseudo masks).
+            "tfrecords_uri": _DATASET_URI,
+            "tracking_uri": value("mlflow_tracking_uri"),
+            "experiment": value("experiment"),
+            "model_name": value("registered_model"),
+            "kfp_run_id": _RUN_ID,
+        },
+        outputs={"summary": "summary"},
+        pod=_register_pod,
+    ),
+    Step(
+        "deploy-model",
+        "deploy the champion (KServe)",
+        deploy_model,
+        # Always in its DAG and a no-op unless asked (no branch, like the train step's
+        # launcher).
+        {
+            "summary": output("register-model.summary"),
+            "tracking_uri": value("mlflow_tracking_uri"),
+            "image": constant(cpu_image),
+            "enabled": value("deploy"),
+        },
+        pod=_uncached,
+    ),
+)
+
+BY_TASK: dict[str, Step] = {step.task: step for step in STEPS}
 
 
-def add_train_step(
-    convert: PipelineTask,
-    config: str,
-    overrides: str,
-    epochs: int,
-    gpus: int,
-    checkpoint_root: str,
-    mlflow_tracking_uri: str = "",
-    experiment: str = "",
-    distributed: str = "none",
-    workers: int = 2,
-    pretrained: str = "",
-    registered_model: str = "",
-) -> PipelineTask:
-    """Training, logging epochs to MLflow: on ``gpus`` GPUs of this step's pod, or, with
-    ``distributed`` (trainjob, tfjob), as a job of ``workers`` pods with ``gpus`` GPUs each.
-
-    The step reads the dataset from the convert step's artifact by its URI (its ``Output``),
-    so KFP downloads nothing into a pod that only launches a job.
-    """
-    placement = cluster.gpu_placement()
-    size = cluster.POD_SIZES["train"]
-    worker_size = {
-        "gpu_resource": placement.resource,
-        "cpu_request": size.cpu_request,
-        "memory_request": size.memory_request,
-        "cpu_limit": size.cpu_limit,
-        "memory_limit": size.memory_limit,
-    }
-    train = train_model(
-        tfrecords_uri=convert.outputs["Output"],
-        config=config,
-        overrides=overrides,
-        epochs=epochs,
-        checkpoint_root=checkpoint_root,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        registered_model=registered_model,
-        pretrained=pretrained,
-        distributed=distributed,
-        workers=workers,
-        gpus_per_worker=gpus,
-        worker_image=images.gpu_image(),
-        worker_size=json.dumps(worker_size, sort_keys=True),
-        worker_node_selector=placement.node_selector,
-        worker_tolerations=placement.tolerations,
-    ).set_display_name("train ViT-PCM")
-    _size(train, "train").set_caching_options(False).set_retry(cluster.TRAIN_RETRIES)
-    _on_gpu_nodes(train, gpus, distributed)
-    _use_s3_secret(train, for_mlflow=True)
-    _use_mlflow_secret(train)
-    return train
-
-
-def add_scoring_steps(
-    model: PipelineChannel,
-    tfrecords_uri: PipelineChannel,
-    crf: bool,
-    experiment: str,
-    registered_model: str,
-    mlflow_tracking_uri: str,
-    crf_workers: int = cluster.CRF_WORKERS,
-) -> tuple[PipelineTask, PipelineTask, PipelineTask]:
-    """Evaluate, infer + CRF, register; returns the three tasks.
-
-    ``tfrecords_uri`` is the convert step's output (the dataset's URI): each step reads the
-    split it needs in place (with the S3 Secret) instead of a copy of every shard.
-    """
-    evaluate = evaluate_model(model=model, tfrecords_uri=tfrecords_uri)
-    evaluate.set_display_name("evaluate")
-    _size(evaluate, "evaluate").set_caching_options(False)
-    _use_s3_secret(evaluate)
-    infer = infer_crf(
-        model=model, tfrecords_uri=tfrecords_uri, crf=crf, workers=crf_workers
-    ).set_display_name("infer pseudo masks + CRF")
-    _size(infer, "infer").set_caching_options(False)
-    _use_s3_secret(infer)
-    register = register_model(
-        model=model,
-        eval_metrics=evaluate.outputs["metrics"],
-        test_metrics=infer.outputs["metrics"],
-        eval_report=evaluate.outputs["report"],
-        pseudo_masks=infer.outputs["pseudo_masks"],
-        # For the sample overlays (test images and ground truth next to the pseudo masks).
-        tfrecords_uri=tfrecords_uri,
-        tracking_uri=mlflow_tracking_uri,
-        experiment=experiment,
-        model_name=registered_model,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    ).set_display_name("register in MLflow")
-    _size(register, "register").set_caching_options(False)
-    _use_s3_secret(register, for_mlflow=True)
-    _use_mlflow_secret(register)
-    return evaluate, infer, register
+def add_step(dag: Dag, step: Step) -> PipelineTask:
+    """Create ``step``'s task in the pipeline being defined, wired from ``dag``."""
+    arguments = {name: source(dag) for name, source in step.inputs.items()}
+    task = step.component(**{k: v for k, v in arguments.items() if v is not _OMIT})
+    task.set_display_name(step.label)
+    for name in step.after:
+        if name in dag.tasks:
+            task.after(dag.tasks[name])
+    if step.pod is not None:
+        step.pod(task, dag)
+    dag.tasks[step.task] = task
+    return task
