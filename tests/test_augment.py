@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from vitpcm.config import AugmentConfig, EtConfig, config_from_dict
 from vitpcm.data.augment import (
-    ColorJitter,
     TrainingViews,
     apply_color_matrix,
     chroma_matrix,
@@ -20,11 +20,11 @@ from vitpcm.data.augment import (
     random_hue,
     random_saturation,
     resize_image,
-    setting,
 )
 from vitpcm.errors import ConfigError
 
-STRONG = ColorJitter(contrast=0.5, saturation=0.5, hue=0.2, grayscale_prob=0.3)
+STRONG = AugmentConfig(contrast=0.5, saturation=0.5, hue=0.2, grayscale_prob=0.3)
+NONE = AugmentConfig(contrast=0.0, saturation=0.0, hue=0.0, grayscale_prob=0.0)
 
 
 def _image(seed: int = 0, size: int = 16) -> tf.Tensor:
@@ -47,7 +47,7 @@ def test_same_seed_same_result_other_seed_differs() -> None:
 
 
 def test_output_stays_in_pixel_range() -> None:
-    extreme = ColorJitter(contrast=3.0, saturation=3.0, hue=0.5, grayscale_prob=0.5)
+    extreme = AugmentConfig(contrast=3.0, saturation=3.0, hue=0.5, grayscale_prob=0.5)
     for i in range(8):
         out = color_jitter(_image(i), _seed(i), extreme).numpy()
         assert out.min() >= 0.0 and out.max() <= 255.0
@@ -55,8 +55,7 @@ def test_output_stays_in_pixel_range() -> None:
 
 def test_zero_strengths_are_identity() -> None:
     image = _image()
-    assert ColorJitter().is_identity
-    np.testing.assert_array_equal(color_jitter(image, _seed(1), ColorJitter()).numpy(), image)
+    np.testing.assert_array_equal(color_jitter(image, _seed(1), NONE).numpy(), image)
     for op in (random_contrast, random_saturation, random_hue, random_grayscale):
         np.testing.assert_array_equal(op(image, 0.0, _seed(1)).numpy(), image)
 
@@ -95,7 +94,7 @@ def test_colour_matrices() -> None:
 def test_fused_jitter_equals_the_ops_in_turn() -> None:
     # Mid-range pixels and mild strengths: nothing clips, so fusing changes nothing.
     image = tf.constant(np.random.default_rng(3).uniform(90, 160, (8, 8, 3)), tf.float32)
-    jitter = ColorJitter(contrast=0.2, saturation=0.2, hue=0.05, grayscale_prob=0.5)
+    jitter = AugmentConfig(contrast=0.2, saturation=0.2, hue=0.05, grayscale_prob=0.5)
     fold = tf.random.experimental.stateless_fold_in
     for i in range(6):
         seed = _seed(i)
@@ -136,29 +135,20 @@ def test_resize_image_dtype_shape_range() -> None:
     np.testing.assert_allclose(flat, 77.0)
 
 
-def test_settings_from_object_dict_or_none() -> None:
-    section = SimpleNamespace(
-        contrast=0.3, saturation=0.2, hue=0.1, grayscale_prob=0.05, flip=True, transpose=True
-    )
-    assert ColorJitter.from_settings(section) == ColorJitter(0.3, 0.2, 0.1, 0.05)
-    assert ColorJitter.from_settings({"hue": 0.1}) == ColorJitter(hue=0.1)
-    assert ColorJitter.from_settings(None).is_identity
-    assert setting({"a": None}, "a", 5) == 5
-    assert setting(section, "flip", False) is True
-
-
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"contrast": -0.1}, {"hue": 0.6}, {"grayscale_prob": 1.5}, {"saturation": -1.0}],
+    ("key", "value", "interval"),
+    [("contrast", -0.1, "[0, 1]"), ("saturation", -1.0, "[0, 1]"), ("hue", 0.6, "[0, 0.5]")],
 )
-def test_bad_strengths_are_config_errors(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ConfigError, match="data.augment"):
-        ColorJitter(**kwargs)
+def test_bad_strengths_are_refused_when_the_config_loads(
+    key: str, value: float, interval: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.augment\.{key}: must be in \{interval}"):
+        config_from_dict({"data": {"augment": {key: value}}})
 
 
 def test_training_views_are_reproducible_per_seed() -> None:
-    et = {"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5}
-    views = TrainingViews.from_settings(32, 16, {"flip": True, "hue": 0.1}, et)
+    et = EtConfig(enabled=True, view_size=16, crop_size=16, crop_prob=0.5)
+    views = TrainingViews(32, 16, replace(NONE, hue=0.1), et)
     image = tf.constant(np.random.default_rng(2).integers(0, 256, (20, 30, 3)), tf.uint8)
     first, again = views(image, _seed(1)), views(image, _seed(1))
     assert set(first) == {"image", "params1", "view2", "params2"}
@@ -166,9 +156,11 @@ def test_training_views_are_reproducible_per_seed() -> None:
     for key in first:
         np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())
     assert not np.array_equal(views(image, _seed(2))["view2"].numpy(), first["view2"].numpy())
-    no_et = TrainingViews.from_settings(32, 16, None, None)(image, _seed(1))
+    no_et = TrainingViews(32, 16)(image, _seed(1))
     assert set(no_et) == {"image", "params1"}
     np.testing.assert_array_equal(no_et["params1"].numpy()[:4], [0, 0, 0, 0])
+    disabled = TrainingViews(32, 16, None, replace(et, enabled=False))(image, _seed(1))
+    assert set(disabled) == {"image", "params1"}
 
 
 @pytest.mark.parametrize(
@@ -180,7 +172,14 @@ def test_training_views_are_reproducible_per_seed() -> None:
         ({"crop_prob": 1.5}, "crop_prob"),
     ],
 )
-def test_training_views_reject_sizes_off_the_patch_grid(et: dict, match: str) -> None:
+def test_second_view_sizes_off_the_patch_grid_are_refused_when_the_config_loads(
+    et: dict, match: str
+) -> None:
     settings = {"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5, **et}
-    with pytest.raises(ConfigError, match=match):
-        TrainingViews.from_settings(32, 16, None, settings)
+    raw = {
+        "data": {"image_size": 32, "test_size": 32},
+        "model": {"backbone": "vit_ti16"},
+        "train": {"batch_size": 4, "et": settings},
+    }
+    with pytest.raises(ConfigError, match=rf"train\.et\.{match}"):
+        config_from_dict(raw)

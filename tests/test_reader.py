@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from vitpcm.config import AugmentConfig, EtConfig
 from vitpcm.data import tfrecord
 from vitpcm.data.augment import resize_image
 from vitpcm.data.reader import dataset_from_config, make_dataset, measure_throughput
@@ -21,9 +22,9 @@ from vitpcm.model import equivariance
 
 NUM_CLASSES = 4
 SIZE = 32  # network input side: a 2x2 grid of 16 px patches
-NO_JITTER = {"flip": True, "transpose": True}
-JITTER = {**NO_JITTER, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "grayscale_prob": 0.2}
-ET = {"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5}
+NO_JITTER = AugmentConfig(contrast=0.0, saturation=0.0, hue=0.0, grayscale_prob=0.0)
+JITTER = AugmentConfig(contrast=0.4, saturation=0.4, hue=0.1, grayscale_prob=0.2)
+ET = EtConfig(enabled=True, view_size=16, crop_size=16, crop_prob=0.5)
 
 
 @dataclass
@@ -290,7 +291,7 @@ def test_views_follow_the_equivariance_geometry(tmp_path: Path) -> None:
     samples = [Sample(f"same_{i}", image, mask) for i in range(8)]
     root = write_dataset(tmp_path / "same", {"train": samples})
     canonical = resize_image(image, SIZE)
-    batches = _collect(_train(root, augment=NO_JITTER, et={**ET, "crop_prob": 0.5}, seed=3))
+    batches = _collect(_train(root, augment=NO_JITTER, et=replace(ET, crop_prob=0.5), seed=3))
     params2 = np.concatenate([b["params2"] for b in batches])
     assert params2[:, equivariance.CROP_FLAG].any() and not params2[:, equivariance.CROP_FLAG].all()
     for batch in batches:
@@ -309,7 +310,7 @@ def test_views_get_their_own_colour_jitter(tmp_path: Path) -> None:
     samples = [Sample(f"j_{i}", image, np.zeros((32, 32), np.uint8)) for i in range(4)]
     root = write_dataset(tmp_path / "jit", {"train": samples}, shards=1)
     canonical = resize_image(image, SIZE)
-    et = {**ET, "view_size": SIZE, "crop_prob": 0.0}  # uncropped same-size view 2
+    et = replace(ET, view_size=SIZE, crop_prob=0.0)  # uncropped same-size view 2
     (batch,) = _collect(_train(root, et=et))
     for i in range(4):
         plain1 = equivariance.apply_flips(canonical, batch["params1"][i]).numpy()
@@ -328,7 +329,7 @@ def test_views_get_their_own_colour_jitter(tmp_path: Path) -> None:
 
 def test_training_without_et_keeps_flip_params_only(tiny) -> None:
     root, _ = tiny
-    batches = _collect(_train(root, et={"enabled": False}, batch_size=3))
+    batches = _collect(_train(root, et=EtConfig(enabled=False), batch_size=3))
     assert len(batches) == 3
     assert set(batches[0]) == {"image", "labels", "params1"}
     no_aug = _collect(_train(root, et=None, augment=None))
@@ -379,10 +380,10 @@ def test_dataset_from_config_and_throughput(tiny) -> None:
             image_size=SIZE,
             test_split="train",
             shuffle_buffer=8,
-            augment=SimpleNamespace(**JITTER),
+            augment=JITTER,
         ),
         model=SimpleNamespace(patch_size=16),
-        train=SimpleNamespace(batch_size=4, seed=1, et=SimpleNamespace(**ET)),
+        train=SimpleNamespace(batch_size=4, seed=1, et=ET),
         eval=SimpleNamespace(batch_size=3),
     )
     train = _collect(dataset_from_config(cfg, "train", training=True))

@@ -23,6 +23,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from vitpcm import storage
+    from vitpcm.config import AugmentConfig, EtConfig
     from vitpcm.data.reader import make_dataset
     from vitpcm.errors import DataError
 
@@ -39,8 +40,8 @@ _CHILD = textwrap.dedent(
     ]
     train = make_dataset(
         uri, "train", image_size=32, batch_size=4, training=True, num_classes=4,
-        augment={"flip": True, "transpose": True, "contrast": 0.3}, seed=1,
-        et={"enabled": True, "view_size": 16, "crop_size": 16, "crop_prob": 0.5},
+        augment=AugmentConfig(contrast=0.3, saturation=0.0, hue=0.0, grayscale_prob=0.0),
+        et=EtConfig(enabled=True, view_size=16, crop_size=16, crop_prob=0.5), seed=1,
     )
     result["train_shapes"] = [
         {k: list(v.shape) for k, v in b.items()} for b in train

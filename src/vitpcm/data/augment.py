@@ -6,7 +6,8 @@ the parallelism. Images are float32 RGB in ``[0, 255]`` (the network rescales to
 ``[-1, 1]`` itself); every op clips back to that range.
 
 The paper's second view gets *its own* colour jitter: :class:`TrainingViews` draws one seed
-per view and calls :func:`color_jitter` twice on the same canonical image.
+per view and calls :func:`color_jitter` twice on the same canonical image. Strengths come
+from the ``data.augment`` config section, validated when the config is loaded.
 """
 
 from __future__ import annotations
@@ -14,68 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vitpcm.errors import ConfigError
+from vitpcm.config import AugmentConfig, EtConfig
 
 # Salts that turn one per-image seed into independent per-op seeds.
 _CONTRAST, _SATURATION, _HUE, _GRAYSCALE = 1, 2, 3, 4
 
 
-@dataclass(frozen=True)
-class ColorJitter:
-    """Strengths of the colour jitter.
-
-    Attributes:
-        contrast: contrast factor drawn from ``[max(0, 1 - contrast), 1 + contrast]``.
-        saturation: saturation factor drawn from ``[max(0, 1 - s), 1 + s]``.
-        hue: hue shift drawn from ``[-hue, hue]`` (fraction of the colour wheel, <= 0.5).
-        grayscale_prob: probability of turning the image grey (kept 3-channel).
-    """
-
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    grayscale_prob: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("contrast", "saturation", "hue", "grayscale_prob"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"data.augment.{name} must be >= 0, got {getattr(self, name)}")
-        if self.hue > 0.5:
-            raise ConfigError(
-                f"data.augment.hue must be <= 0.5 (half the colour wheel), got {self.hue}"
-            )
-        if self.grayscale_prob > 1:
-            raise ConfigError(
-                f"data.augment.grayscale_prob must be in [0, 1], got {self.grayscale_prob}"
-            )
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether the jitter leaves every image unchanged."""
-        return not (self.contrast or self.saturation or self.hue or self.grayscale_prob)
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ColorJitter:
-        """Build from ``cfg.data.augment`` (attributes), a dict, or ``None`` (no jitter)."""
-        if settings is None:
-            return cls()
-        return cls(
-            contrast=float(setting(settings, "contrast", 0.0)),
-            saturation=float(setting(settings, "saturation", 0.0)),
-            hue=float(setting(settings, "hue", 0.0)),
-            grayscale_prob=float(setting(settings, "grayscale_prob", 0.0)),
-        )
-
-
-def setting(settings: Any, name: str, default: Any = None) -> Any:
-    """Read ``name`` from a config section given as a dataclass/object or a mapping."""
-    if settings is None:
-        return default
-    if isinstance(settings, dict):
-        value = settings.get(name, default)
-    else:
-        value = getattr(settings, name, default)
-    return default if value is None else value
+# What ``augment=None`` means: the image as it is, only resized.
+_NO_AUGMENT = AugmentConfig(
+    contrast=0.0, saturation=0.0, hue=0.0, grayscale_prob=0.0, flip=False, transpose=False
+)
 
 
 def resize_image(image: Any, size: int | tuple[int, int]) -> Any:
@@ -218,7 +167,7 @@ def random_grayscale(image: Any, prob: float, seed: Any) -> Any:
     return tf.where(_take_grayscale(prob, seed), gray, image)
 
 
-def color_jitter(image: Any, seed: Any, jitter: ColorJitter) -> Any:
+def color_jitter(image: Any, seed: Any, jitter: AugmentConfig) -> Any:
     """Apply contrast, then saturation, hue and occasional grayscale, each with its own seed.
 
     All four are fused into one affine colour map (one pass over the pixels); the result
@@ -228,14 +177,15 @@ def color_jitter(image: Any, seed: Any, jitter: ColorJitter) -> Any:
     Args:
         image: float32 (H, W, 3) image in ``[0, 255]``.
         seed: int32/int64 tensor of shape ``[2]``; the same seed gives the same result.
-        jitter: strengths; zero strengths skip their op entirely.
+        jitter: the ``data.augment`` section; zero strengths skip their op entirely
+            (``flip`` and ``transpose`` are not colour ops and are ignored here).
 
     Returns:
         The jittered float32 image, clipped to ``[0, 255]``.
     """
     import tensorflow as tf
 
-    if jitter.is_identity:
+    if not (jitter.contrast or jitter.saturation or jitter.hue or jitter.grayscale_prob):
         return image
     matrix = tf.eye(3)
     if jitter.saturation or jitter.hue:
@@ -267,59 +217,28 @@ class TrainingViews:
 
     The image is resized to the canonical ``image_size`` square. View 1 is that image with
     its own colour jitter and flips/transpose (never cropped); with ET on, view 2 gets a
-    different jitter, its own flips/transpose and, with probability ``crop_prob``, a
-    patch-aligned crop, and is resized to ``view_size`` (see
+    different jitter, its own flips/transpose and, with probability ``et.crop_prob``, a
+    patch-aligned crop, and is resized to ``et.view_size`` (see
     :func:`vitpcm.model.equivariance.make_second_view`). Each view's geometry is returned as
     its ViewParams so the loss can map view 1's prediction onto view 2.
+
+    Attributes:
+        image_size: side of the canonical image, a multiple of ``patch_size``.
+        patch_size: ViT patch side; crops and flips keep to its grid.
+        augment: the ``data.augment`` section; ``None`` for no jitter, flip or transpose.
+        et: the resolved ``train.et`` section; ``None`` (or ``enabled: false``) for no
+            second view.
     """
 
     image_size: int
     patch_size: int
-    jitter: ColorJitter
-    allow_flip: bool
-    allow_transpose: bool
-    et_enabled: bool
-    view_size: int
-    crop_cells: int
-    crop_prob: float
+    augment: AugmentConfig | None = None
+    et: EtConfig | None = None
 
-    @classmethod
-    def from_settings(
-        cls, image_size: int, patch_size: int, augment: Any = None, et: Any = None
-    ) -> TrainingViews:
-        """Build from ``cfg.data.augment`` and ``cfg.train.et`` (objects, dicts or ``None``).
-
-        Raises:
-            ConfigError: a view or crop size that does not fit the patch grid.
-        """
-        et_enabled = bool(setting(et, "enabled", False))
-        view_size = int(setting(et, "view_size", image_size // 2))
-        crop_size = int(setting(et, "crop_size", min(128, image_size)))
-        crop_prob = float(setting(et, "crop_prob", 0.0))
-        if et_enabled:
-            if view_size <= 0 or view_size % patch_size:
-                raise ConfigError(
-                    f"train.et.view_size={view_size} must be a positive multiple of the patch "
-                    f"size {patch_size}"
-                )
-            if crop_size % patch_size or not patch_size <= crop_size <= image_size:
-                raise ConfigError(
-                    f"train.et.crop_size={crop_size} must be a multiple of the patch size "
-                    f"{patch_size} between {patch_size} and data.image_size={image_size}"
-                )
-            if not 0.0 <= crop_prob <= 1.0:
-                raise ConfigError(f"train.et.crop_prob must be in [0, 1], got {crop_prob}")
-        return cls(
-            image_size=image_size,
-            patch_size=patch_size,
-            jitter=ColorJitter.from_settings(augment),
-            allow_flip=bool(setting(augment, "flip", False)),
-            allow_transpose=bool(setting(augment, "transpose", False)),
-            et_enabled=et_enabled,
-            view_size=view_size,
-            crop_cells=max(1, crop_size // patch_size),
-            crop_prob=crop_prob,
-        )
+    @property
+    def et_enabled(self) -> bool:
+        """Whether a second view is made."""
+        return self.et is not None and self.et.enabled
 
     def __call__(self, image: Any, seed: Any) -> dict[str, Any]:
         """Views of one (H, W, 3) image of any dtype, reproducible per ``seed`` (shape [2]).
@@ -332,31 +251,26 @@ class TrainingViews:
 
         from vitpcm.model import equivariance
 
+        aug = self.augment or _NO_AUGMENT
         grid = self.image_size // self.patch_size
         keys = tf.random.experimental.stateless_split(seed, num=4)
         canonical = resize_image(image, self.image_size)
+        crop_cells = max(1, self.et.crop_size // self.patch_size) if self.et_enabled else 1
         params1 = equivariance.sample_view_params(
-            keys[0], grid, self.crop_cells, 0.0, self.allow_flip, self.allow_transpose
+            keys[0], grid, crop_cells, 0.0, aug.flip, aug.transpose
         )
-        view1 = equivariance.apply_flips(color_jitter(canonical, keys[1], self.jitter), params1)
+        view1 = equivariance.apply_flips(color_jitter(canonical, keys[1], aug), params1)
         view1.set_shape([self.image_size, self.image_size, 3])
         out = {"image": view1, "params1": params1}
         if self.et_enabled:
+            et = self.et
             params2 = equivariance.sample_view_params(
-                keys[2],
-                grid,
-                self.crop_cells,
-                self.crop_prob,
-                self.allow_flip,
-                self.allow_transpose,
+                keys[2], grid, crop_cells, et.crop_prob, aug.flip, aug.transpose
             )
             view2 = equivariance.make_second_view(
-                color_jitter(canonical, keys[3], self.jitter),
-                params2,
-                self.patch_size,
-                self.view_size,
+                color_jitter(canonical, keys[3], aug), params2, self.patch_size, et.view_size
             )
-            view2.set_shape([self.view_size, self.view_size, 3])
+            view2.set_shape([et.view_size, et.view_size, 3])
             out["view2"] = view2
             out["params2"] = params2
         return out

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitpcm import storage
+from vitpcm.config import AugmentConfig, DataConfig, EtConfig
 from vitpcm.data import tfrecord
-from vitpcm.data.augment import TrainingViews, resize_image, setting
+from vitpcm.data.augment import TrainingViews, resize_image
 from vitpcm.errors import ConfigError, DataError
 
 IGNORE_LABEL = 255
-DEFAULT_SHUFFLE_BUFFER = 2048
 # Shards read at once while training; more only adds memory once I/O is saturated.
 _MAX_CYCLE = 16
 # Larger reads amortise S3 request latency; harmless locally.
@@ -205,11 +205,11 @@ def make_dataset(
     batch_size: int,
     training: bool,
     num_classes: int,
-    augment: Any = None,
-    et: Any = None,
+    augment: AugmentConfig | None = None,
+    et: EtConfig | None = None,
     patch_size: int = 16,
     seed: int | None = None,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    shuffle_buffer: int = DataConfig.shuffle_buffer,
     with_label: bool | None = True,
     include_original: bool = False,
     drop_remainder: bool | None = None,
@@ -223,10 +223,8 @@ def make_dataset(
         batch_size: images per batch.
         training: shuffled, augmented views (True) or every sample once, in order (False).
         num_classes: K; must match ``dataset.json``.
-        augment: ``cfg.data.augment`` or a dict (contrast, saturation, hue, grayscale_prob,
-            flip, transpose); ``None`` means no augmentation.
-        et: ``cfg.train.et`` or a dict (enabled, view_size, crop_size, crop_prob); ``None``
-            disables the second view.
+        augment: the ``data.augment`` config section; ``None`` means no augmentation.
+        et: the resolved ``train.et`` config section; ``None`` disables the second view.
         patch_size: ViT patch side in pixels (views are built on its grid).
         seed: makes the pipeline reproducible; ``None`` draws fresh randomness.
         shuffle_buffer: records held by the training shuffle.
@@ -253,7 +251,7 @@ def make_dataset(
             f"cannot train on split {split!r} without labels: training needs the masks' "
             "image-level labels; pick a split with masks (train, trainaug)"
         )
-    views = TrainingViews.from_settings(image_size, patch_size, augment, et) if training else None
+    views = TrainingViews(image_size, patch_size, augment, et) if training else None
     if views is not None and views.et_enabled and batch_size % 4:
         raise ConfigError(
             f"batch size {batch_size} is not a multiple of 4, which the equivariance "
@@ -361,7 +359,7 @@ def dataset_from_config(
     if batch_size is None:
         batch_size = cfg.train.batch_size if training else cfg.eval.batch_size
     if seed is None and training:
-        seed = setting(cfg.train, "seed", None)
+        seed = cfg.train.seed
     return make_dataset(
         uri,
         split,
@@ -369,11 +367,11 @@ def dataset_from_config(
         batch_size=batch_size,
         training=training,
         num_classes=data.num_classes,
-        augment=setting(data, "augment", None),
-        et=setting(cfg.train, "et", None),
+        augment=data.augment,
+        et=cfg.train.et,
         patch_size=cfg.model.patch_size,
         seed=seed,
-        shuffle_buffer=setting(data, "shuffle_buffer", DEFAULT_SHUFFLE_BUFFER),
+        shuffle_buffer=data.shuffle_buffer,
         with_label=with_label,
         include_original=include_original,
     )
