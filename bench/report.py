@@ -308,7 +308,7 @@ def render(figures: dict[str, dict[str, Any]], json_dir: Path | None = None) -> 
 NOTES = [
     "## How the figures are taken",
     "",
-    "- **Train step**: `vitpcm train`'s own step (`_TrainingLoop`, fine-tuning phase: the "
+    "- **Train step**: `vitpcm train`'s own step (`TrainingLoop`, fine-tuning phase: the "
     "last 5 of 12 blocks, the final LayerNorm, the HV-BiLSTM and the classifier train; "
     "ET loss on) on one in-memory batch of 4, with the earlier S/16 dropout settings "
     "(no backbone dropout, 0.1 head dropout) so both steps run one model config. *One pass* "

@@ -3,7 +3,7 @@
 Run: ``python bench/train_step.py [--model vit_s16] [--size 384] [--batch 4] [--json PATH]``
 (``--device gpu`` switches the defaults to ViT-B/16, batch 16, bfloat16 and XLA).
 
-The step is the real one: :class:`vitpcm.train._TrainingLoop` builds the model, the
+The step is the real one: :class:`vitpcm.training_loop.TrainingLoop` builds the model, the
 optimizers and the distributed ``tf.function`` exactly as ``vitpcm train`` does, in the
 fine-tuning phase (the last ``train.unfreeze_blocks`` blocks, the final LayerNorm, the
 HV-BiLSTM and the classifier learn), with the ET loss, on one synthetic in-memory batch.
@@ -163,7 +163,7 @@ def build_step(cfg: Any) -> tuple[Any, Any]:
     import tensorflow as tf
 
     from vitpcm.distribute import make_strategy
-    from vitpcm.train import _TrainingLoop, schedule
+    from vitpcm.training_loop import TrainingLoop, schedule
 
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
@@ -171,7 +171,7 @@ def build_step(cfg: Any) -> tuple[Any, Any]:
     )
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = make_strategy()
-    loop = _TrainingLoop(cfg, strategy, cfg.data.num_classes, cfg.train.batch_size)
+    loop = TrainingLoop(cfg, strategy, cfg.data.num_classes, cfg.train.batch_size)
     loop.enter_phase(schedule(cfg)[-1])
     return loop._step_fn, loop
 

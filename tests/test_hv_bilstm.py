@@ -123,13 +123,13 @@ def test_xla_train_step_follows_the_graph_one() -> None:
 
     from helpers.tiny import tiny_config
     from vitpcm.distribute import make_strategy
-    from vitpcm.train import _TrainingLoop, schedule
+    from vitpcm.training_loop import TrainingLoop, schedule
 
     losses = {}
     for jit in (False, True):
         cfg = tiny_config("model.dropout=0.0", f"train.jit_compile={jit}")
         keras.utils.set_random_seed(0)
-        loop = _TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
+        loop = TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
         loop.enter_phase(schedule(cfg)[-1])
         batch = _tiny_batch(cfg, cfg.train.batch_size)
         losses[jit] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]

@@ -14,19 +14,19 @@ import keras
 import numpy as np
 
 from helpers.tiny import tiny_config
-from vitpcm.train import LoopState, _model_signature, _TrainingLoop
+from vitpcm.training_loop import LoopState, TrainingLoop, model_signature
 
 
-def _loop(seed: int) -> tuple[_TrainingLoop, dict]:
+def _loop(seed: int) -> tuple[TrainingLoop, dict]:
     from vitpcm.distribute import make_strategy
 
     cfg = tiny_config()
     keras.utils.set_random_seed(seed)
-    loop = _TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
-    return loop, _model_signature(cfg, cfg.data.num_classes)
+    loop = TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
+    return loop, model_signature(cfg, cfg.data.num_classes)
 
 
-def _weights(loop: _TrainingLoop) -> list[np.ndarray]:
+def _weights(loop: TrainingLoop) -> list[np.ndarray]:
     return [v.numpy() for v in loop.model.weights]
 
 

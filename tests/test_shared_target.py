@@ -103,13 +103,13 @@ def test_target_is_the_dropout_free_pass_with_dropout_on(
 def test_train_step_setting_switches_between_the_two_paths() -> None:
     """What ``vitpcm train`` runs: without dropout, ``train.fused_step`` changes no loss."""
     from vitpcm.distribute import make_strategy
-    from vitpcm.train import _TrainingLoop, schedule
+    from vitpcm.training_loop import TrainingLoop, schedule
 
     losses = {}
     for fused in (False, True):
         cfg = tiny_config("model.dropout=0.0", f"train.fused_step={fused}")
         keras.utils.set_random_seed(0)
-        loop = _TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
+        loop = TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
         loop.enter_phase(schedule(cfg)[-1])
         batch = _batch(cfg, cfg.train.batch_size)
         losses[fused] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]

@@ -14,7 +14,8 @@ import pytest
 
 from helpers.tiny import TINY_OVERRIDES, make_tiny_dataset, tiny_config
 from vitpcm.errors import ConfigError, DataError
-from vitpcm.train import schedule, train
+from vitpcm.train import train
+from vitpcm.training_loop import schedule
 
 
 @pytest.fixture(scope="module")
