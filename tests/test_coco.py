@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from vitpcm.data.coco import CocoMasks
+from vitpcm.data.sources.coco14 import CocoMasks
 from vitpcm.errors import BadSampleError, DataError
 
 # Categories deliberately listed out of id order, with non-contiguous ids.

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitpcm.data import convert, shards, tfrecord
-from vitpcm.data.convert import convert_dataset, read_dataset_info
+from vitpcm.data import shards, tfrecord
+from vitpcm.data.convert import convert_dataset
 from vitpcm.data.imageinfo import image_info
 from vitpcm.data.labels import encode_palette_png
+from vitpcm.data.manifest import read_dataset_info
 from vitpcm.errors import BadSampleError, DataError
 
 # id -> (height, width); "c" is stored as a PNG image, "f" only has an SBD (Aug) mask.
@@ -312,7 +313,7 @@ def test_s3_output_without_credentials_fails_before_any_work(
     from vitpcm.errors import StorageError
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
-    monkeypatch.setattr(convert, "encode_sample", pytest.fail)
+    monkeypatch.setattr(shards, "encode_sample", pytest.fail)
     with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID"):
         convert_dataset("voc12", voc, "s3://bucket/out", workers=1, progress=False)
 
@@ -376,7 +377,7 @@ def make_coco(root: Path) -> Path:
 
 
 def test_coco_masks_round_trip_through_worker_processes(tmp_path: Path) -> None:
-    from vitpcm.data.coco import CocoMasks
+    from vitpcm.data.sources.coco14 import CocoMasks
 
     coco = make_coco(tmp_path / "src")
     out = tmp_path / "records"

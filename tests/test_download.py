@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from vitpcm.data.download import MARKER_NAME, download_dataset, fetch, normalise_id_list
+from vitpcm.data.download import MARKER_NAME, download_dataset, fetch
+from vitpcm.data.sources.voc12 import normalise_id_list
 from vitpcm.errors import (
     ArchiveError,
     ChecksumError,

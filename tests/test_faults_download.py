@@ -27,8 +27,9 @@ import requests
 
 from vitpcm.cli import main
 from vitpcm.data.archives import UnpackLimits, extract_archive
-from vitpcm.data.download import DATASET_FILES, MARKER_NAME, download_dataset
+from vitpcm.data.download import MARKER_NAME, download_dataset
 from vitpcm.data.http_fetch import fetch, origin_path, parse_checksum
+from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ArchiveError, ConfigError, DownloadError
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def test_default_limits_pass_the_official_archives() -> None:
     # uncompressed tars, about 3.3 for COCO's annotations (0.25 GB -> 0.8 GB).
     limits = UnpackLimits()
     unpacked = {"annotations_trainval2014.zip": 830_000_000}
-    for spec in (f for files in DATASET_FILES.values() for f in files):
+    for spec in (f for name in dataset_names() for f in get_source(name).files):
         if spec.size is not None:
             need = unpacked.get(spec.name, int(spec.size * 1.05))
             assert limits.budget(spec.size) >= need, spec.name
@@ -182,7 +183,7 @@ def test_default_limits_pass_the_official_archives() -> None:
 
 
 def test_every_archive_with_a_published_checksum_has_one() -> None:
-    table = {f.name: f for files in DATASET_FILES.values() for f in files}
+    table = {f.name: f for name in dataset_names() for f in get_source(name).files}
     published = {
         # tensorflow_datasets/url_checksums/voc.txt and coco.txt
         TRAINVAL: ("e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb", 1999639040),

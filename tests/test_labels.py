@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitpcm.data import labels
 from vitpcm.data.labels import (
-    VOC_CLASSES,
     check_label_values,
     decode_label_png,
     encode_palette_png,
     image_labels_from_mask,
     voc_palette,
 )
+from vitpcm.data.sources.voc12 import VOC_CLASSES
 from vitpcm.errors import BadSampleError
 
 
@@ -148,9 +147,3 @@ def test_image_labels_from_mask():
     np.testing.assert_array_equal(
         image_labels_from_mask(np.full((2, 2), 2, np.uint8), 3), [0.0, 0.0, 1.0]
     )
-
-
-def test_coco_masks_reexported():
-    from vitpcm.data.coco import CocoMasks
-
-    assert labels.CocoMasks is CocoMasks

@@ -72,13 +72,14 @@ def _data_download(args: argparse.Namespace) -> int:
     from vitpcm import outputs
     from vitpcm.data.archives import UnpackLimits
     from vitpcm.data.download import download_dataset
-    from vitpcm.data.sources import DATASET_FILES
+    from vitpcm.data.sources import get_source
     from vitpcm.errors import ConfigError
 
     checksums = dict(args.checksum)
-    unknown = sorted(set(checksums) - {f.name for f in DATASET_FILES[args.dataset]})
+    files = get_source(args.dataset).files
+    unknown = sorted(set(checksums) - {f.name for f in files})
     if unknown:
-        names = ", ".join(f.name for f in DATASET_FILES[args.dataset])
+        names = ", ".join(f.name for f in files)
         raise ConfigError(
             f"--checksum names no file of {args.dataset}: {unknown}; its files: {names}"
         )

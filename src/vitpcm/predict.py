@@ -60,7 +60,7 @@ COCO_CLASSES: tuple[str, ...] = (
 
 def default_class_names(num_classes: int, dataset: str | None = None) -> list[str]:
     """Class names of a model: the synthetic, VOC (21) or COCO (81) names, else ``class_<i>``."""
-    from vitpcm.data.labels import VOC_CLASSES
+    from vitpcm.data.sources.voc12 import VOC_CLASSES
     from vitpcm.data.synth import SYNTH_CLASSES
 
     known = (SYNTH_CLASSES,) if dataset == "synthetic" else ()

@@ -148,7 +148,7 @@ def config_for_data(data_uri: str) -> str:
         DataError: No readable ``dataset.json`` there.
         ConfigError: A dataset this project has no config for.
     """
-    from vitpcm.data.convert import read_dataset_info
+    from vitpcm.data.manifest import read_dataset_info
 
     return config_for(dataset_of(read_dataset_info(data_uri)))
 
@@ -162,7 +162,7 @@ def check_data(cfg: Config, data_uri: str | None, config_name: str = "") -> None
     Raises:
         ConfigError: The config does not fit that dataset.
     """
-    from vitpcm.data.convert import read_dataset_info
+    from vitpcm.data.manifest import read_dataset_info
     from vitpcm.errors import DataError
 
     if not data_uri:

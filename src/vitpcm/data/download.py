@@ -1,14 +1,6 @@
-"""Download and unpack PASCAL VOC 2012 (+ SBD trainaug) and COCO 2014.
+"""Download a dataset's official files and install them into its layout.
 
-``download_dataset("voc12", out)`` leaves::
-
-    <out>/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug,
-                             ImageSets/Segmentation/{train,val,trainval,test,trainaug}.txt}
-
-and ``download_dataset("coco14", out)``::
-
-    <out>/coco2014/{train2014/, val2014/, annotations/instances_{train,val}2014.json}
-
+What to fetch and where it goes is the dataset source's (:mod:`vitpcm.data.sources`).
 Archives are kept in ``<out>/downloads/``. Each one is streamed to ``<name>.part`` (resumed
 only from the same file on the same server, see :mod:`vitpcm.data.http_fetch`), retried with
 exponential backoff, checked against its published size and checksum and only then renamed
@@ -23,16 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import re
-import shutil
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import requests
 
-from vitpcm.data.archives import UnpackLimits, extract_archive, staging_dir, unpack
+from vitpcm.data.archives import UnpackLimits
 from vitpcm.data.http_fetch import (
     DEFAULT_TIMEOUT_S,
     commit_part,
@@ -41,7 +30,8 @@ from vitpcm.data.http_fetch import (
     file_digest,
     parse_checksum,
 )
-from vitpcm.data.sources import DATASET_FILES, DatasetFile
+from vitpcm.data.sources import DatasetFile, DatasetSource, get_source
+from vitpcm.data.sources.base import write_text_atomic
 from vitpcm.errors import (
     ArchiveError,
     ChecksumError,
@@ -50,13 +40,12 @@ from vitpcm.errors import (
     StorageError,
 )
 
-__all__ = ["DATASET_FILES", "DOWNLOADS_DIR", "MARKER_NAME", "download_dataset", "fetch"]
+__all__ = ["DOWNLOADS_DIR", "MARKER_NAME", "download_dataset", "fetch"]
 
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".vitpcm-download.json"
 DOWNLOADS_DIR = "downloads"
-_IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
 def download_dataset(
@@ -75,7 +64,7 @@ def download_dataset(
     """Fetch and unpack a dataset into the standard layout; safe to run again.
 
     Args:
-        dataset: ``voc12`` or ``coco14``.
+        dataset: A registered dataset name (:func:`vitpcm.data.sources.dataset_names`).
         out: Local folder to download and unpack into (created if missing).
         mirror: Base URL; every file is then fetched as ``<mirror>/<official name>``.
         skip_checksum: Warn instead of failing when a file does not match its published
@@ -92,7 +81,7 @@ def download_dataset(
         limits: What each archive may unpack to (default :class:`UnpackLimits`()).
 
     Returns:
-        ``out``, the folder holding ``VOCdevkit/`` or ``coco2014/``.
+        ``out``, the folder holding the dataset's layout.
 
     Raises:
         DownloadError: A file could not be fetched (404 and other HTTP errors name the URL),
@@ -102,13 +91,16 @@ def download_dataset(
             content (it is not recorded as downloaded).
         ConfigError: Unknown dataset or file name, unreadable checksum.
     """
-    if dataset not in DATASET_FILES:
-        raise ConfigError(f"unknown dataset {dataset!r}: choose one of {sorted(DATASET_FILES)}")
+    source = get_source(dataset)
     if "://" in str(out):
         raise StorageError(f"download --out must be a local folder, not {out}")
     if timeout <= 0:
         raise ConfigError(f"timeout must be positive, got {timeout}")
-    files = DATASET_FILES[dataset]
+    files = source.files
+    if not files:
+        raise ConfigError(
+            f"{dataset} has no files to download (it is generated: vitpcm data synth)"
+        )
     known = {f.name for f in files}
     for label, overrides in (("checksums", checksums), ("urls", urls)):
         unknown = sorted(set(overrides or {}) - known)
@@ -152,7 +144,7 @@ def download_dataset(
             )
             _save_marker(root, marker)
             try:
-                _install(spec, path, root, progress, limits)
+                _install(source, spec, path, root, progress, limits)
             except (ArchiveError, DataError) as err:
                 _forget_failed(root, marker, spec.name, path, err)
             state["installed"] = True
@@ -272,82 +264,21 @@ def _ensure_downloaded(
 
 
 def _install(
-    spec: DatasetFile, path: Path, root: Path, progress: bool, limits: UnpackLimits | None
+    source: DatasetSource,
+    spec: DatasetFile,
+    path: Path,
+    root: Path,
+    progress: bool,
+    limits: UnpackLimits | None,
 ) -> None:
     """Put one downloaded file's content into the layout and check it is there."""
-    if spec.install == "merge":
-        extract_archive(path, root / spec.dest, progress=progress, limits=limits)
-    elif spec.install == "sbd":
-        _install_sbd(path, root / spec.dest, progress, limits)
-    elif spec.install == "trainaug":
-        ids = normalise_id_list(path.read_bytes(), path)
-        _write_text_atomic(root / spec.dest / "trainaug.txt", "\n".join(ids) + "\n")
-    else:  # pragma: no cover - the table is fixed
-        raise ValueError(f"unknown install kind {spec.install!r}")
+    source.install(spec, path, root, progress, limits)
     missing = [p for p in spec.provides if not (root / p).exists()]
     if missing:
         raise ArchiveError(
             f"{path} was unpacked but {', '.join(missing)} is missing under {root}: is it the "
             "right file? (try --mirror)"
         )
-
-
-def _install_sbd(archive: Path, voc_dir: Path, progress: bool, limits: UnpackLimits | None) -> None:
-    """Move the zip's ``SegmentationClassAug/`` folder to ``VOC2012/SegmentationClassAug``."""
-    with staging_dir(voc_dir, "sbd") as staging:
-        unpack(archive, staging, progress=progress, limits=limits)
-        candidates = [staging / "SegmentationClassAug"]
-        candidates += sorted(staging.glob("*/SegmentationClassAug"))
-        found = next((c for c in candidates if c.is_dir()), None)
-        if found is None:
-            raise ArchiveError(
-                f"{archive} has no SegmentationClassAug/ folder: is it the right file? (try "
-                "--mirror)"
-            )
-        target = voc_dir / "SegmentationClassAug"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(found, target)
-
-
-def normalise_id_list(data: bytes, source: str | Path) -> list[str]:
-    """Image ids from a trainaug-style list, in order, without duplicates.
-
-    Accepts plain ids (``2007_000032``) and the DeepLab pair format
-    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``).
-
-    Raises:
-        DataError: Naming the line, when a line is neither (e.g. an HTML page was served).
-    """
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source} is not a text list of image ids: {err}") from err
-    ids: list[str] = []
-    seen: set[str] = set()
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        stem = PurePosixPath(line.split()[0].replace("\\", "/")).stem
-        if not _IMAGE_ID.fullmatch(stem):
-            raise DataError(
-                f"{source} line {lineno} is neither an image id nor a '/JPEGImages/<id>.jpg "
-                f"...' pair: {line[:80]!r}; is it the right file?"
-            )
-        if stem not in seen:
-            seen.add(stem)
-            ids.append(stem)
-    if not ids:
-        raise DataError(f"{source} lists no image ids: is it the right file?")
-    return ids
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- marker ---------------------------------------------------------------------------------
@@ -370,6 +301,6 @@ def _load_marker(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _save_marker(root: Path, files: dict[str, dict[str, Any]]) -> None:
-    _write_text_atomic(
+    write_text_atomic(
         root / MARKER_NAME, json.dumps({"format": 1, "files": files}, indent=2, sort_keys=True)
     )

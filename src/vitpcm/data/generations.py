@@ -50,7 +50,7 @@ def open_generation(out: str, generation: str) -> Iterator[str]:
 
 def _read_existing_info(out: str) -> dict[str, Any] | None:
     """The committed ``dataset.json`` of ``out``, or None (none yet, or unreadable)."""
-    from vitpcm.data.convert import read_dataset_info
+    from vitpcm.data.manifest import read_dataset_info
 
     try:
         return read_dataset_info(out)

@@ -5,26 +5,18 @@ labels (0-20, 255 = object boundary / ignore); the colours are only for viewing,
 decoder must never read the RGB values. SBD's ``SegmentationClassAug`` masks are plain
 single-channel (``L``) PNGs holding the same values. Anything else (an RGB rendering of a
 mask, a JPEG) would silently produce wrong labels, so it is refused.
-
-COCO instance masks live in :mod:`vitpcm.data.coco`; :class:`CocoMasks` is re-exported here.
 """
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitpcm.errors import BadSampleError
 
-if TYPE_CHECKING:
-    from vitpcm.data.coco import CocoMasks
-
 __all__ = [
     "IGNORE_LABEL",
-    "VOC_CLASSES",
-    "CocoMasks",
     "check_label_values",
     "decode_label_png",
     "encode_palette_png",
@@ -34,31 +26,6 @@ __all__ = [
 
 IGNORE_LABEL = 255
 """Label value excluded from training targets and from every metric."""
-
-VOC_CLASSES: tuple[str, ...] = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
-"""The 21 PASCAL VOC 2012 segmentation classes in label order, background first."""
 
 
 def voc_palette() -> np.ndarray:
@@ -170,12 +137,3 @@ def image_labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """
     counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
     return (counts[:num_classes] > 0).astype(np.float32)
-
-
-def __getattr__(name: str) -> Any:
-    # Imported lazily so parsing VOC labels never pays for pycocotools.
-    if name == "CocoMasks":
-        from vitpcm.data.coco import CocoMasks
-
-        return CocoMasks
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

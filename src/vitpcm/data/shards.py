@@ -18,16 +18,8 @@ from typing import Any
 
 from vitpcm.data import tfrecord
 from vitpcm.data.imageinfo import image_info, palette_png_as_grey
+from vitpcm.data.sources.base import MaskDecoder, Sample, read_sample_file
 from vitpcm.errors import BadSampleError
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image to convert; ``mask`` is a label PNG path, ``coco_id`` an annotated image."""
-
-    image: str
-    mask: str | None = None
-    coco_id: int | None = None
 
 
 @dataclass
@@ -41,7 +33,7 @@ class ShardTask:
     path: str
     num_classes: int
     skip_bad: bool
-    coco_json: str | None = None
+    masks: MaskDecoder | None = None  # None: the split has no masks
 
 
 @dataclass
@@ -54,16 +46,6 @@ class ShardResult:
 
 
 # --- one sample, one shard (run in worker processes) ----------------------------------------
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise BadSampleError(path, "listed in the split but missing; restore the file") from None
-    except OSError as exc:
-        raise BadSampleError(path, f"cannot be read ({exc})") from exc
 
 
 def _grey_png(label: Any) -> bytes:
@@ -103,7 +85,7 @@ def _stored_mask(mask_bytes: bytes | None, label: Any, where: str) -> bytes:
     return palette_png_as_grey(mask_bytes) or _grey_png(label)
 
 
-def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
+def encode_sample(sample: Sample, num_classes: int, masks: MaskDecoder | None = None) -> bytes:
     """Check one sample and serialize it as a ``tf.train.Example``.
 
     Raises:
@@ -111,18 +93,12 @@ def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
             values outside ``0..K-1`` and 255. (Whether TensorFlow decodes the image is
             checked on the written shard: :mod:`vitpcm.data.verify`.)
     """
-    from vitpcm.data.labels import decode_label_png
-
-    image = _read_file(sample.image)
+    image = read_sample_file(sample.image)
     info = image_info(image, sample.image)
     label_png = None
-    if sample.mask is not None or sample.coco_id is not None:
-        if sample.coco_id is not None:
-            where, mask_bytes = f"{sample.image} (annotations)", None
-            label = coco.mask(sample.coco_id)
-        else:
-            where, mask_bytes = sample.mask, _read_file(sample.mask)
-            label = decode_label_png(mask_bytes, where)
+    if masks is not None:
+        where = masks.name(sample)
+        label, mask_bytes = masks.decode(sample)
         if label.shape != (info.height, info.width):
             raise BadSampleError(
                 where,
@@ -144,18 +120,13 @@ def encode_sample(sample: Sample, num_classes: int, coco: Any = None) -> bytes:
 
 def write_shard(task: ShardTask, report: Callable[[int], None] | None = None) -> ShardResult:
     """Write one shard file in list order; stop at the first bad sample unless skipping."""
-    coco = None
-    if task.coco_json is not None:
-        from vitpcm.data.coco import CocoMasks
-
-        coco = CocoMasks(task.coco_json)
     result = ShardResult()
     with open(task.path, "wb") as out:
         for sample in task.samples:
             if _stop_requested():
                 return result
             try:
-                record = encode_sample(sample, task.num_classes, coco)
+                record = encode_sample(sample, task.num_classes, task.masks)
             except BadSampleError as exc:
                 if not task.skip_bad:
                     result.error = (exc.path, exc.reason)

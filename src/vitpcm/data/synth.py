@@ -63,10 +63,8 @@ import numpy as np
 
 from vitpcm import outputs, storage
 from vitpcm.data.labels import encode_palette_png
+from vitpcm.data.sources.synthetic import SYNTH_CLASSES
 from vitpcm.errors import DataError
-
-SYNTH_CLASSES: tuple[str, ...] = ("background", "disc", "triangle", "square", "ring", "star")
-"""Class names by label index."""
 
 MARKER = "synth.json"
 """File at the output root that marks a folder as written by :func:`make_synthetic`."""

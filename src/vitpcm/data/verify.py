@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from vitpcm.data import tfrecord
-from vitpcm.data.shards import Sample, ShardResult
+from vitpcm.data.shards import ShardResult, ShardTask
 from vitpcm.errors import BadSampleError
 
 log = logging.getLogger(__name__)
 
 
-def verify_shard(path: str, samples: Sequence[Sample], result: ShardResult, skip_bad: bool) -> None:
-    """Decode every record of the shard at ``path`` as training will.
+def verify_shard(task: ShardTask, result: ShardResult) -> None:
+    """Decode every record of the shard ``task`` wrote as training will.
 
     Args:
-        path: The written shard file (local).
-        samples: The samples the shard was written from (to name a bad file).
+        task: The written shard (local ``path``, its samples to name a bad file, and
+            ``skip_bad``: skip bad records instead of failing).
         result: The shard's result; with ``skip_bad`` the records TensorFlow cannot decode
             are removed from the shard and moved to ``result.skipped``.
-        skip_bad: Skip bad records instead of failing.
 
     Raises:
         BadSampleError: A record's image or mask cannot be decoded (without ``skip_bad``).
@@ -41,7 +39,7 @@ def verify_shard(path: str, samples: Sequence[Sample], result: ShardResult, skip
 
     from vitpcm.data.reader import _decode
 
-    with_label = any(s.mask is not None or s.coco_id is not None for s in samples)
+    path, with_label = task.path, task.masks is not None
     records = tf.data.TFRecordDataset(path).map(
         lambda record: _decode(record, with_label, 1)["height"],
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -59,8 +57,8 @@ def verify_shard(path: str, samples: Sequence[Sample], result: ShardResult, skip
         if failure is None:
             keep.append(record)
             continue
-        where, reason = _name(record, failure[0], samples), failure[1]
-        if not skip_bad:
+        where, reason = _name(record, failure[0], task), failure[1]
+        if not task.skip_bad:
             raise BadSampleError(where, reason)
         result.skipped.append((where, reason))
         result.written -= 1
@@ -91,12 +89,12 @@ def _decode_failure(record: bytes, with_label: bool, tf: Any) -> tuple[str, str]
     return None
 
 
-def _name(record: bytes, which: str, samples: Sequence[Sample]) -> str:
+def _name(record: bytes, which: str, task: ShardTask) -> str:
     """The source file behind a record's image or mask."""
     name = tfrecord.decode_example(record)[tfrecord.IMAGE_FILENAME].decode("utf-8")
-    for sample in samples:
+    for sample in task.samples:
         if os.path.basename(sample.image) == name:
-            if which == "image":
+            if which == "image" or task.masks is None:
                 return sample.image
-            return sample.mask or f"{sample.image} (annotations)"
+            return task.masks.name(sample)
     return name
