@@ -35,6 +35,7 @@ from vitpcm import storage
 from vitpcm.config import AugmentConfig, DataConfig, EtConfig
 from vitpcm.data import tfrecord
 from vitpcm.data.augment import TrainingViews, resize_image
+from vitpcm.data.manifest import read_dataset_info
 from vitpcm.errors import ConfigError, DataError
 
 IGNORE_LABEL = 255
@@ -60,18 +61,6 @@ class SplitInfo:
 
 def _convert_hint(uri: str) -> str:
     return f"convert the dataset first: `vitpcm data convert --dataset ... --out {uri}`"
-
-
-def _load_dataset_json(uri: str) -> dict[str, Any]:
-    from vitpcm.data.convert import read_dataset_info
-
-    info = read_dataset_info(uri)
-    if not isinstance(info.get("num_classes"), int):
-        raise DataError(
-            f"{storage.join(uri, tfrecord.DATASET_JSON)} has no integer 'num_classes'; "
-            f"{_convert_hint(uri)}"
-        )
-    return info
 
 
 def _split_entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,7 +101,9 @@ def read_split_info(uri: str, split: str, num_classes: int | None = None) -> Spl
             missing shards, or ``num_classes`` disagrees with the dataset.
     """
     uri = storage.local_path(uri).rstrip("/")
-    info = _load_dataset_json(uri)
+    if storage.is_s3(uri):
+        storage.ensure_s3_filesystem()  # tf.data streams the shards through tensorflow-io
+    info = read_dataset_info(uri)
     entries = _split_entries(info)
     listed = entries.get(split, {}).get("files")
     if isinstance(listed, list) and listed:
