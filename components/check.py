@@ -18,7 +18,7 @@ def check_run(dataset: str, config: str = "", overrides: str = "", pretrained: s
     Args:
         dataset: ``voc12``, ``coco14`` or ``synthetic``.
         config: Config name or path; empty for the dataset's default
-            (``vitpcm.run_plan.DEFAULT_CONFIGS``).
+            (its source's ``config``, ``vitpcm.data.sources``).
         overrides: Space-separated ``KEY=VALUE`` config overrides.
         pretrained: The training step's backbone checkpoint: empty keeps the config's,
             ``none`` means random weights, anything else replaces ``model.pretrained``.

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers.tiny import make_tiny_dataset
 from vitpcm import cli, run_plan
+from vitpcm.data.sources import dataset_names
 from vitpcm.data.sources.voc12 import VOC_CLASSES
 from vitpcm.data.synth import SYNTH_CLASSES
 from vitpcm.errors import ConfigError
@@ -37,14 +38,16 @@ def test_the_config_follows_the_dataset() -> None:
 
 def test_every_default_config_fits_its_dataset() -> None:
     # Class counts counted independently from the class-name lists.
-    assert run_plan.DATASET_CLASSES == {
+    classes = {
         "synthetic": len(SYNTH_CLASSES),
         "voc12": len(VOC_CLASSES),
         "coco14": len(COCO_CLASSES) + (COCO_CLASSES[0] != "background"),
     }
-    for dataset in run_plan.DEFAULT_CONFIGS:
+    assert set(dataset_names()) == set(classes)
+    for dataset in dataset_names():
         cfg = run_plan.load_checked_config(dataset)
         assert cfg.data.dataset == dataset
+        assert cfg.data.num_classes == classes[dataset]
 
 
 @pytest.mark.parametrize(

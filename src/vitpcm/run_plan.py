@@ -4,7 +4,8 @@ One check for every entry point (``vitpcm train``/``eval``/``test``, ``make run-
 ``make submit`` and the pipeline's first step on the cluster), run before any byte of a
 dataset is downloaded, so a mismatch costs a second, not hours of download and conversion:
 
-* the config follows the dataset unless one is named (:data:`DEFAULT_CONFIGS`);
+* the config follows the dataset unless one is named (its source's ``config``,
+  :mod:`vitpcm.data.sources`);
 * the config's ``data.dataset`` is the dataset being run, and its ``data.num_classes`` the
   dataset's class count;
 * ``model.pretrained``, when its file name is one of the public Google checkpoints'
@@ -22,20 +23,11 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ConfigError
 
 if TYPE_CHECKING:
     from vitpcm.config import Config
-
-DEFAULT_CONFIGS: dict[str, str] = {
-    "synthetic": "synthetic",
-    "voc12": "voc12_vit_s16",
-    "coco14": "coco14_vit_b16",
-}
-"""The config a dataset runs with when none is named."""
-
-DATASET_CLASSES: dict[str, int] = {"synthetic": 6, "voc12": 21, "coco14": 81}
-"""Classes of each dataset, background included (``data.num_classes``)."""
 
 # Public checkpoint names: "ViT-B_16.npz", "B_16-i21k-300ep-...npz", "Ti_16-...", "L_16.npz".
 _CHECKPOINT = re.compile(r"^(?:ViT-)?(Ti|S|B|L|H)_(8|14|16|32)(?:[-_.]|$)")
@@ -48,11 +40,7 @@ def config_for(dataset: str, config: str | None = None) -> str:
     Raises:
         ConfigError: An unknown dataset.
     """
-    if config:
-        return config
-    if dataset not in DEFAULT_CONFIGS:
-        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {list(DEFAULT_CONFIGS)}")
-    return DEFAULT_CONFIGS[dataset]
+    return config or get_source(dataset).config
 
 
 def checkpoint_backbone(uri: str) -> str | None:
@@ -67,7 +55,7 @@ def check_plan(cfg: Config, dataset: str, config_name: str = "", local_files: bo
 
     Args:
         cfg: The resolved config (overrides applied).
-        dataset: ``synthetic``, ``voc12`` or ``coco14``.
+        dataset: A registered dataset name (:func:`vitpcm.data.sources.dataset_names`).
         config_name: How the user named the config, quoted in errors.
         local_files: Check that a local ``model.pretrained`` path exists (False where the
             check runs on another machine than training: ``make submit``, the cluster).
@@ -77,19 +65,18 @@ def check_plan(cfg: Config, dataset: str, config_name: str = "", local_files: bo
             checkpoint names another backbone or is a local path that does not exist.
     """
     named = config_name or cfg.name
-    if dataset not in DATASET_CLASSES:
-        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {list(DATASET_CLASSES)}")
-    fits = DEFAULT_CONFIGS[dataset]
+    source = get_source(dataset)
+    fits, classes = source.config, source.num_classes
     if cfg.data.dataset != dataset:
         raise ConfigError(
             f"config {named} is for dataset {cfg.data.dataset}, not {dataset}; use a "
             f"{dataset} config such as {fits}, or leave the config out to get {fits}"
         )
-    if cfg.data.num_classes != DATASET_CLASSES[dataset]:
+    if cfg.data.num_classes != classes:
         raise ConfigError(
             f"config {named} has data.num_classes={cfg.data.num_classes} but {dataset} has "
-            f"{DATASET_CLASSES[dataset]} classes (background included); set "
-            f"data.num_classes={DATASET_CLASSES[dataset]} or use config {fits}"
+            f"{classes} classes (background included); set "
+            f"data.num_classes={classes} or use config {fits}"
         )
     pretrained = cfg.model.pretrained
     if not pretrained:
@@ -131,13 +118,12 @@ def load_checked_config(
 def dataset_of(info: dict[str, object]) -> str:
     """The dataset a converted folder holds, from its ``dataset.json``.
 
-    The synthetic data is converted in the VOC layout (``name: voc12``); its class names
-    tell it apart.
+    The class names decide: the synthetic data converted in the VOC layout says
+    ``name: voc12`` but has its own classes.
     """
-    from vitpcm.data.synth import SYNTH_CLASSES
-
-    if info.get("class_names") == list(SYNTH_CLASSES):
-        return "synthetic"
+    for name in dataset_names():
+        if info.get("class_names") == list(get_source(name).class_names):
+            return name
     return str(info.get("name", ""))
 
 
@@ -172,5 +158,5 @@ def check_data(cfg: Config, data_uri: str | None, config_name: str = "") -> None
     except DataError:
         return
     dataset = dataset_of(info)
-    if dataset in DATASET_CLASSES:
+    if dataset in dataset_names():
         check_plan(cfg, dataset, config_name)
