@@ -1,63 +1,65 @@
 """Progress of a ``kfp.local`` run: one line per DAG step, the full logs in a file.
 
-``kfp.local`` prints every step's logs (and its own ``Executing task ...`` / ``Task ...
-finished with status ...`` lines) to ``sys.stdout``. :func:`capture_kfp_output` puts a
-:class:`KfpLogSink` there for the run: everything goes to a log file, and the sink turns the
-task lines and a few result lines (epochs, mIoU) into calls on a :class:`StepDisplay`,
-which draws one line per step with its elapsed time -- redrawn every second on a terminal,
-printed once at start and end (plus throttled details) in a log or a pipe.
+The run's output (``kfp.local``'s own ``Executing task ...`` / ``Task ... finished with
+status ...`` lines and every step's output) is fed line by line into a :class:`KfpLogSink`:
+everything goes to a log file, and the sink turns the task lines and the steps' progress
+events (:mod:`vitpcm.events`, never the wording of their log lines) into calls on a
+:class:`StepDisplay`, which draws one line per step with its elapsed time -- redrawn every
+second on a terminal, printed once at start and end (plus throttled details) in a log or a
+pipe.
 
-:func:`isolated_step_processes` starts each step in a process group of its own, so that
-stopping the run (Ctrl-C, SIGTERM) ends the step and everything it started (CRF workers).
+:func:`run_in_own_group` runs a command in a process group of its own, so that stopping the
+run (Ctrl-C, SIGTERM) ends it and everything it started (the steps, their CRF workers).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-# Display names of the DAG's tasks (their kfp names are the component names).
-STEP_LABELS = {
-    "check-run": "check dataset and config",
-    "download-data": "download / synthesise data",
-    "importer": "import dataset folder",
-    "convert-data": "convert to TFRecords",
-    "gpu-placement": "GPU placement",
-    "train-model": "train ViT-PCM",
-    "evaluate-model": "evaluate baseline pseudo masks",
-    "infer-crf": "infer pseudo masks + CRF",
-    "register-model": "register in MLflow",
-}
+from vitpcm import events
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# kfp.local's own lines around each task (kfp/local/task_dispatcher.py).
 _TASK_START = re.compile(r"Executing task '([^']+)'")
 _TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_EXECUTOR_PREFIX = re.compile(r"^\s*\[KFP Executor [^\]]*\]:\s*")
-# Result lines of the library worth showing next to a step.
-_DETAILS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (
-        re.compile(r"epoch (\d+/\d+) \w+: loss ([\d.]+) .*val mIoU ([\d.]+)"),
-        "epoch {0} · loss {1} · val mIoU {2}",
+
+
+def _score(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
+
+
+def _registered(event: Mapping[str, Any]) -> str:
+    if event.get("version") is None:
+        return f"MLflow run {event['run_id']}"
+    verdict = {True: "new champion", False: "champion unchanged"}.get(event.get("promoted"))
+    return f"{event['model']} v{event['version']}: {verdict or 'registered'}"
+
+
+# How each kind of progress event is shown next to its step.
+_SHOWN: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "epoch": lambda e: (
+        f"epoch {e['epoch']}/{e['epochs']} · loss {_score(e['loss'])} · "
+        f"val mIoU {_score(e['val_miou'])}"
     ),
-    (re.compile(r"resuming .* at epoch (\d+)"), "resuming at epoch {0}"),
-    (re.compile(r"early stopping: (.*)"), "early stop: {0}"),
-    (re.compile(r"^(\w+) mIoU ([\d.]+) on (\d+) images"), "{0} mIoU {1} ({2} images)"),
-    (
-        re.compile(r"^(\w+): BPM mIoU ([\d.]+), after CRF ([\d.]+)"),
-        "{0}: mIoU {1} -> {2} after CRF",
+    "resume": lambda e: f"resuming at epoch {e['epoch']}",
+    "early_stop": lambda e: f"early stop: no improvement for {e['patience']} epochs",
+    "score": lambda e: f"{e['split']} mIoU {_score(e['miou'])} ({e['images']} images)",
+    "crf_score": lambda e: (
+        f"{e['split']}: mIoU {_score(e['miou'])} -> {_score(e['miou_crf'])} after CRF"
     ),
-    (re.compile(r"^MLflow run (\w+)"), "MLflow run {0}"),
-    (re.compile(r"^(\S+ v\d+): .* -> (champion.*)$"), "{0}: {1}"),
-)
+    "registered": _registered,
+}
 _TAIL_LINES = 40
 _TITLE_WIDTH = 38
 _QUIET_DETAIL_EVERY_S = 30.0
@@ -87,14 +89,22 @@ class StepDisplay:
     """One line per step with elapsed time and the latest detail.
 
     Args:
-        stream: where to draw (the real terminal, not the redirected ``sys.stdout``).
+        stream: where to draw.
         total: number of numbered steps (for ``[3/6]``); 0 leaves the numbers out.
         live: redraw the running step every second (default: when ``stream`` is a tty).
+        labels: what each step (by task name) is called on screen.
     """
 
-    def __init__(self, stream: IO[str], total: int = 0, live: bool | None = None) -> None:
+    def __init__(
+        self,
+        stream: IO[str],
+        total: int = 0,
+        live: bool | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         self.stream = stream
         self.total = total
+        self.labels = dict(labels or {})
         self.live = stream.isatty() if live is None else live
         self.steps: list[StepRecord] = []
         self._current: StepRecord | None = None
@@ -118,7 +128,7 @@ class StepDisplay:
             if numbered:
                 self._numbered += 1
                 number = self._numbered
-            step = StepRecord(name, label or STEP_LABELS.get(name, name), number)
+            step = StepRecord(name, label or self.labels.get(name, name), number)
             self.steps.append(step)
             self._current = step
             if self.live:
@@ -223,11 +233,11 @@ def _terminal_width(stream: IO[str]) -> int:
 
 
 class KfpLogSink:
-    """A ``sys.stdout`` stand-in for a ``kfp.local`` run: log file + step events.
+    """Where a ``kfp.local`` run's output goes, line by line: log file + step display.
 
     Args:
         log: the open log file (receives every line, colour codes removed).
-        display: the step display fed with task starts/ends and result details.
+        display: the step display fed with task starts/ends and progress events.
         echo: also copy every line to this stream (``--verbose``).
     """
 
@@ -240,30 +250,14 @@ class KfpLogSink:
         self.current: str | None = None
         self.failed: str | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        self._buffer = ""
 
-    # The parts of the TextIO interface that logging handlers and print() use.
-    encoding = "utf-8"
-
-    def write(self, text: str) -> int:
-        self._buffer += text
-        *lines, self._buffer = self._buffer.split("\n")
-        for line in lines:
-            self._line(_ANSI.sub("", line))
-        return len(text)
-
-    def flush(self) -> None:
-        self.log.flush()
-        if self.echo is not None:
-            self.echo.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def _line(self, line: str) -> None:
+    def line(self, text: str) -> None:
+        """One line of the run's output."""
+        line = _ANSI.sub("", text.rstrip("\n"))
         self.log.write(line + "\n")
         if self.echo is not None:
             self.echo.write(line + "\n")
+            self.echo.flush()
         started = _TASK_START.search(line)
         if started:
             self.current = started.group(1)
@@ -283,33 +277,15 @@ class KfpLogSink:
         if self.current is None:
             return
         self.tail.append(line)
-        message = _EXECUTOR_PREFIX.sub("", line)
-        if message == line:  # not a log record of the step (JSON of its inputs, prints)
-            return
-        for pattern, template in _DETAILS:
-            found = pattern.search(message)
-            if found:
-                if self.display is not None:
-                    self.display.detail(template.format(*found.groups()))
-                return
+        event = events.parse(line)
+        show = _SHOWN.get(event["kind"]) if event else None
+        if show is not None and self.display is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # a malformed event
+                self.display.detail(show(event))
 
 
-@contextlib.contextmanager
-def capture_kfp_output(sink: KfpLogSink) -> Iterator[KfpLogSink]:
-    """Route ``sys.stdout`` (where ``kfp.local`` writes) to ``sink`` for the block."""
-    with contextlib.redirect_stdout(sink):  # type: ignore[type-var]
-        try:
-            yield sink
-        finally:
-            if sink._buffer:
-                sink.write("\n")
-            sink.flush()
-
-
-def _stop_step(proc: subprocess.Popen[Any]) -> None:
-    """End a step's whole process group: SIGTERM, then SIGKILL after a grace period."""
-    import os
-
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """End a process group: SIGTERM, then SIGKILL after a grace period."""
     for sig, wait in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, None)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
@@ -318,64 +294,42 @@ def _stop_step(proc: subprocess.Popen[Any]) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    # Children of the step (CRF or conversion workers) may outlive it by a moment.
+    # What the leader started (steps, CRF workers) may outlive it by a moment.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_step_process(full_command: Sequence[str]) -> int:
-    """Run one step like ``kfp.local`` does, but in its own process group.
+def run_in_own_group(
+    command: Sequence[str], on_line: Callable[[str], None], env: Mapping[str, str] | None = None
+) -> int:
+    """Run ``command`` in a process group of its own; returns its exit code.
 
-    Its output is printed line by line (into the sink); if the caller is interrupted,
-    the step and everything it started are stopped before the interruption goes on.
+    Its output (stdout and stderr) goes to ``on_line`` line by line. A Ctrl-C in the
+    terminal reaches only the caller (the command is in another group); if the caller is
+    interrupted (KeyboardInterrupt), the command and everything it started are stopped
+    before the interruption goes on.
     """
     with subprocess.Popen(
-        list(full_command),
+        list(command),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
         bufsize=1,
+        env=None if env is None else dict(env),
         start_new_session=True,
     ) as proc:
         try:
             assert proc.stdout is not None
             for line in iter(proc.stdout.readline, ""):
-                print(line, end="")
+                on_line(line)
             return proc.wait()
         except BaseException:
-            _stop_step(proc)
+            _stop_group(proc)
             raise
-
-
-@contextlib.contextmanager
-def isolated_step_processes() -> Iterator[None]:
-    """Make ``kfp.local``'s SubprocessRunner start steps with :func:`run_step_process`.
-
-    ``kfp.local`` (2.13) starts steps in the caller's process group and, when interrupted,
-    waits for them; this swaps its module-level runner function for the block. If a kfp
-    release renames it, steps run the stock way (and a Ctrl-C in the terminal still reaches
-    them, as members of the foreground group).
-    """
-    from kfp.local import subprocess_task_handler as handler
-
-    original = getattr(handler, "run_local_subprocess", None)
-    if original is None:
-        yield
-        return
-    handler.run_local_subprocess = run_step_process
-    try:
-        yield
-    finally:
-        handler.run_local_subprocess = original
 
 
 def open_log(path: Path) -> IO[str]:
     """Open (create) a run's log file, line-buffered."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "a", encoding="utf-8", buffering=1)  # the caller closes it
-
-
-def real_stdout() -> IO[str]:
-    """The process's stdout even while ``sys.stdout`` is redirected."""
-    return sys.__stdout__ or sys.stdout

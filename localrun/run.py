@@ -26,33 +26,19 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localrun.progress import (
-    STEP_LABELS,
-    KfpLogSink,
-    StepDisplay,
-    capture_kfp_output,
-    isolated_step_processes,
-    open_log,
-    real_stdout,
-)
+from localrun.progress import KfpLogSink, StepDisplay, open_log, run_in_own_group
+from vitpcm import events
 from vitpcm.errors import ConfigError, VitpcmError
 
 DEFAULT_ROOT = "runs/local"
 SUMMARY_FILE = "summary.json"
-# Outputs of the single-node pipeline that are artifacts with a local path.
-_FOLDERS = ("tfrecords", "model", "eval_report", "pseudo_masks")
-_FILES = ("class_iou", "summary")
-_METRICS = {"train": "train_metrics", "eval": "eval_metrics", "test": "test_metrics"}
-# download (or the dataset folder's importer), convert, GPU placement, train, evaluate, infer,
-# register.
-_DAG_STEPS = 8  # with the GPU placement step and the dataset/config check
 _FAILURE_TAIL_LINES = 30
 
 
@@ -78,10 +64,11 @@ class LocalRun:
 
     Attributes:
         pipeline_root: Folder holding every step's outputs.
-        artifacts: Local path of each artifact (``tfrecords``, ``model``, ``eval_report``,
-            ``pseudo_masks`` folders; ``class_iou`` Markdown and ``summary`` JSON files).
-        metrics: Scalar metrics per stage: ``train`` (best validation epoch), ``eval``
-            (baseline pseudo masks), ``test`` (before/after the CRF).
+        artifacts: Local path of each output of the pipeline, by its name in the step table
+            (``model``, ``eval_report``, ``pseudo_masks``, ``summary``...).
+        metrics: The scalar metrics of each ``Metrics`` output (``train_metrics``: the best
+            validation epoch, ``eval_metrics``: baseline pseudo masks, ``test_metrics``:
+            before/after the CRF).
         summary: The registration step's summary (metrics, artifact URIs, MLflow outcome).
         log_path: The steps' full logs.
     """
@@ -107,12 +94,15 @@ class StepFailedError(RuntimeError):
     """
 
     def __init__(self, step: str | None, tail: Sequence[str], log_path: Path) -> None:
+        from pipeline.steps import BY_TASK
+
         self.step = step
         self.tail = list(tail)
         self.log_path = log_path
         causes = [m.group(0).strip() for m in map(_EXCEPTION_LINE.match, self.tail) if m]
         self.cause = causes[-1] if causes else None
-        name = f"step {STEP_LABELS.get(step, step)!r}" if step else "a step"
+        label = BY_TASK[step].label if step in BY_TASK else step
+        name = f"step {label!r}" if step else "a step"
         because = f": {self.cause}" if self.cause else ""
         super().__init__(f"{name} failed{because}; the full log is {log_path}")
 
@@ -193,7 +183,7 @@ def run_local(
         pipeline_root: Local folder for every step's outputs (one subfolder per run).
         dataset: ``synthetic``, ``voc12`` or ``coco14``.
         config: Config name or YAML path (e.g. ``synthetic``, ``voc12_vit_s16``); empty for
-            the dataset's (:data:`vitpcm.run_plan.DEFAULT_CONFIGS`).
+            the dataset's (its source's ``config``, :mod:`vitpcm.data.sources`).
         source_dir: A downloaded dataset (holding ``VOCdevkit/`` or ``coco2014/``) to start
             from instead of downloading.
         mirror: Base URL serving the official archives (``voc12``/``coco14``).
@@ -219,29 +209,13 @@ def run_local(
             bad config or override.
         StepFailedError: A step failed (the end of its log is in the error).
     """
+    from localrun.kfp_run import write_spec
+
     source = check_source(source_dir, dataset)
     config = check_config(config, overrides, epochs, dataset)
-    from kfp import local
-
-    from pipeline.pipeline import prepared_data_pipeline, vitpcm_single_node_pipeline
-
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     log_file = Path(log_path) if log_path else root / "logs" / f"run-{_stamp()}.log"
-    # Steps inherit this environment; TensorFlow's C++ start-up chatter drowns the step logs.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    stack = contextlib.ExitStack()
-    if containers:
-        from localrun.containers import docker_engine, step_containers
-
-        host = stack.enter_context(docker_engine())
-        stack.enter_context(_environment(DOCKER_HOST=host))
-        mounts = [str(source)] if source is not None else []
-        stack.enter_context(step_containers(extra_mounts=mounts))
-        runner: Any = local.DockerRunner()
-    else:
-        runner = local.SubprocessRunner(use_venv=False)
-    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     arguments: dict[str, Any] = {
         "dataset": dataset,
         "config": config,
@@ -260,7 +234,6 @@ def run_local(
         "checkpoint_root": checkpoint_root,
     }
     if source is None:
-        pipeline_func = vitpcm_single_node_pipeline
         arguments.update(
             mirror=mirror,
             synthetic_train=synthetic.train,
@@ -268,44 +241,34 @@ def run_local(
             synthetic_test=synthetic.test,
             synthetic_size=synthetic.size,
         )
-    else:
-        pipeline_func = prepared_data_pipeline(str(source))
-    with stack, open_log(log_file) as log:
-        sink = KfpLogSink(log, display, echo=real_stdout() if echo_logs else None)
-        try:
-            with capture_kfp_output(sink), isolated_step_processes(), warnings.catch_warnings():
-                # kfp warns that image names without "python" may not run in a local
-                # interpreter; they are our images, and here the installed package stands in.
-                warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-                task = pipeline_func(**arguments)
-        except RuntimeError as exc:  # kfp.local: a task ended with status FAILURE
-            raise StepFailedError(sink.failed, sink.tail, log_file) from exc
-    run = _collect(root, task.outputs)
-    run.log_path = log_file
-    return run
+    # The steps report their progress as events (vitpcm.events); TensorFlow's C++ start-up
+    # chatter would drown their logs; and each line should arrive as it is printed.
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ, events.ENV: "1", "PYTHONUNBUFFERED": "1"}
+    with contextlib.ExitStack() as stack:
+        if containers:
+            from localrun.containers import docker_engine
 
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration (restored after)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _collect(root: Path, outputs: Any) -> LocalRun:
-    run = LocalRun(pipeline_root=root)
-    for name in (*_FOLDERS, *_FILES):
-        run.artifacts[name] = outputs[name].path
-    for stage, name in _METRICS.items():
-        run.metrics[stage] = {k: float(v) for k, v in outputs[name].metadata.items()}
+            env["DOCKER_HOST"] = stack.enter_context(docker_engine())
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=root, prefix=".run-")))
+        spec = write_spec(
+            work / "spec.json",
+            pipeline_root=root,
+            arguments=arguments,
+            source_dir=None if source is None else str(source),
+            containers=containers,
+            outputs=work / "outputs.json",
+        )
+        log = stack.enter_context(open_log(log_file))
+        sink = KfpLogSink(log, display, echo=sys.stdout if echo_logs else None)
+        command = [sys.executable, "-m", "localrun.kfp_run", str(spec)]
+        if run_in_own_group(command, sink.line, env) != 0:
+            raise StepFailedError(sink.failed, sink.tail, log_file)
+        outputs = json.loads((work / "outputs.json").read_text(encoding="utf-8"))
+    run = LocalRun(pipeline_root=root, log_path=log_file)
+    for name, out in outputs.items():
+        run.artifacts[name] = out["path"]
+        if out["metrics"]:
+            run.metrics[name] = {k: float(v) for k, v in out["metadata"].items()}
     with open(run.artifacts["summary"], encoding="utf-8") as handle:
         run.summary = json.load(handle)
     return run
@@ -494,10 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VitpcmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    out = real_stdout()
+    from localrun.kfp_run import variant_for
+    from pipeline.steps import BY_TASK
+
+    out = sys.stdout
     root = Path(args.root).resolve()
     log_path = root / "logs" / f"run-{_stamp()}.log"
-    display = StepDisplay(out, total=_DAG_STEPS)
+    steps = variant_for(args.source_dir).steps
+    display = StepDisplay(out, len(steps), labels={t: BY_TASK[t].label for t in steps})
     out.write(f"ViT-PCM on this machine (kfp.local): outputs in {root}, step logs in {log_path}\n")
     out.flush()
     try:

@@ -107,13 +107,13 @@ def build_summary(
             {"name": s.name, "label": s.label, "seconds": s.seconds, "status": s.status}
             for s in steps
         ],
-        "train": dict(metrics.get("train", {})),
+        "train": dict(metrics.get("train_metrics", {})),
         "val": {
             "purpose": "model selection: the selected model's baseline pseudo masks "
             "(evaluate step)",
             "split": val_report.get("split"),
-            "miou": _number(metrics.get("eval", {}).get("miou")),
-            "pixel_accuracy": _number(metrics.get("eval", {}).get("pixel_accuracy")),
+            "miou": _number(metrics.get("eval_metrics", {}).get("miou")),
+            "pixel_accuracy": _number(metrics.get("eval_metrics", {}).get("pixel_accuracy")),
             "num_images": val_report.get("num_images"),
         },
         "test": {
@@ -124,8 +124,8 @@ def build_summary(
             ),
             "held_out": held_out,
             "split": test_report.get("split"),
-            "miou": _number(metrics.get("test", {}).get("miou")),
-            "miou_crf": _number(metrics.get("test", {}).get("miou_crf")),
+            "miou": _number(metrics.get("test_metrics", {}).get("miou")),
+            "miou_crf": _number(metrics.get("test_metrics", {}).get("miou_crf")),
             "num_images": test_report.get("num_images"),
         },
         "class_iou": class_iou_rows(eval_dir, test_dir),

@@ -527,13 +527,14 @@ def test_whole_dag_runs_under_kfp_local(tmp_path: Path) -> None:
     model = Path(run.artifacts["model"])
     assert (model / "model.keras").is_file()
     assert "image_size: 64" in (model / "config.yaml").read_text()
-    assert run.metrics["train"]["epochs_run"] == 1
-    assert set(run.metrics["eval"]) >= {"miou", "pixel_accuracy"}
-    assert set(run.metrics["test"]) >= {"miou", "miou_crf"}
-    assert run.metrics["eval"]["num_images"] == 8
+    assert run.metrics["train_metrics"]["epochs_run"] == 1
+    assert set(run.metrics["eval_metrics"]) >= {"miou", "pixel_accuracy"}
+    assert set(run.metrics["test_metrics"]) >= {"miou", "miou_crf"}
+    assert run.metrics["eval_metrics"]["num_images"] == 8
     assert "| background |" in Path(run.artifacts["class_iou"]).read_text()
     # The registration step saw the scoring steps' metrics and a resolved run id.
-    assert run.summary["eval"]["miou"] == pytest.approx(run.metrics["eval"]["miou"])
-    assert run.summary["test"]["miou_crf"] == pytest.approx(run.metrics["test"]["miou_crf"])
+    scores = run.metrics
+    assert run.summary["eval"]["miou"] == pytest.approx(scores["eval_metrics"]["miou"])
+    assert run.summary["test"]["miou_crf"] == pytest.approx(scores["test_metrics"]["miou_crf"])
     assert run.summary["kfp_run_id"] and "{{" not in run.summary["kfp_run_id"]
     assert run.summary["model_uri"] == run.artifacts["model"]

@@ -8,7 +8,6 @@ running, and that ``make mlflow-ui``'s server shows the run, artifacts included.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +28,11 @@ import pytest
 from helpers.tiny import TINY_OVERRIDES
 from localrun.mlflow_store import main as mlflow_ui_main
 from localrun.mlflow_store import serve_ui
-from localrun.progress import KfpLogSink, StepDisplay, run_step_process
+from localrun.progress import KfpLogSink, StepDisplay, run_in_own_group
 from localrun.services import MlflowServer, S3Endpoint, free_port
 from localrun.summary import build_summary, format_summary
+from pipeline.steps import STEPS
+from vitpcm import events
 from vitpcm.errors import ConfigError, TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,20 @@ _RUN_URL = re.compile(
 _NUMBER = r"(\d\.\d{4})"
 
 
-def _kfp_lines(status: str = "SUCCESS") -> list[str]:
+LABELS = {step.task: step.label for step in STEPS}
+
+
+def _event_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, kind: str, **fields: object
+) -> str:
+    """What a step prints for ``events.emit(kind, **fields)``, as kfp.local passes it on."""
+    monkeypatch.setenv(events.ENV, "1")
+    capsys.readouterr()
+    events.emit(kind, **fields)
+    return "    " + capsys.readouterr().out.rstrip("\n")
+
+
+def _kfp_lines(event: Callable[..., str], status: str = "SUCCESS") -> list[str]:
     """What kfp.local prints for a two-step run (colours included)."""
     cyan, end = "\x1b[96m", "\x1b[0m"
     return [
@@ -50,32 +65,36 @@ def _kfp_lines(status: str = "SUCCESS") -> list[str]:
         '    {"inputs": {"parameterValues": {"dataset": "synthetic"}}}',
         f"10:00:01.000 - INFO - Task {cyan}'download-data'{end} finished with status SUCCESS",
         f"10:00:01.001 - INFO - Executing task {cyan}'train-model'{end}",
-        "    [KFP Executor 2026-01-01 10:00:02,000 INFO]: epoch 1/2 finetune: loss 2.5000 "
-        "(bce 0.8 et 1.7 l2 0.01) val mIoU 0.1000 *",
-        "    [KFP Executor 2026-01-01 10:00:03,000 INFO]: epoch 2/2 finetune: loss 2.1000 "
-        "(bce 0.7 et 1.4 l2 0.01) val mIoU 0.2500 *",
+        # A log line that reads like progress is not progress: only events are shown.
+        "    [KFP Executor 10:00:02 INFO]: epoch 7/9 finetune: loss 9.0 val mIoU 0.9",
+        event("epoch", epoch=1, epochs=2, loss=2.5, val_miou=0.1),
+        event("epoch", epoch=2, epochs=2, loss=2.1, val_miou=0.25),
         "    Traceback (most recent call last):",
         "    ValueError: something broke",
         f"10:00:04.000 - INFO - Task {cyan}'train-model'{end} finished with status {status}",
     ]
 
 
-def test_log_sink_shows_one_line_per_step_and_keeps_the_full_log(tmp_path: Path) -> None:
+@pytest.fixture
+def event(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    return lambda kind, **fields: _event_line(capsys, monkeypatch, kind, **fields)
+
+
+def test_log_sink_shows_one_line_per_step_and_keeps_the_full_log(
+    tmp_path: Path, event: Callable[..., str]
+) -> None:
     screen = io.StringIO()
-    display = StepDisplay(screen, total=6, live=False)
+    display = StepDisplay(screen, total=6, live=False, labels=LABELS)
     with open(tmp_path / "run.log", "w", encoding="utf-8") as log:
         sink = KfpLogSink(log, display)
-        for line in _kfp_lines():
-            # kfp writes in pieces (the indent, then the line): the sink joins them.
-            sink.write(line[:7])
-            sink.write(line[7:] + "\n")
-        sink.flush()
+        for line in _kfp_lines(event):
+            sink.line(line + "\n")
     shown = screen.getvalue()
     assert re.search(r"ok \[1/6\] download / synthesise data +\d:\d\d\n", shown)
     assert re.search(
-        r"ok \[2/6\] train ViT-PCM +\d:\d\d  epoch 2/2 · loss 2.1000 · val mIoU", shown
+        r"ok \[2/6\] train ViT-PCM +\d:\d\d  epoch 2/2 · loss 2.1000 · val mIoU 0.2500\n", shown
     )
-    assert "[KFP Executor" not in shown  # step logs stay in the file
+    assert "[KFP Executor" not in shown and "7/9" not in shown  # step logs stay in the file
     text = (tmp_path / "run.log").read_text()
     assert "ValueError: something broke" in text
     assert "\x1b[" not in text  # colour codes removed
@@ -83,12 +102,46 @@ def test_log_sink_shows_one_line_per_step_and_keeps_the_full_log(tmp_path: Path)
     assert [s.status for s in display.steps] == ["ok", "ok"]
 
 
-def test_log_sink_names_the_failed_step_and_keeps_its_tail(tmp_path: Path) -> None:
+def test_every_kind_of_event_is_shown(event: Callable[..., str]) -> None:
+    samples = {
+        "resume": ({"epoch": 3}, "resuming at epoch 3"),
+        "early_stop": ({"patience": 5}, "early stop: no improvement for 5 epochs"),
+        "score": ({"split": "val", "miou": 0.5, "images": 8}, "val mIoU 0.5000 (8 images)"),
+        "crf_score": (
+            {"split": "test", "miou": 0.4, "miou_crf": 0.45, "images": 4},
+            "test: mIoU 0.4000 -> 0.4500 after CRF",
+        ),
+        "registered": (
+            {"run_id": "r1", "model": "m", "version": "2", "promoted": True},
+            "m v2: new champion",
+        ),
+    }
+    for kind, (fields, expected) in samples.items():
+        display = StepDisplay(io.StringIO(), live=False)
+        sink = KfpLogSink(io.StringIO(), display)
+        sink.line("Executing task 'infer-crf'")
+        sink.line(event(kind, **fields))
+        assert display.steps[0].detail == expected, kind
+
+
+def test_events_are_silent_unless_asked(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(events.ENV, raising=False)
+    events.emit("epoch", epoch=1)
+    assert capsys.readouterr().out == ""
+    assert events.parse("epoch 1/2 finetune: val mIoU 0.5") is None
+
+
+def test_log_sink_names_the_failed_step_and_keeps_its_tail(
+    tmp_path: Path, event: Callable[..., str]
+) -> None:
     screen = io.StringIO()
-    display = StepDisplay(screen, total=6, live=False)
+    display = StepDisplay(screen, total=6, live=False, labels=LABELS)
     with open(tmp_path / "run.log", "w", encoding="utf-8") as log:
         sink = KfpLogSink(log, display)
-        sink.write("\n".join(_kfp_lines("FAILURE")) + "\n")
+        for line in _kfp_lines(event, "FAILURE"):
+            sink.line(line)
     assert sink.failed == "train-model"
     assert sink.tail[-1] == "    ValueError: something broke"
     assert not any("download-data" in line for line in sink.tail)  # only the failed step's
@@ -122,16 +175,16 @@ def test_an_interrupted_step_is_stopped_with_its_children() -> None:
         f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
         "print('pids', p.pid, flush=True); time.sleep(60)"
     )
-    printed = io.StringIO()
+    printed: list[str] = []
     # A real SIGINT, as Ctrl-C sends: it breaks the blocking read of the step's output.
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(printed):
-        run_step_process([sys.executable, "-c", step])
+    with pytest.raises(KeyboardInterrupt):
+        run_in_own_group([sys.executable, "-c", step], printed.append)
     timer.cancel()
     assert time.monotonic() - started < 60
-    grandchild = int(printed.getvalue().split()[1])
+    grandchild = int(printed[0].split()[1])
     deadline = time.monotonic() + 10
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -229,9 +282,9 @@ def _fake_run(tmp_path: Path) -> SimpleNamespace:
         pipeline_root=tmp_path,
         artifacts={"model": str(model), "eval_report": str(report), "pseudo_masks": str(masks)},
         metrics={
-            "train": {"epochs_run": 3.0, "best_epoch": 2.0, "val_miou": 0.55},
-            "eval": {"miou": 0.5, "pixel_accuracy": 0.9},
-            "test": {"miou": 0.4, "miou_crf": 0.525},
+            "train_metrics": {"epochs_run": 3.0, "best_epoch": 2.0, "val_miou": 0.55},
+            "eval_metrics": {"miou": 0.5, "pixel_accuracy": 0.9},
+            "test_metrics": {"miou": 0.4, "miou_crf": 0.525},
         },
         summary={
             "mlflow": {
