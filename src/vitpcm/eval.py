@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from vitpcm import outputs, storage
+from vitpcm import events, outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError, DataError, ModelError
 from vitpcm.metrics import ConfusionMatrix
@@ -200,4 +200,5 @@ def run_eval(
     log.info(
         "%s mIoU %.4f on %d images -> %s", split, metrics["miou"], metrics["num_images"], out_dir
     )
+    events.emit("score", split=split, miou=metrics["miou"], images=metrics["num_images"])
     return metrics

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from vitpcm import outputs, storage
+from vitpcm import events, outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError
 from vitpcm.metrics import ConfusionMatrix
@@ -134,6 +134,11 @@ def run_test(
         log.info(
             "%s: BPM mIoU %.4f%s on %d images", split, metrics["miou"], after, counts["images"]
         )
+        scores = {"split": split, "miou": metrics["miou"], "images": counts["images"]}
+        if crf:
+            events.emit("crf_score", miou_crf=metrics["miou_crf"], **scores)
+        else:
+            events.emit("score", **scores)
     return metrics
 
 
