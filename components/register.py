@@ -1,11 +1,11 @@
 """Registration step: complete the run in MLflow and register the model.
 
 ``vitpcm.tracking.log_pipeline_run`` does the MLflow work: it continues the run the training
-step logged its epochs to (its spool travels in the model folder; records an outage held
-back are sent first, nothing twice), or creates the run with the curves from history.json
-when the training was not tracked; then metrics, plots, model, champion promotion. This
-step gathers the artifacts of the run for it and writes a summary JSON that the Kubeflow
-UI and ``run_local`` show.
+step logged its epochs to (from the training's spool, read where the training wrote it:
+records an outage held back are sent first, nothing twice), or creates the run with the
+curves from history.json when the training was not tracked; then metrics, plots, model,
+champion promotion. This step gathers the artifacts of the run for it and writes a summary
+JSON that the Kubeflow UI and ``run_local`` show.
 """
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
@@ -34,7 +34,7 @@ def register_model(
 
     Args:
         model: Training output folder (model.keras, config.yaml, metrics.json, history.json;
-            mlflow-spool/ and mlflow_run.json when the training logged to MLflow).
+            mlflow_run.json, naming the run and its spool, when the training logged to MLflow).
         eval_metrics: Validation metrics of the baseline pseudo masks.
         test_metrics: Test metrics before and after the CRF.
         eval_report: Evaluation folder (metrics.json, confusion matrix, IoU plot).
@@ -87,6 +87,7 @@ def register_model(
 
     from components.artifacts import exit_cleanly_after_s3, readable_uri
     from components.registration import keep_spool, registration_failure
+    from vitpcm import events
     from vitpcm.tracking import log_pipeline_run
 
     data = readable_uri(tfrecords_uri)
@@ -111,6 +112,14 @@ def register_model(
     except Exception as exc:  # reported below with the spool's place, then re-raised
         problem, error = f"{type(exc).__name__}: {exc}", exc
     if problem is None:
+        outcome = record["mlflow"]
+        events.emit(
+            "registered",
+            run_id=outcome.get("run_id"),
+            model=outcome.get("model_name"),
+            version=outcome.get("version"),
+            promoted=outcome.get("promoted"),
+        )
         write_summary()
         return
     # MLflow was asked for and the model is not registered: fail the run (a green run here

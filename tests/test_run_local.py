@@ -412,6 +412,11 @@ def test_run_local_end_to_end_and_the_mlflow_store_it_leaves(tmp_path: Path) -> 
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     assert re.search(r"\[\d/8\] train ViT-PCM +\d:\d\d  epoch 1/1", out)
     assert re.search(r"\[1/8\] check dataset and config", out)
+    # Each scoring step's line ends with what it reported (its progress events).
+    ended = r"(?:✓|ok) \[\d/8\] "
+    assert re.search(ended + r"evaluate baseline pseudo masks +\S+  val mIoU \d\.\d{4} \(8 ", out)
+    assert re.search(ended + r"infer pseudo masks \+ CRF +\S+  test: mIoU .* after CRF", out)
+    assert re.search(ended + r"register in MLflow +\S+  vitpcm-local v1: new champion", out)
     val = re.search(rf"model selection: evaluate step +val +{_NUMBER}\n", out)
     test = re.search(rf"\n +held-out test: infer \+ CRF +test +{_NUMBER}  {_NUMBER}\n", out)
     url = _RUN_URL.search(out)
