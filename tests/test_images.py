@@ -187,7 +187,7 @@ def test_build_script_uses_pipeline_image_names_and_a_small_context(
         assert "--format" not in argv  # docker has no such flag
     context = (log.parent / "engine.log.context").read_text(encoding="utf-8").splitlines()
     assert {"./pyproject.toml", "./README.md", "./images/requirements.py"} <= set(context)
-    assert "./src/vitpcm/cli.py" in context
+    assert "./src/vitpcm/cli/__init__.py" in context
     assert "./configs/synthetic.yaml" in context
     # The package also holds the KFP components and pipeline (the train step's launchers).
     assert {"./components/launchers/tfjob.py", "./components/images.py"} <= set(context)

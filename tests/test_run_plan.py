@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers.tiny import make_tiny_dataset
 from vitpcm import cli, run_plan
+from vitpcm.cli.common import load_cfg
 from vitpcm.data.sources import dataset_names
 from vitpcm.data.sources.voc12 import VOC_CLASSES
 from vitpcm.data.synth import SYNTH_CLASSES
@@ -98,20 +99,20 @@ def test_cli_config_defaults_to_the_datasets(synth_records: Path, tmp_path: Path
         extra = ["--out", str(tmp_path)] + (["-m", str(tmp_path)] if command != "train" else [])
         args = cli.build_parser().parse_args([command, "--data", str(synth_records), *extra])
         assert args.config is None
-        assert cli._load_cfg(args).name == "synthetic"
+        assert load_cfg(args).name == "synthetic"
         assert args.config == "synthetic"
     args = cli.build_parser().parse_args(["train", "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="no config: give -c CONFIG"):
-        cli._load_cfg(args)
+        load_cfg(args)
 
 
 def test_run_local_checks_before_starting_anything(tmp_path: Path, capsys) -> None:
-    from localrun import run as local
+    from localrun import command, run
 
     root = tmp_path / "root"
-    assert local.check_config("", [], 0, "coco14") == "coco14_vit_b16"
-    assert local.check_config("voc12_vit_b16", [], 3, "voc12") == "voc12_vit_b16"
-    code = local.main(["--root", str(root), "--dataset", "voc12", "-c", "synthetic"])
+    assert run.check_config("", [], 0, "coco14") == "coco14_vit_b16"
+    assert run.check_config("voc12_vit_b16", [], 3, "voc12") == "voc12_vit_b16"
+    code = command.main(["--root", str(root), "--dataset", "voc12", "-c", "synthetic"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: config synthetic is for dataset synthetic, not voc12")
