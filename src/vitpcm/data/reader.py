@@ -35,10 +35,10 @@ from vitpcm import storage
 from vitpcm.config import AugmentConfig, DataConfig, EtConfig
 from vitpcm.data import tfrecord
 from vitpcm.data.augment import TrainingViews, resize_image
+from vitpcm.data.labels import IGNORE_LABEL
 from vitpcm.data.manifest import read_dataset_info
 from vitpcm.errors import ConfigError, DataError
 
-IGNORE_LABEL = 255
 # Shards read at once while training; more only adds memory once I/O is saturated.
 _MAX_CYCLE = 16
 # Larger reads amortise S3 request latency; harmless locally.
@@ -158,7 +158,7 @@ def split_has_masks(split_info: SplitInfo) -> bool:
     return True  # an empty first shard: nothing to decode, so nothing can fail
 
 
-def _decode(serialized: Any, with_label: bool, num_classes: int) -> dict[str, Any]:
+def decode_record(serialized: Any, with_label: bool, num_classes: int) -> dict[str, Any]:
     """Parse one record: uint8 image (3 channels), uint8 index mask, multi-hot labels."""
     import tensorflow as tf
 
@@ -287,7 +287,7 @@ def make_dataset(
 
         def train_map(index: Any, pair: Any) -> dict[str, Any]:
             record, draw = pair
-            sample = _decode(record, True, num_classes)
+            sample = decode_record(record, True, num_classes)
             out = views(sample["original_image"], tf.stack([draw, index]))
             out["labels"] = sample["labels"]
             return out
@@ -297,7 +297,7 @@ def make_dataset(
     else:
 
         def eval_map(record: Any) -> dict[str, Any]:
-            sample = _decode(record, with_label, num_classes)
+            sample = decode_record(record, with_label, num_classes)
             sample["image"] = resize_image(sample["original_image"], image_size)
             sample["image"].set_shape([image_size, image_size, 3])
             if not include_original:

@@ -3,7 +3,7 @@
 Header checks and Pillow accept some damaged JPEGs that TensorFlow refuses (measured on
 randomly damaged files: a stray marker inside the scan data), and such a file used to pass
 ``vitpcm data convert`` and then stop training hours later. Decoding each record with
-:func:`vitpcm.data.reader._decode`, the function training runs, proves it will not. The
+:func:`vitpcm.data.reader.decode_record`, the function training runs, proves it will not. The
 check runs in the converting process on each shard as a worker finishes it, decoding in
 parallel inside tf.data (workers stay TensorFlow-free, see :mod:`vitpcm.data.shards`); only
 when a shard fails is it walked record by record to name the file.
@@ -37,11 +37,11 @@ def verify_shard(task: ShardTask, result: ShardResult) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from vitpcm.data.reader import _decode
+    from vitpcm.data.reader import decode_record
 
     path, with_label = task.path, task.masks is not None
     records = tf.data.TFRecordDataset(path).map(
-        lambda record: _decode(record, with_label, 1)["height"],
+        lambda record: decode_record(record, with_label, 1)["height"],
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     try:

@@ -34,28 +34,10 @@ _SEG_SETS = f"{_VOC}/ImageSets/Segmentation"
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 VOC_CLASSES: tuple[str, ...] = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
 """The 21 PASCAL VOC 2012 segmentation classes in label order, background first."""
 
 # Published checksums and sizes: the SHA-256 and sizes of TensorFlow Datasets'
