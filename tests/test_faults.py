@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
+from helpers.s3_server import s3_bucket, s3_server, s3_with_auth  # noqa: F401  (fixtures)
 from helpers.tiny import make_tiny_dataset
 from vitpcm import cli, outputs
 from vitpcm.data.synth import make_synthetic
@@ -570,41 +570,11 @@ def test_bad_record_stops_training_in_one_line_and_leaves_no_run_folder(
 # --------------------------------------------------------------------- S3 credentials
 
 
-@pytest.fixture(scope="module")
-def s3_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A moto S3 endpoint that checks credentials, with one user allowed everything.
-
-    moto checks signatures once ``INITIAL_NO_AUTH_ACTION_COUNT`` requests are spent: three
-    go to creating the user, its key and its policy. Yields (endpoint, key id, secret).
-    """
-    import boto3
-
-    from localrun.services import S3Endpoint
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-        with S3Endpoint() as endpoint:
-            patch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
-            iam = boto3.client(
-                "iam",
-                endpoint_url=endpoint.endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="setup",
-                aws_secret_access_key="setup",
-            )
-            iam.create_user(UserName="pipeline")
-            key = iam.create_access_key(UserName="pipeline")["AccessKey"]
-            allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
-            policy = {"Version": "2012-10-17", "Statement": [allow]}
-            iam.put_user_policy(
-                UserName="pipeline", PolicyName="all", PolicyDocument=json.dumps(policy)
-            )
-            yield endpoint.endpoint, key["AccessKeyId"], key["SecretAccessKey"]
-
-
 @pytest.mark.slow
 def test_s3_dataset_with_wrong_credentials_reports_access_denied(
-    s3_with_auth: Any, tiny_data: Path, tmp_path: Path
+    s3_with_auth: Any,  # noqa: F811  (fixture)
+    tiny_data: Path,
+    tmp_path: Path,
 ) -> None:
     import boto3
 

@@ -25,19 +25,8 @@ def _is_image(name: str) -> bool:
 
 
 def _walk(root: str) -> list[str]:
-    if storage.is_s3(root):
-        import tensorflow as tf
-
-        storage.ensure_s3_filesystem()
-        found = []
-        for dirpath, _dirs, files in tf.io.gfile.walk(root):
-            found.extend(posixpath.join(dirpath.rstrip("/"), f) for f in files)
-        return sorted(found)
-    found = []
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        found.extend(os.path.join(dirpath, f) for f in files)
-    return sorted(found)
+    """Every file under a folder or ``s3://`` prefix, sorted."""
+    return sorted(storage.join(root, *rel.split("/")) for rel in storage.list_files(root))
 
 
 def list_inputs(inputs: Sequence[str]) -> list[str]:
@@ -50,7 +39,6 @@ def list_inputs(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         text = storage.local_path(str(item))
         if storage.is_s3(text):
-            storage.check_s3_config(text)
             if _is_image(text) and storage.exists(text):
                 images.append(text)
                 continue

@@ -18,6 +18,9 @@ API (kept stable; other test modules rely on it)::
     def test_other(s3_bucket):              # function-scoped: a fresh empty bucket,
         s3_bucket.uri("out")                # same endpoint, same methods
 
+    def test_denied(s3_with_auth):          # session-scoped: an endpoint that checks
+        endpoint, key_id, secret = s3_with_auth   # signatures, one user allowed everything
+
 The server is ``moto_server`` started by :class:`localrun.services.S3Endpoint`, the same
 class ``make run-local`` uses. While the session fixture is alive ``S3_ENDPOINT``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION`` are set in
@@ -31,6 +34,7 @@ subprocess ending in ``vitpcm.storage.exit_process`` and check results here with
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -46,6 +50,7 @@ __all__ = [
     "running_s3_server",
     "s3_bucket",
     "s3_server",
+    "s3_with_auth",
 ]
 
 
@@ -72,3 +77,33 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def s3_with_auth() -> Iterator[tuple[str, str, str]]:
+    """A moto S3 endpoint that checks credentials, with one user allowed everything.
+
+    moto checks signatures once ``INITIAL_NO_AUTH_ACTION_COUNT`` requests are spent: three
+    go to creating the user, its key and its policy. Yields (endpoint, key id, secret).
+    """
+    import boto3
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        with S3Endpoint() as endpoint:
+            patch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+            iam = boto3.client(
+                "iam",
+                endpoint_url=endpoint.endpoint,
+                region_name=REGION,
+                aws_access_key_id="setup",
+                aws_secret_access_key="setup",
+            )
+            iam.create_user(UserName="pipeline")
+            key = iam.create_access_key(UserName="pipeline")["AccessKey"]
+            allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+            policy = {"Version": "2012-10-17", "Statement": [allow]}
+            iam.put_user_policy(
+                UserName="pipeline", PolicyName="all", PolicyDocument=json.dumps(policy)
+            )
+            yield endpoint.endpoint, key["AccessKeyId"], key["SecretAccessKey"]

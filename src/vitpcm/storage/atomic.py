@@ -2,7 +2,7 @@
 
 :func:`atomic_dir` builds an output under a temporary name and commits it whole;
 :func:`remove_stale_temporaries` removes what killed runs left. Both are re-exported by
-:mod:`vitpcm.storage`.
+:mod:`vitpcm.storage`; on ``s3://`` the commit copies objects server-side (MinIO client).
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from pathlib import Path
 
 from vitpcm.errors import StorageError
 from vitpcm.storage import (
-    _gfile,
-    _storage_error,
-    _walk_files,
     exists,
     is_http,
     is_s3,
     join,
+    list_files,
     local_path,
     makedirs,
     remove_files,
     remove_tree,
+    s3,
     write_bytes,
 )
 
@@ -111,10 +110,6 @@ def atomic_dir(
             _commit_s3_in_place(final, tmp, commit_last)
         else:
             _commit_s3_copy(final, tmp, commit_last)
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise _storage_error("commit", final, exc) from exc
     finally:
         remove_tree(tmp)
 
@@ -169,28 +164,26 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def _commit_s3_in_place(final: str, tmp: str, commit_last: Sequence[str]) -> None:
-    gfile = _gfile(final)
     tmp_rel = posixpath.relpath(tmp, final)
-    new = [f for f in _walk_files(tmp) if f != _OWNER]
+    new = [f for f in list_files(tmp) if f != _OWNER]
     old = [
         f
-        for f in _walk_files(final)
+        for f in list_files(final)
         if not f.startswith(_S3_TMP_DIR) and posixpath.basename(f) != ".vitpcm-output.json"
     ]
     last = set(commit_last)
     remove_files(final, [f for f in old if posixpath.basename(f) in last])
     for rel in _commit_order(new, commit_last):
-        gfile.copy(join(final, tmp_rel, rel), join(final, rel), overwrite=True)
+        s3.copy(join(final, tmp_rel, rel), join(final, rel))
     keep = set(new)
     remove_files(final, [f for f in old if f not in keep])
 
 
 def _commit_s3_copy(final: str, tmp: str, commit_last: Sequence[str]) -> None:
-    gfile = _gfile(final)
-    if gfile.exists(final):
+    if exists(final):
         remove_tree(final)
-    for rel in _commit_order(_walk_files(tmp), commit_last):
-        gfile.copy(join(tmp, rel), join(final, rel), overwrite=True)
+    for rel in _commit_order(list_files(tmp), commit_last):
+        s3.copy(join(tmp, rel), join(final, rel))
 
 
 def remove_stale_temporaries(final_uri: str | os.PathLike[str], kind: str) -> list[str]:
@@ -208,10 +201,7 @@ def remove_stale_temporaries(final_uri: str | os.PathLike[str], kind: str) -> li
     final = local_path(final_uri).rstrip("/")
     removed = []
     if is_s3(final):
-        try:
-            stale = {f.split("/", 1)[0] for f in _walk_files(final) if f.startswith(_S3_TMP_DIR)}
-        except Exception:  # a fresh prefix: nothing to clean
-            return []
+        stale = {f.split("/", 1)[0] for f in list_files(final) if f.startswith(_S3_TMP_DIR)}
         for name in sorted(stale):
             remove_tree(join(final, name))
             removed.append(join(final, name))
