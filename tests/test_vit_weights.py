@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from helpers.http_server import http_server  # noqa: F401  (pytest fixture)
 from helpers.vit_numpy import random_vit_weights, vit_forward, write_npz
+from vitpcm.config import ModelConfig
 from vitpcm.errors import ModelError, StorageError
 from vitpcm.model.vit_backbone import ViTBackbone
 from vitpcm.model.vit_layers import resize_position_grid
@@ -73,7 +73,7 @@ def test_load_over_http(http_server, npz_file: tuple[Path, dict]) -> None:  # no
 
 def test_load_into_full_model(npz_file: tuple[Path, dict]) -> None:
     path, weights = npz_file
-    cfg = types.SimpleNamespace(
+    cfg = ModelConfig(
         backbone="custom",
         **DIMS,
         pos_embed_grid=GRID,

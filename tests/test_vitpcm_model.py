@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from vitpcm.config import ModelConfig
 from vitpcm.errors import ConfigError, ModelError
 from vitpcm.model.hv_bilstm import HVBiLSTM
 from vitpcm.model.patch_classifier import GlobalClassPooling, PatchClassifier
@@ -23,7 +23,7 @@ from vitpcm.model.vitpcm import (
 NUM_CLASSES = 5
 
 
-def tiny_cfg(**overrides: object) -> types.SimpleNamespace:
+def tiny_cfg(**overrides: object) -> ModelConfig:
     values = {
         "backbone": "custom",
         "patch_size": 8,
@@ -40,7 +40,7 @@ def tiny_cfg(**overrides: object) -> types.SimpleNamespace:
         "l2": 0.01,
     }
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return ModelConfig(**values)
 
 
 def images(height: int = 32, width: int = 40, batch: int = 2, seed: int = 0) -> np.ndarray:
@@ -212,7 +212,7 @@ def test_mixed_precision_outputs_float32(mixed_precision: None) -> None:
 
 
 def test_bad_config_values() -> None:
-    with pytest.raises(ConfigError, match="model.pooling"):
+    with pytest.raises(ModelError, match="unknown pooling 'sum'"):
         build_vitpcm(tiny_cfg(pooling="sum"), NUM_CLASSES)
     with pytest.raises(ModelError, match="num_classes"):
         build_vitpcm(tiny_cfg(), 0)

@@ -9,7 +9,7 @@ backbone frozen, then the last blocks and the final LayerNorm unfrozen).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -20,12 +20,15 @@ from vitpcm.model.vit_backbone import ViTBackbone
 from vitpcm.model.vit_layers import dropout_active
 from vitpcm.model.vit_weights import find_backbone, load_vit_npz
 
+if TYPE_CHECKING:
+    from vitpcm.config import ModelConfig
+
 BACKBONE_NAME = "backbone"
 PATCH_CLASSIFIER_NAME = "patch_classifier"
 
 
 def build_vitpcm(
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     num_classes: int,
     *,
     load_pretrained: bool = False,
@@ -34,9 +37,7 @@ def build_vitpcm(
     """Build the ViT-PCM model.
 
     Args:
-        model_cfg: A ``cfg.model``-like object (backbone dims, ``pos_embed_grid``,
-            ``backbone_dropout``, ``dropout``, ``lstm_units``, ``pooling``, ``l2``,
-            ``pretrained``).
+        model_cfg: The resolved ``model`` config section (backbone dims filled in).
         num_classes: K, background included.
         load_pretrained: Copy the ``model_cfg.pretrained`` checkpoint into the backbone (off by
             default: evaluation restores a trained model and needs no ImageNet weights).
@@ -46,13 +47,9 @@ def build_vitpcm(
         A functional model with input ``images`` (B, H, W, 3) in [0, 255] and outputs
         ``patch_probs`` (per-patch softmax) and ``class_probs`` (pooled), both float32.
     """
-    pooling = getattr(model_cfg, "pooling", "max")
-    if pooling not in ("max", "avg"):
-        raise ConfigError(f"model.pooling: unknown pooling {pooling!r}; choose max or avg")
-    dropout = float(getattr(model_cfg, "dropout", 0.0))
-
+    dropout = model_cfg.dropout
     backbone = ViTBackbone.from_model_config(model_cfg, name=BACKBONE_NAME)
-    if getattr(model_cfg, "frozen_dropout", False):
+    if model_cfg.frozen_dropout:
         # The authors' recipe: backbone dropout also in frozen blocks (METHOD.md, "Known flaws").
         for layer in backbone.layers:
             layer.frozen_dropout = True
@@ -61,27 +58,27 @@ def build_vitpcm(
     scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(images)
     grid = backbone(scaled)
     conditioned = HVBiLSTM(
-        units=int(getattr(model_cfg, "lstm_units", 192)),
+        units=model_cfg.lstm_units,
         dropout=dropout,
-        lstm_dropout=float(getattr(model_cfg, "lstm_dropout", 0.0) or 0.0),
+        lstm_dropout=model_cfg.lstm_dropout,
         name="hv_bilstm",
     )(grid)
     patch_probs = PatchClassifier(
         num_classes,
         dropout=dropout,
-        l2=float(getattr(model_cfg, "l2", 0.01)),
+        l2=model_cfg.l2,
         name=PATCH_CLASSIFIER_NAME,
     )(conditioned)
     # float32 policy: pooling must not cast the probabilities back to bfloat16.
-    class_probs = GlobalClassPooling(pooling, name="class_pooling", dtype="float32")(patch_probs)
+    pooling = GlobalClassPooling(model_cfg.pooling, name="class_pooling", dtype="float32")
+    class_probs = pooling(patch_probs)
     model = keras.Model(
         inputs=images,
         outputs={"patch_probs": patch_probs, "class_probs": class_probs},
         name=name,
     )
-    pretrained = getattr(model_cfg, "pretrained", None)
-    if load_pretrained and pretrained:
-        load_vit_npz(backbone, pretrained)
+    if load_pretrained and model_cfg.pretrained:
+        load_vit_npz(backbone, model_cfg.pretrained)
     return model
 
 
