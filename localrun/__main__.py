@@ -2,6 +2,6 @@
 
 import sys
 
-from localrun.run import main
+from localrun.command import main
 
 sys.exit(main())

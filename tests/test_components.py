@@ -499,7 +499,7 @@ def test_run_local_refuses_bad_source_folders(tmp_path: Path) -> None:
 def test_run_local_cli_reports_errors_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from localrun.run import main
+    from localrun.command import main
 
     missing = str(tmp_path / "nope")
     assert main(["--root", str(tmp_path), "--dataset", "voc12", "--source-dir", missing]) == 2

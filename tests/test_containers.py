@@ -70,7 +70,7 @@ def test_the_dag_runs_in_the_images(cpu_image: str, gpu_image: str, tmp_path: Pa
     """`make run-local ARGS=--containers`: every step in its image through kfp.local's
     DockerRunner on podman's Docker API, with the local MLflow; the outputs belong to this
     user and the pipeline root is not opened to others."""
-    from localrun.run import main as run_local_main
+    from localrun.command import main as run_local_main
 
     root = tmp_path / "runs"
     root.mkdir(mode=0o755)

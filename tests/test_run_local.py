@@ -215,7 +215,7 @@ def test_a_busy_default_mlflow_port_falls_back_to_a_free_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from localrun import services
-    from localrun.run import _mlflow_port
+    from localrun.command import _mlflow_port
 
     screen = io.StringIO()
     with socket.socket() as busy:
