@@ -30,6 +30,7 @@ from localrun.run import (
     run_local,
     stamp,
 )
+from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import VitpcmError
 
 _FAILURE_TAIL_LINES = 30
@@ -46,13 +47,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"outputs folder ({DEFAULT_ROOT})")
-    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "voc12", "coco14"])
+    names = dataset_names()
+    parser.add_argument("--dataset", default="synthetic", choices=names)
+    defaults = ", ".join(f"{name}: {get_source(name).config}" for name in names)
     parser.add_argument(
-        "-c",
-        "--config",
-        default="",
-        help="config name or YAML path (default: the dataset's: synthetic, voc12_vit_s16, "
-        "coco14_vit_b16)",
+        "-c", "--config", default="", help=f"config name or YAML path (the dataset's: {defaults})"
     )
     parser.add_argument("--source-dir", help="downloaded dataset folder (skips the download)")
     parser.add_argument("--mirror", default="", help="base URL serving the official archives")

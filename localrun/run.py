@@ -28,6 +28,7 @@ from typing import Any
 
 from localrun.progress import KfpLogSink, StepDisplay, open_log, run_in_own_group
 from vitpcm import events
+from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ConfigError
 
 DEFAULT_ROOT = "runs/local"
@@ -113,15 +114,16 @@ def check_source(source_dir: str | os.PathLike[str] | None, dataset: str) -> Pat
     """The resolved dataset folder, or None to download/synthesise.
 
     Raises:
-        ConfigError: ``source_dir`` is not a folder, or is given with the synthetic dataset.
+        ConfigError: ``source_dir`` is not a folder, or is given with a generated dataset.
     """
     if source_dir is None:
         return None
     source = Path(source_dir).resolve()
     if not source.is_dir():
         raise ConfigError(f"source_dir {source} is not a folder; pass a downloaded dataset")
-    if dataset == "synthetic":
-        raise ConfigError("source_dir holds real data: set dataset to voc12 or coco14")
+    if not get_source(dataset).files:  # a dataset with nothing to download is generated
+        real = " or ".join(name for name in dataset_names() if get_source(name).files)
+        raise ConfigError(f"source_dir holds real data: set dataset to {real}")
     return source
 
 

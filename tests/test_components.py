@@ -492,7 +492,7 @@ def test_run_local_refuses_bad_source_folders(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="is not a folder"):
         run_local(pipeline_root=tmp_path, dataset="voc12", source_dir=tmp_path / "nope")
-    with pytest.raises(ConfigError, match="dataset to voc12 or coco14"):
+    with pytest.raises(ConfigError, match="dataset to coco14 or voc12"):
         run_local(pipeline_root=tmp_path, source_dir=tmp_path)
 
 
