@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from vitpcm.config import LossWeights
 from vitpcm.model.equivariance import map_target, tile_mosaic, view_params
 from vitpcm.model.label_merge import label_merge
 from vitpcm.model.losses import (
@@ -178,7 +178,7 @@ def test_total_loss_weights_each_term_and_reports_them_all():
     labels = case["image_labels"]
     class_probs = tf.reduce_max(case["view1_patch_probs"], axis=[1, 2])
     kernel = tf.constant([[1.0, 2.0], [3.0, -1.0]])
-    weights = {"bce": 2.0, "et": 0.5, "l2": 3.0}
+    weights = LossWeights(bce=2.0, et=0.5, l2=3.0)
     terms = total_loss(labels, class_probs, kernel=kernel, l2=0.01, weights=weights, **inputs)
     assert set(terms) == {"bce", "et", "l2", "total"}
     assert terms["bce"].numpy() == pytest.approx(bce_loss(labels, class_probs).numpy())
@@ -186,11 +186,9 @@ def test_total_loss_weights_each_term_and_reports_them_all():
     assert terms["et"].numpy() == pytest.approx(equivariance_loss(image_labels=labels, **inputs))
     expected = 2.0 * terms["bce"] + 0.5 * terms["et"] + 3.0 * terms["l2"]
     assert terms["total"].numpy() == pytest.approx(expected.numpy(), rel=1e-6)
-    # A config section with attributes works like a mapping.
-    same = total_loss(
-        labels, class_probs, kernel=kernel, l2=0.01, weights=SimpleNamespace(**weights), **inputs
-    )
-    assert same["total"].numpy() == pytest.approx(terms["total"].numpy())
+    # No weights: the paper's, all 1.
+    plain = total_loss(labels, class_probs, kernel=kernel, l2=0.01, **inputs)["total"]
+    assert plain.numpy() == pytest.approx((terms["bce"] + terms["et"] + terms["l2"]).numpy())
 
 
 def test_total_loss_without_equivariance_or_kernel_has_zero_terms():

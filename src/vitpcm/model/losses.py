@@ -6,11 +6,9 @@ return float32 scalars; they are plain TensorFlow and work under ``tf.function``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import tensorflow as tf
 
+from vitpcm.config import LossWeights
 from vitpcm.model.equivariance import map_target, split_mosaic
 from vitpcm.model.label_merge import DEFAULT_EPS, label_merge
 
@@ -99,15 +97,6 @@ def equivariance_loss(
     return -tf.reduce_mean(tf.reduce_sum(target * log_probs, axis=-1))
 
 
-def _weight(weights: Mapping[str, float] | Any | None, name: str) -> float:
-    # Accepts a plain mapping or a config section with attributes (train.loss_weights).
-    if weights is None:
-        return 1.0
-    if isinstance(weights, Mapping):
-        return float(weights.get(name, 1.0))
-    return float(getattr(weights, name, 1.0))
-
-
 def total_loss(
     image_labels: tf.Tensor,
     class_probs: tf.Tensor,
@@ -118,7 +107,7 @@ def total_loss(
     mosaic_patch_probs: tf.Tensor | None = None,
     params1: tf.Tensor | None = None,
     params2: tf.Tensor | None = None,
-    weights: Mapping[str, float] | Any | None = None,
+    weights: LossWeights | None = None,
 ) -> dict[str, tf.Tensor]:
     """All loss terms and their weighted sum, for the training step and for logging.
 
@@ -133,8 +122,7 @@ def total_loss(
         mosaic_patch_probs: Mosaic patch probabilities, see :func:`equivariance_loss`.
         params1: Main-view ViewParams (B, 7).
         params2: Second-view ViewParams (B, 7).
-        weights: Term weights ``bce``, ``et``, ``l2`` (mapping or object with those attributes;
-            missing ones default to 1).
+        weights: The ``train.loss_weights`` section (``None``: all 1, as in the paper).
 
     Returns:
         ``{"bce", "et", "l2", "total"}`` float32 scalars; the first three unweighted, ``total``
@@ -157,5 +145,6 @@ def total_loss(
         terms["et"] = equivariance_loss(
             view1_patch_probs, mosaic_patch_probs, image_labels, params1, params2
         )
-    terms["total"] = tf.add_n([_weight(weights, name) * terms[name] for name in LOSS_TERMS])
+    weights = weights or LossWeights()
+    terms["total"] = tf.add_n([getattr(weights, name) * terms[name] for name in LOSS_TERMS])
     return {name: terms[name] for name in (*LOSS_TERMS, "total")}
