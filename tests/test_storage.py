@@ -8,6 +8,7 @@ client.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -58,24 +59,26 @@ def test_objects_through_minio_are_what_s3_holds(s3_bucket: S3Server) -> None:  
     big = os.urandom(6 << 20)  # over MinIO's 5 MiB part size: a multipart upload
     storage.write_bytes(f"{base}/a.json", b"1")
     storage.write_bytes(f"{base}/sub/b.bin", big)
+    storage.write_file(f"{base}/sub/c.bin", __file__)
     s3_bucket.put("run/empty/", b"")  # a folder placeholder, as tensorflow-io writes them
     s3_bucket.put("run.tmp-0123abcd/x", b"x")  # a sibling sharing the prefix
 
     assert s3_bucket.read("run/sub/b.bin") == big
     assert storage.read_bytes(f"{base}/sub/b.bin") == big
-    assert storage.list_files(base) == ["a.json", "sub/b.bin"]
+    assert s3_bucket.read("run/sub/c.bin") == Path(__file__).read_bytes()
+    assert storage.list_files(base) == ["a.json", "sub/b.bin", "sub/c.bin"]
     assert storage.listdir(base) == ["a.json", "empty", "sub"]
-    assert storage.s3_entry_state(base) == "dir"
-    assert storage.s3_entry_state(f"{base}/a.json") == "file"
-    assert storage.s3_entry_state(f"{base}/a") == "missing"  # a prefix of a name, no entry
-    assert storage.s3_entry_state(s3_bucket.uri()) == "dir"
+    assert storage.entry_state(base) == "dir"
+    assert storage.entry_state(f"{base}/a.json") == "file"
+    assert storage.entry_state(f"{base}/a") == "missing"  # a prefix of a name, no entry
+    assert storage.entry_state(s3_bucket.uri()) == "dir"
     assert not storage.exists(s3_bucket.uri("ru"))
     assert storage.glob(s3_bucket.uri("run.tmp-*")) == [s3_bucket.uri("run.tmp-0123abcd")]
     assert storage.glob(f"{base}/*") == [f"{base}/a.json", f"{base}/empty", f"{base}/sub"]
-    assert storage.glob(f"{base}/s?b/*.bin") == [f"{base}/sub/b.bin"]
+    assert storage.glob(f"{base}/s?b/b*.bin") == [f"{base}/sub/b.bin"]
 
     storage.remove_files(base, ["a.json", "missing.json"])
-    assert s3_bucket.list_keys("run/") == ["run/empty/", "run/sub/b.bin"]
+    assert s3_bucket.list_keys("run/") == ["run/empty/", "run/sub/b.bin", "run/sub/c.bin"]
     storage.remove_tree(base)
     assert s3_bucket.list_keys() == ["run.tmp-0123abcd/x"]
 

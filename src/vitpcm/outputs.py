@@ -122,7 +122,7 @@ def claim_output(
     for name, value in (inputs or {}).items():
         if value is not None and str(value):
             _check_apart(text, flag, storage.local_path(value), name)
-    state = _entry_state(text)
+    state = storage.entry_state(text)
     if state == "file":
         raise OutputError(
             f"{flag} {text} is an existing file; choose a folder (the file was left as it is)"
@@ -149,15 +149,6 @@ def claim_output(
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; one of {KINDS}")
-
-
-def _entry_state(uri: str) -> str:
-    """``missing``, ``file`` or ``dir`` (an ``s3://`` prefix holding objects is a dir)."""
-    if storage.is_s3(uri):
-        return storage.s3_entry_state(uri)
-    if os.path.isdir(uri):
-        return "dir"
-    return "file" if os.path.lexists(uri) else "missing"
 
 
 def _key(uri: str) -> tuple[str, str]:

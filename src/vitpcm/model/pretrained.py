@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vitpcm import storage
-from vitpcm.errors import ChecksumError, ConfigError, DownloadError, ModelError, StorageError
+from vitpcm.errors import ChecksumError, ConfigError, DownloadError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -243,18 +243,5 @@ def fetch_pretrained(
     write_marker(text, "weights")
     local = _download(entry, _cache_root(), url, progress, **options)
     final = storage.join(text, entry.file)
-    _upload(local, final)
+    storage.write_file(final, local)
     return final
-
-
-def _upload(local: Path, final: str) -> None:
-    """Stream a finished local file to ``s3://`` (one object: readers see all of it or none)."""
-    import tensorflow as tf
-
-    storage.ensure_s3_filesystem()
-    try:
-        tf.io.gfile.copy(str(local), final, overwrite=True)
-    except Exception as exc:
-        raise StorageError(
-            f"cannot write {final}: {exc}; check S3_ENDPOINT and credentials"
-        ) from exc

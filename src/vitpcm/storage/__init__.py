@@ -38,6 +38,7 @@ __all__ = [
     "atomic_dir",
     "check_s3_config",
     "ensure_s3_filesystem",
+    "entry_state",
     "exists",
     "exit_process",
     "glob",
@@ -53,10 +54,10 @@ __all__ = [
     "remove_files",
     "remove_stale_temporaries",
     "remove_tree",
-    "s3_entry_state",
     "s3_environment",
     "s3_used",
     "write_bytes",
+    "write_file",
 ]
 
 _S3_USED = False
@@ -165,6 +166,15 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
         raise _local_error("write", text, exc) from exc
 
 
+def write_file(uri: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Copy the local file ``path`` to ``uri`` atomically (to ``s3://`` streamed in parts)."""
+    text = local_path(uri)
+    if not is_s3(text):
+        write_bytes(text, Path(path).read_bytes())
+        return
+    s3.upload(text, path)
+
+
 def exists(uri: str | os.PathLike[str]) -> bool:
     """Whether a file or folder exists (``s3://`` folders exist when they hold objects).
 
@@ -179,13 +189,18 @@ def exists(uri: str | os.PathLike[str]) -> bool:
     return os.path.exists(text)
 
 
-def s3_entry_state(uri: str) -> str:
-    """``missing``, ``file`` (an object) or ``dir`` (a prefix holding objects) of an ``s3://`` URI.
+def entry_state(uri: str | os.PathLike[str]) -> str:
+    """``missing``, ``file`` or ``dir`` (an ``s3://`` prefix holding objects is a dir).
 
     Raises:
         StorageError: S3 refused the credentials or the bucket does not exist.
     """
-    return s3.entry_state(uri)
+    text = local_path(uri)
+    if is_s3(text):
+        return s3.entry_state(text)
+    if os.path.isdir(text):
+        return "dir"
+    return "file" if os.path.lexists(text) else "missing"
 
 
 def makedirs(uri: str | os.PathLike[str]) -> None:

@@ -176,6 +176,15 @@ def write(uri: str, data: bytes) -> None:
         raise _error("write", uri, exc) from exc
 
 
+def upload(uri: str, path: str | os.PathLike[str]) -> None:
+    """Stream a local file into one object (multipart for large files, completed at once)."""
+    bucket, key = split(uri)
+    try:
+        client(uri).fput_object(bucket, key, os.fspath(path))
+    except _errors() as exc:
+        raise _error("write", uri, exc) from exc
+
+
 def copy(src: str, dest: str) -> None:
     """Copy one object inside the store (server-side: no bytes pass through this process)."""
     from minio.commonconfig import CopySource
