@@ -25,7 +25,8 @@ from vitpcm.outputs import MARKER
 SCRIPT = """
 import json, sys
 from vitpcm import storage
-from vitpcm.data.convert import convert_dataset, read_dataset_info
+from vitpcm.data.convert import convert_dataset
+from vitpcm.data.manifest import read_dataset_info
 from vitpcm.errors import BadSampleError
 
 src, bad_src, good, bad = sys.argv[1:5]

@@ -200,7 +200,7 @@ def _train(
     import numpy as np
     import tensorflow as tf
 
-    from vitpcm.data.convert import read_dataset_info
+    from vitpcm.data.manifest import read_dataset_info
     from vitpcm.data.reader import dataset_from_config
     from vitpcm.eval import evaluate_model
 
