@@ -2,34 +2,25 @@
 
 Each component is a lightweight Python component whose body imports the ``vitpcm`` library
 and calls one function, so the same code runs in the cluster (in the images named by
-:mod:`components.images`) and on one machine under ``kfp.local``.
+:mod:`components.images`) and on one machine under ``kfp.local``. The DAG's steps are
+listed in :data:`pipeline.steps.STEPS`.
 
-Components are loaded on first use: inside a running step (``_KFP_RUNTIME``) kfp offers no
+``from components import train_model`` finds the component in the module that defines it,
+loaded on first use: inside a running step (``_KFP_RUNTIME``) kfp offers no
 ``dsl.component``, yet the train step imports :mod:`components.launchers` from here.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
-
-_HOMES = {
-    "check_run": "components.check",
-    "download_data": "components.data",
-    "convert_data": "components.data",
-    "train_model": "components.train",
-    "evaluate_model": "components.evaluate",
-    "infer_crf": "components.evaluate",
-    "register_model": "components.register",
-    "deploy_model": "components.deploy",
-    "gpu_placement": "components.placement",
-}
-
-__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'components' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+    for module in pkgutil.iter_modules(__path__):
+        if not module.ispkg:
+            found = getattr(importlib.import_module(f"{__name__}.{module.name}"), name, None)
+            if hasattr(found, "component_spec"):
+                return found
+    raise AttributeError(f"module 'components' has no component {name!r}")

@@ -22,7 +22,7 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from pipeline import cluster
-from pipeline.steps import BY_TASK, Dag, add_step
+from pipeline.steps import BY_TASK, STEPS, Dag, add_step
 
 PIPELINE_NAME = "vitpcm-wsss"
 SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
@@ -86,9 +86,10 @@ FIELDS: dict[str, Field] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One pipeline: its steps (task names, in order) and the run form it shows.
+    """One pipeline: the run form it shows, and the steps of the table it leaves out.
 
     Attributes:
+        leaves_out: steps of :data:`pipeline.steps.STEPS` not in this pipeline.
         fields: the form's fields, in order (:data:`FIELDS`).
         defaults: defaults of this form that differ from the field's.
         fixed: run values that are not on this form (a step's argument that names neither
@@ -99,24 +100,25 @@ class Variant:
     name: str
     description: str
     summary: str
-    steps: tuple[str, ...]
+    leaves_out: tuple[str, ...]
     fields: tuple[str, ...]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     returns: bool = False
 
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The task names of the pipeline's steps, in the table's order."""
+        return tuple(step.task for step in STEPS if step.task not in self.leaves_out)
 
-_SCORING = ("train-model", "evaluate-model", "infer-crf", "register-model")
+
 _SINGLE_NODE_FIXED = {"distributed": "none", "workers": 2}
 CLUSTER = Variant(
     PIPELINE_NAME,
     "ViT-PCM weakly supervised semantic segmentation (ECCV 2022): data, training on GPUs "
     "(optionally multi-worker), evaluation, CRF pseudo masks, MLflow registration.",
     "Train and evaluate ViT-PCM, and register the model in MLflow.",
-    steps=(
-        "check-run", "download-data", "convert-data", "gpu-placement", *_SCORING,
-        "deploy-model",
-    ),
+    leaves_out=("importer",),
     fields=(
         "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "distributed",
         "workers", "mirror", "crf", "mlflow_tracking_uri", "experiment", "registered_model",
@@ -128,7 +130,7 @@ SINGLE_NODE = Variant(
     SINGLE_NODE_PIPELINE_NAME,
     "ViT-PCM on one node (kfp.local, or a cluster without the Training Operator).",
     "Train and evaluate ViT-PCM on one node, and register the model in MLflow.",
-    steps=("check-run", "download-data", "convert-data", "gpu-placement", *_SCORING),
+    leaves_out=("importer", "deploy-model"),
     fields=(
         "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "mirror", "crf",
         "mlflow_tracking_uri", "experiment", "registered_model", "checkpoint_root", "shards",
@@ -143,7 +145,7 @@ PREPARED_DATA = Variant(
     f"{SINGLE_NODE_PIPELINE_NAME}-prepared-data",
     "ViT-PCM on one node from a dataset folder already on disk.",
     "Train and evaluate ViT-PCM on one node from a dataset folder, and register the model.",
-    steps=("check-run", "importer", "convert-data", "gpu-placement", *_SCORING),
+    leaves_out=("download-data", "deploy-model"),
     fields=(
         "dataset", "config", "pretrained", "epochs", "overrides", "gpus", "crf",
         "mlflow_tracking_uri", "experiment", "registered_model", "checkpoint_root", "shards",
