@@ -384,3 +384,38 @@ def test_readme_says_what_every_form_field_does(cluster_package) -> None:
         assert default.strip("`") == shown, name
     # Essentials first: what a first run chooses.
     assert list(documented)[:4] == ["dataset", "config", "pretrained", "epochs"]
+
+
+def test_a_new_step_is_a_component_and_a_table_entry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every pipeline gets a step added to the table, wired from its sources."""
+    from kfp import compiler, dsl
+    from kfp.dsl import Input, Model
+
+    from pipeline import pipeline, steps
+
+    def audit_model(model, note):  # type: ignore[no-untyped-def]
+        return note
+
+    # The real annotation objects, as kfp reads them (this module's are strings).
+    audit_model.__annotations__ = {"model": Input[Model], "note": str, "return": str}
+    component = dsl.component(audit_model, base_image=images.cpu_image())
+    step = steps.Step(
+        "audit-model",
+        "audit the model",
+        component,
+        {"model": steps.output("train-model.model"), "note": steps.value("experiment")},
+    )
+    monkeypatch.setattr(pipeline, "STEPS", (*steps.STEPS, step))
+    monkeypatch.setitem(steps.BY_TASK, step.task, step)
+    for variant in (pipeline.CLUSTER, pipeline.SINGLE_NODE):
+        assert variant.steps[-1] == "audit-model"
+        compiler.Compiler().compile(pipeline.build_pipeline(variant), str(tmp_path / "p.yaml"))
+        spec, _ = _load(tmp_path / "p.yaml")
+        task = _all_tasks(spec)["audit-model"]
+        assert task["taskInfo"]["name"] == "audit the model"
+        source = task["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+        assert source == {"outputArtifactKey": "model", "producerTask": "train-model"}
+        note = task["inputs"]["parameters"]["note"]
+        assert note == {"componentInputParameter": "experiment"}
