@@ -12,10 +12,10 @@ from tests.helpers.tiny import make_tiny_dataset
 from vitpcm import cli, run_plan
 from vitpcm.cli.common import load_cfg
 from vitpcm.data.sources import dataset_names
+from vitpcm.data.sources.coco14 import COCO_CLASSES
 from vitpcm.data.sources.voc12 import VOC_CLASSES
 from vitpcm.data.synth import SYNTH_CLASSES
 from vitpcm.errors import ConfigError
-from vitpcm.predict import COCO_CLASSES
 
 S16 = (
     "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03"

@@ -43,30 +43,16 @@ FAILURES_FILE = "failures.jsonl"
 CONFIG_FILE = "config.yaml"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
-# COCO 2014's 80 categories in category-id order (the order `data convert` gives them).
-COCO_CLASSES: tuple[str, ...] = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
-    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
-
-
 def default_class_names(num_classes: int, dataset: str | None = None) -> list[str]:
-    """Class names of a model: the synthetic, VOC (21) or COCO (81) names, else ``class_<i>``."""
-    from vitpcm.data.sources.voc12 import VOC_CLASSES
-    from vitpcm.data.synth import SYNTH_CLASSES
+    """Class names of a model: its dataset's, else those of the first downloadable dataset
+    (VOC, COCO) with ``num_classes`` classes, else ``class_<i>``."""
+    from vitpcm.data.sources import dataset_names, get_source
 
-    known = (SYNTH_CLASSES,) if dataset == "synthetic" else ()
-    for names in (*known, VOC_CLASSES, COCO_CLASSES):
-        if len(names) == num_classes:
-            return list(names)
+    names = dataset_names()
+    known = [dataset] if dataset in names else [n for n in names if get_source(n).files]
+    for candidate in (get_source(n).class_names for n in known):
+        if len(candidate) == num_classes:
+            return list(candidate)
     return ["background", *(f"class_{i}" for i in range(1, num_classes))]
 
 
