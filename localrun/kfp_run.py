@@ -1,7 +1,7 @@
 """The ``kfp.local`` run itself, in a process of its own: ``python -m localrun.kfp_run SPEC``.
 
 :func:`localrun.run.run_local` starts this module in a process group of its own
-(:func:`localrun.progress.run_in_own_group`) and reads its output; stopping that group
+(:func:`localrun.processes.run_in_own_group`) and reads its output; stopping that group
 stops ``kfp.local`` and every step it started, without touching ``kfp.local``'s internals.
 SPEC is a JSON file (:func:`write_spec`): the pipeline root, the pipeline's arguments, the
 dataset folder to start from (or none), whether the steps run in containers, and where

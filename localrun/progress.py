@@ -7,9 +7,6 @@ events (:mod:`vitpcm.events`, never the wording of their log lines) into calls o
 :class:`StepDisplay`, which draws one line per step with its elapsed time -- redrawn every
 second on a terminal, printed once at start and end (plus throttled details) in a log or a
 pipe.
-
-:func:`run_in_own_group` runs a command in a process group of its own, so that stopping the
-run (Ctrl-C, SIGTERM) ends it and everything it started (the steps, their CRF workers).
 """
 
 from __future__ import annotations
@@ -18,11 +15,9 @@ import collections
 import contextlib
 import os
 import re
-import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -63,7 +58,6 @@ _SHOWN: dict[str, Callable[[Mapping[str, Any]], str]] = {
 _TAIL_LINES = 40
 _TITLE_WIDTH = 38
 _QUIET_DETAIL_EVERY_S = 30.0
-_STOP_GRACE_S = 10.0
 
 
 def _clock(seconds: float) -> str:
@@ -222,8 +216,6 @@ class StepDisplay:
 
 
 def _terminal_width(stream: IO[str]) -> int:
-    import os
-
     try:
         columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
@@ -282,51 +274,6 @@ class KfpLogSink:
         if show is not None and self.display is not None:
             with contextlib.suppress(KeyError, TypeError, ValueError):  # a malformed event
                 self.display.detail(show(event))
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    """End a process group: SIGTERM, then SIGKILL after a grace period."""
-    for sig, wait in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # What the leader started (steps, CRF workers) may outlive it by a moment.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def run_in_own_group(
-    command: Sequence[str], on_line: Callable[[str], None], env: Mapping[str, str] | None = None
-) -> int:
-    """Run ``command`` in a process group of its own; returns its exit code.
-
-    Its output (stdout and stderr) goes to ``on_line`` line by line. A Ctrl-C in the
-    terminal reaches only the caller (the command is in another group); if the caller is
-    interrupted (KeyboardInterrupt), the command and everything it started are stopped
-    before the interruption goes on.
-    """
-    with subprocess.Popen(
-        list(command),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
-        env=None if env is None else dict(env),
-        start_new_session=True,
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, ""):
-                on_line(line)
-            return proc.wait()
-        except BaseException:
-            _stop_group(proc)
-            raise
 
 
 def open_log(path: Path) -> IO[str]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localrun.progress import KfpLogSink, StepDisplay, open_log, run_in_own_group
+from localrun.processes import run_in_own_group
+from localrun.progress import KfpLogSink, StepDisplay, open_log
 from vitpcm import events
 from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ConfigError

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from localrun.processes import stop_group
 from vitpcm.errors import ConfigError, StorageError, TrackingError, VitpcmError
 
 HOST = "127.0.0.1"
@@ -95,22 +95,6 @@ def _console_script(name: str, module: str) -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", module]
-
-
-def _stop_group(proc: subprocess.Popen[bytes], kill: bool, grace_s: float = 20.0) -> None:
-    """Signal a server's whole process group and reap the leader."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    # Workers may outlive the leader for a moment (or for good, when it died first).
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_port_closed(port: int, timeout: float = 20.0) -> None:
@@ -208,7 +192,7 @@ class _ServerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        _stop_group(proc, kill)
+        stop_group(proc, kill)
         _wait_port_closed(self.port)
 
     def __enter__(self) -> Any:

@@ -28,7 +28,8 @@ import pytest
 from helpers.tiny import TINY_OVERRIDES
 from localrun.mlflow_store import main as mlflow_ui_main
 from localrun.mlflow_store import serve_ui
-from localrun.progress import KfpLogSink, StepDisplay, run_in_own_group
+from localrun.processes import run_in_own_group
+from localrun.progress import KfpLogSink, StepDisplay
 from localrun.services import MlflowServer, S3Endpoint, free_port
 from localrun.summary import build_summary, format_summary
 from pipeline.steps import STEPS
