@@ -11,6 +11,9 @@
 them through the fixtures in ``tests/helpers/``. Each server runs in a process group of its
 own: ``stop`` ends the CLI and its workers together, and a Ctrl-C in the terminal reaches
 only the caller, which then stops them in order. Both work as context managers.
+
+(Over 450 lines: the two servers share their process handling here, and the bucket is what
+both are set up with.)
 """
 
 from __future__ import annotations
