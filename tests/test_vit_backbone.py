@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import types
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from vitpcm.errors import ModelError
+from vitpcm.config import Config, DataConfig, ModelConfig, TrainConfig, resolve_config
+from vitpcm.errors import ConfigError, ModelError
 from vitpcm.model.vit_backbone import ViTBackbone
 from vitpcm.model.vit_layers import (
     MultiHeadDotProductAttention,
@@ -205,30 +204,24 @@ def test_heads_must_divide_dim() -> None:
         tiny_backbone(num_heads=5)
 
 
-def test_from_model_config_fills_preset_dims_and_dropout() -> None:
-    cfg = types.SimpleNamespace(
-        backbone="vit_ti16",
-        patch_size=None,
-        hidden_dim=None,
-        depth=None,
-        num_heads=None,
-        mlp_dim=None,
-        pos_embed_grid=None,
-        backbone_dropout=0.2,
-    )
-    backbone = ViTBackbone.from_model_config(cfg)
+def test_from_model_config_takes_the_resolved_preset_dims_and_dropout() -> None:
+    cfg = resolve_config(Config(model=ModelConfig(backbone="vit_ti16", backbone_dropout=0.2)))
+    backbone = ViTBackbone.from_model_config(cfg.model)
     assert (backbone.hidden_dim, backbone.depth, backbone.num_heads) == (192, 12, 3)
     assert backbone.pos_embed_grid == 24 and backbone.dropout == 0.2
     assert backbone.name == "backbone"
 
 
-def test_from_model_config_custom_needs_every_dim() -> None:
-    cfg = types.SimpleNamespace(backbone="custom", **{**TINY, "mlp_dim": None})
-    with pytest.raises(ModelError, match="model.mlp_dim"):
-        ViTBackbone.from_model_config(cfg)
-    cfg = types.SimpleNamespace(backbone="custom", **{**TINY, "pos_embed_grid": None})
-    with pytest.raises(ModelError, match="pos_embed_grid"):
-        ViTBackbone.from_model_config(cfg)
+def test_from_model_config_custom_backbone() -> None:
+    data, train = DataConfig(image_size=256, test_size=256), TrainConfig(unfreeze_blocks=2)
+    model = ModelConfig(backbone="custom", **{**TINY, "pos_embed_grid": None})
+    cfg = resolve_config(Config(data=data, model=model, train=train))
+    backbone = ViTBackbone.from_model_config(cfg.model)
+    assert backbone.pos_embed_grid == 256 // TINY["patch_size"]  # derived from data.image_size
+    assert (backbone.hidden_dim, backbone.mlp_dim) == (TINY["hidden_dim"], TINY["mlp_dim"])
+    model = ModelConfig(backbone="custom", **{**TINY, "mlp_dim": None})
+    with pytest.raises(ConfigError, match="model.mlp_dim"):
+        resolve_config(Config(data=data, model=model, train=train))
 
 
 def test_unknown_preset() -> None:

@@ -8,7 +8,7 @@ There is no classification head. Blocks are named ``encoderblock_{i}`` and the f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -22,7 +22,8 @@ from vitpcm.model.vit_layers import (
     check_gelu,
 )
 
-_DIMS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")
+if TYPE_CHECKING:
+    from vitpcm.config import ModelConfig
 
 
 @keras.saving.register_keras_serializable(package="vitpcm")
@@ -166,32 +167,19 @@ class ViTBackbone(keras.Model):
         return cls(**dims, pos_embed_grid=pos_embed_grid, **kwargs)
 
     @classmethod
-    def from_model_config(cls, model_cfg: Any, name: str = "backbone") -> ViTBackbone:
-        """A backbone from a ``cfg.model``-like object.
+    def from_model_config(cls, model_cfg: ModelConfig, name: str = "backbone") -> ViTBackbone:
+        """A backbone from the resolved ``model`` config section.
 
         Reads ``patch_size``, ``hidden_dim``, ``depth``, ``num_heads``, ``mlp_dim``,
-        ``pos_embed_grid``, ``backbone_dropout`` and ``gelu``; dimensions left ``None`` are
-        taken from the preset named by ``model_cfg.backbone`` when there is one.
+        ``pos_embed_grid``, ``backbone_dropout`` and ``gelu``, all filled in (from the preset
+        named by ``model.backbone`` where it has one) by :func:`vitpcm.config.load_config`.
         """
-        from vitpcm.config import BACKBONE_PRESETS, PRESET_PRETRAIN_SIZE
+        from vitpcm.config import BACKBONE_DIMS
 
-        preset = BACKBONE_PRESETS.get(getattr(model_cfg, "backbone", None) or "", {})
-        dims: dict[str, Any] = {}
-        for key in _DIMS:
-            value = getattr(model_cfg, key, None)
-            dims[key] = preset.get(key) if value is None else value
-        missing = [f"model.{key}" for key, value in dims.items() if value is None]
-        if missing:
-            raise ModelError(f"backbone dimensions not set: {', '.join(missing)}; set them")
-        grid = getattr(model_cfg, "pos_embed_grid", None)
-        if grid is None:
-            if not preset:
-                raise ModelError("model.pos_embed_grid is not set; set it for a custom backbone")
-            grid = PRESET_PRETRAIN_SIZE // dims["patch_size"]
         return cls(
-            **dims,
-            pos_embed_grid=grid,
-            dropout=float(getattr(model_cfg, "backbone_dropout", 0.0) or 0.0),
-            gelu=getattr(model_cfg, "gelu", None) or DEFAULT_GELU,
+            **{dim: getattr(model_cfg, dim) for dim in BACKBONE_DIMS},
+            pos_embed_grid=model_cfg.pos_embed_grid,
+            dropout=model_cfg.backbone_dropout,
+            gelu=model_cfg.gelu,
             name=name,
         )
