@@ -1,4 +1,4 @@
-"""Label merge and baseline pseudo masks on hand-made class maps."""
+"""Label merge and baseline pseudo masks (as ``vitpcm eval`` makes them) on hand-made maps."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vitpcm.model.label_merge import (
-    baseline_pseudo_mask,
-    baseline_pseudo_mask_single,
-    label_merge,
-)
+from vitpcm.eval import merged_probabilities
+from vitpcm.model.label_merge import label_merge
 
 # One image, a 1x3 grid, 3 classes; class 2 is absent from the image labels.
 MAPS = np.array([[[[0.6, 0.1, 0.3], [0.2, 0.2, 0.6], [0.1, 0.4, 0.5]]]], dtype=np.float32)
@@ -62,29 +59,32 @@ def _two_cell_maps() -> tuple[np.ndarray, np.ndarray]:
     return maps, np.array([[1, 1, 0]], np.float32)
 
 
+def _bpm(maps: np.ndarray, labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The baseline pseudo mask of one image, as :func:`vitpcm.eval.evaluate_model` scores it."""
+    return merged_probabilities(maps, labels, height, width).argmax(axis=-1)
+
+
 def test_baseline_pseudo_mask_upsamples_probabilities_then_takes_the_argmax():
     maps, labels = _two_cell_maps()
     # Merged: left [1 0 0], right [0 1 0]. Bilinear to width 6 with half-pixel centres samples
     # x = (i + .5) / 3 - .5 = -1/3, 0, 1/3, 2/3, 1, 4/3 -> class-1 weight 0, 0, 1/3, 2/3, 1, 1.
-    mask = baseline_pseudo_mask(maps, labels, (2, 6)).numpy()
-    assert mask.dtype == np.int32
-    np.testing.assert_array_equal(mask, [[[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]]])
-    np.testing.assert_array_equal(baseline_pseudo_mask(maps, labels, (1, 2)).numpy(), [[[0, 1]]])
+    probs = merged_probabilities(maps[0], labels[0], 2, 6)
+    np.testing.assert_allclose(probs[..., 1], [[0, 0, 1 / 3, 2 / 3, 1, 1]] * 2, atol=1e-6)
+    np.testing.assert_array_equal(_bpm(maps[0], labels[0], 2, 6), [[0, 0, 0, 1, 1, 1]] * 2)
+    np.testing.assert_array_equal(_bpm(maps[0], labels[0], 1, 2), [[0, 1]])
 
 
-def test_baseline_pseudo_mask_single_handles_a_different_size_per_image():
+def test_baseline_pseudo_mask_has_each_labels_own_size():
     maps, labels = _two_cell_maps()
-    mask_fn = tf.function(baseline_pseudo_mask_single)
     for height, width, expected_row in [(3, 4, [0, 0, 1, 1]), (1, 6, [0, 0, 0, 1, 1, 1])]:
-        mask = mask_fn(maps[0], labels[0], tf.constant([height, width])).numpy()
+        mask = _bpm(maps[0], labels[0], height, width)
         assert mask.shape == (height, width)
         np.testing.assert_array_equal(mask, np.tile(expected_row, (height, 1)))
 
 
-@pytest.mark.parametrize("label_dtype", [tf.float32, tf.int64])
+@pytest.mark.parametrize("label_dtype", [np.float32, np.int64])
 def test_baseline_pseudo_mask_never_predicts_an_absent_class(label_dtype):
     maps = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 4, 4)).astype(np.float32)
-    labels = tf.constant([[1, 0, 1, 0, 0], [1, 1, 0, 0, 1]], label_dtype)
-    mask = baseline_pseudo_mask(maps, labels, (9, 7)).numpy()
-    assert set(np.unique(mask[0])) <= {0, 2}
-    assert set(np.unique(mask[1])) <= {0, 1, 4}
+    labels = np.array([[1, 0, 1, 0, 0], [1, 1, 0, 0, 1]], label_dtype)
+    assert set(np.unique(_bpm(maps[0], labels[0], 9, 7))) <= {0, 2}
+    assert set(np.unique(_bpm(maps[1], labels[1], 9, 7))) <= {0, 1, 4}

@@ -107,14 +107,32 @@ def test_train_step_setting_switches_between_the_two_paths() -> None:
 
     losses = {}
     for fused in (False, True):
-        cfg = tiny_config("model.dropout=0.0", f"train.fused_step={fused}")
+        cfg = tiny_config(
+            "model.dropout=0.0", f"train.fused_step={fused}", "train.loss_weights.et=0.5"
+        )
         keras.utils.set_random_seed(0)
         loop = TrainingLoop(cfg, make_strategy(), cfg.data.num_classes, cfg.train.batch_size)
         loop.enter_phase(schedule(cfg)[-1])
         batch = _batch(cfg, cfg.train.batch_size)
-        losses[fused] = [float(loop._step_fn(batch)["loss"]) for _ in range(3)]
+        expected = _loss_terms(loop.model, batch, cfg)
+        first = {k: float(v) for k, v in loop._step_fn(batch).items()}
+        assert first == pytest.approx(expected, rel=1e-4)
+        losses[fused] = [first["loss"]] + [float(loop._step_fn(batch)["loss"]) for _ in range(2)]
     assert losses[True][0] > losses[True][2]  # it learns
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def _loss_terms(model: keras.Model, batch: dict, cfg: object) -> dict[str, float]:
+    """The step's loss terms worked out from the model's outputs (no dropout: deterministic)."""
+    labels = batch["labels"]
+    target = model(batch["image"], training=False)["patch_probs"]
+    mosaic = model(tile_mosaic(batch["view2"]), training=False)["patch_probs"]
+    bce = float(bce_loss(labels, model(batch["image"], training=False)["class_probs"]))
+    et = float(equivariance_loss(target, mosaic, labels, batch["params1"], batch["params2"]))
+    kernel = model.get_layer("patch_classifier").kernel.numpy()
+    l2 = cfg.model.l2 * float(np.sum(kernel.astype("float64") ** 2))
+    w = cfg.train.loss_weights
+    return {"loss": w.bce * bce + w.et * et + w.l2 * l2, "bce": bce, "et": et, "l2": l2}
 
 
 def test_one_pass_under_mixed_bfloat16() -> None:

@@ -116,10 +116,12 @@ class TrainingLoop:
                 self.optimizers[phase.name] = opt
             # Dropout draws from Keras seed generators whose state tf.train.Checkpoint does not
             # track on its own; checkpoint it explicitly so a resumed run draws the same masks.
+            # `variables` is `weights` plus the seed generators' states (Keras' Layer API).
+            weights = {id(w) for w in self.model.weights}
             rng = {
                 f"rng_{i}": v.value
                 for i, v in enumerate(self.model.variables)
-                if "seed_generator_state" in v.path
+                if id(v) not in weights
             }
             self._ckpt = tf.train.Checkpoint(model=self.model, rng=rng, **self.optimizers)
 
@@ -213,7 +215,7 @@ class TrainingLoop:
         import tensorflow as tf
 
         from vitpcm.model.equivariance import tile_mosaic
-        from vitpcm.model.losses import bce_loss, equivariance_loss, l2_loss
+        from vitpcm.model.losses import total_loss
         from vitpcm.model.vitpcm import train_forward
 
         cfg = self.cfg
@@ -241,21 +243,28 @@ class TrainingLoop:
                     mosaic = model(tile_mosaic(batch["view2"]), training=True)["patch_probs"]
                 else:
                     out = model(images, training=True)
-                bce = bce_loss(labels, out["class_probs"])
-                l2 = l2_loss(classifier.kernel, cfg.model.l2)
+                et_inputs = {}
                 if use_et:
-                    et = equivariance_loss(
-                        target, mosaic, labels, batch["params1"], batch["params2"]
-                    )
-                else:
-                    et = tf.constant(0.0)
-                total = weights.bce * bce + weights.et * et + weights.l2 * l2
+                    et_inputs = {
+                        "view1_patch_probs": target,
+                        "mosaic_patch_probs": mosaic,
+                        "params1": batch["params1"],
+                        "params2": batch["params2"],
+                    }
+                terms = total_loss(
+                    labels,
+                    out["class_probs"],
+                    kernel=classifier.kernel,
+                    l2=cfg.model.l2,
+                    weights=weights,
+                    **et_inputs,
+                )
                 # Gradients are summed across replicas, so scale each replica's share.
-                scaled = total / replicas
+                scaled = terms["total"] / replicas
             variables = model.trainable_variables
             grads = tape.gradient(scaled, variables)
             optimizer.apply_gradients(zip(grads, variables, strict=True))
-            return {"loss": total, "bce": bce, "et": et, "l2": l2}
+            return {"loss": terms.pop("total"), **terms}
 
         # XLA compiles the per-replica body (Keras' own layout), so the cross-replica
         # reduction stays outside it. Faster (bench/train_step.py), but other dropout masks.

@@ -1,9 +1,10 @@
-"""Label merge: turn per-patch class maps and image labels into a baseline pseudo mask (BPM).
+"""Label merge: per-patch class maps and image labels into per-patch class distributions.
 
 METHOD.md, "Label merge": multiply each class map by the image label (absent classes -> 0),
-divide each class map by its spatial maximum, renormalise over classes, upsample the
-probabilities bilinearly to the label's size, argmax. The same merge (without the argmax)
-turns the main view's prediction into the equivariance target.
+divide each class map by its spatial maximum, renormalise over classes. Upsampled bilinearly
+to the label's size and arg-maxed (:func:`vitpcm.eval.merged_probabilities`) it gives the
+baseline pseudo mask (BPM); the same merge turns the main view's prediction into the
+equivariance target (:func:`vitpcm.model.losses.equivariance_target`).
 """
 
 from __future__ import annotations
@@ -51,47 +52,3 @@ def label_merge(
     uniform = uniform / tf.reduce_sum(uniform, axis=-1, keepdims=True)
     uniform = tf.broadcast_to(uniform, tf.shape(normalised))
     return tf.where(total > 0, tf.math.divide_no_nan(normalised, total), uniform)
-
-
-def baseline_pseudo_mask(
-    class_maps: tf.Tensor,
-    image_labels: tf.Tensor,
-    out_size: tuple[int, int] | tf.Tensor,
-    eps: float = DEFAULT_EPS,
-) -> tf.Tensor:
-    """Baseline pseudo masks of a batch at one common output size.
-
-    Args:
-        class_maps: (B, H, W, K) per-patch class probabilities.
-        image_labels: (B, K) multi-hot image labels.
-        out_size: (h, w) of the masks.
-        eps: See :func:`label_merge`.
-
-    Returns:
-        int32 (B, h, w) class indices.
-    """
-    merged = label_merge(class_maps, image_labels, eps)
-    # Upsample the probabilities, not the labels: bilinear blending of the merged maps gives
-    # boundaries between patch centres instead of blocky patch-sized steps.
-    upsampled = tf.image.resize(merged, out_size, method="bilinear")
-    return tf.argmax(upsampled, axis=-1, output_type=tf.int32)
-
-
-def baseline_pseudo_mask_single(
-    class_map: tf.Tensor,
-    labels: tf.Tensor,
-    out_size: tuple[int, int] | tf.Tensor,
-    eps: float = DEFAULT_EPS,
-) -> tf.Tensor:
-    """Baseline pseudo mask of one image, for evaluation at each label's own resolution.
-
-    Args:
-        class_map: (H, W, K) per-patch class probabilities.
-        labels: (K,) multi-hot image labels.
-        out_size: (h, w) of the mask (Python ints or an int tensor, e.g. the label's shape).
-        eps: See :func:`label_merge`.
-
-    Returns:
-        int32 (h, w) class indices.
-    """
-    return baseline_pseudo_mask(class_map[None], labels[None], out_size, eps)[0]
