@@ -139,12 +139,14 @@ def train_model(
     if distributed == "none":
         result = train(cfg, data_uri=data, out_uri=out, progress=False)
         if out != model.path:
-            for name in (MODEL_FILE, CONFIG_FILE, METRICS_JSON, HISTORY_JSON):
-                data_bytes = storage.read_bytes(storage.join(out, name))
-                storage.write_bytes(os.path.join(model.path, name), data_bytes)
-            from vitpcm.tracking.training import export_tracking
+            from vitpcm.tracking.spool import RUN_FILE
 
-            export_tracking(out, model.path)  # the MLflow run the register step continues
+            # RUN_FILE names the MLflow run the register step continues and its spool's place.
+            tracked = storage.exists(storage.join(out, RUN_FILE))
+            for name in (MODEL_FILE, CONFIG_FILE, METRICS_JSON, HISTORY_JSON, RUN_FILE):
+                if name != RUN_FILE or tracked:
+                    data_bytes = storage.read_bytes(storage.join(out, name))
+                    storage.write_bytes(os.path.join(model.path, name), data_bytes)
     else:
         name, labels = w.job_name(kfp_run_id), {"vitpcm/run-id": w.run_label(kfp_run_id)}
         if distributed == "trainjob":

@@ -27,7 +27,7 @@ from vitpcm.tracking import (
     plot_sample_overlays,
     promote_if_better,
 )
-from vitpcm.tracking.figures import overlay_labels, write_split_figures
+from vitpcm.tracking.figures import overlay_labels, score_pseudo_masks, write_split_figures
 from vitpcm.tracking.registry import comparison_text
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool, resolve_spool_dir
 
@@ -124,7 +124,7 @@ def test_spool_appends_in_order_and_copies_files(tmp_path: Path) -> None:
     assert [r.seq for r in records] == [0, 1]
     assert [r.kind for r in records] == ["params", "artifact"]
     assert first.id != second.id
-    assert spool.file_path(records[1].data["file"]).read_bytes() == b"png bytes"
+    assert (spool.path / records[1].data["file"]).read_bytes() == b"png bytes"
     assert records[1].data["file"].endswith("/plot.png")
     assert [r.seq for r in spool.pending()] == [0, 1]
 
@@ -470,7 +470,6 @@ def test_pipeline_run_logged_from_step_outputs_and_gated(
     # The confusion matrices read back from the PNGs give the test step's own scores, and
     # the best and worst overlays are the extremes of the per-image mIoU.
     from vitpcm.metrics import metrics_from_matrix
-    from vitpcm.tracking.pseudo_masks import score_pseudo_masks
 
     scores = score_pseudo_masks(data, "test", test_dir, cfg.data.num_classes, count=1)
     assert metrics_from_matrix(scores.confusion_bpm)["miou"] == pytest.approx(tested["miou"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa: F401
 from helpers.tiny import make_tiny_dataset, tiny_config
-from vitpcm.tracking import TrainingTracker, log_pipeline_run, replay_spool
+from vitpcm.tracking import RUN_FILE, TrainingTracker, log_pipeline_run, replay_spool
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool
 
 CURVES = ("train/loss", "train/bce", "train/et", "train/l2", "train/miou", "val/miou", "train/lr")
@@ -196,9 +197,15 @@ def test_training_offline_then_register_sends_everything_once(
     assert result["mlflow"]["pending"] == len(spool.records()) == len(spool.pending())
     assert "vitpcm mlflow replay" in caplog.text
 
+    # The register step gets the model folder without the spool (as from an s3:// training
+    # output): it reads the spool where mlflow_run.json says the training wrote it.
+    model_dir = tmp_path / "model-artifact"
+    model_dir.mkdir()
+    for name in ("model.keras", "config.yaml", "metrics.json", "history.json", RUN_FILE):
+        shutil.copy(out / name, model_dir / name)
     # The register step reaches MLflow: the training's records go first, then its own.
     logged = log_pipeline_run(
-        tracking_uri=mlflow_server.uri, model_dir=out, spool_dir=tmp_path / "register-spool"
+        tracking_uri=mlflow_server.uri, model_dir=model_dir, spool_dir=tmp_path / "register-spool"
     )
     assert logged["continued"] and logged["pending"] == 0
     run_id = logged["run_id"]
@@ -216,3 +223,4 @@ def test_training_offline_then_register_sends_everything_once(
     # Nothing is left to replay, and replaying again sends nothing twice.
     assert replay_spool(tmp_path / "register-spool", progress=False) == 0
     assert _points(mlflow_server, run_id, "train/loss") == [1, 2]
+    assert run.data.tags["vitpcm.spool_id"] == spool.spool_id  # the training's own run

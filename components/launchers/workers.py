@@ -143,12 +143,11 @@ def train_command(
 def collect_outputs(out_uri: str, model_dir: str) -> dict[str, Any]:
     """Copy the chief's outputs into the step's Model folder; return its ``metrics.json``.
 
-    With them go the chief's MLflow run file and its spool (mirrored next to the outputs),
-    so the register step continues the run the chief logged the epochs to.
+    With them goes the chief's MLflow run file, which names the run the chief logged the
+    epochs to and the place of its spool, for the register step to continue that run.
     """
     from vitpcm import storage
-    from vitpcm.tracking.spool import SPOOL_DIRNAME
-    from vitpcm.tracking.training import RUN_FILE
+    from vitpcm.tracking.spool import RUN_FILE
 
     for name in OUTPUT_FILES:
         data = storage.read_bytes(storage.join(out_uri, name))
@@ -156,11 +155,6 @@ def collect_outputs(out_uri: str, model_dir: str) -> dict[str, Any]:
     if storage.exists(storage.join(out_uri, RUN_FILE)):
         data = storage.read_bytes(storage.join(out_uri, RUN_FILE))
         storage.write_bytes(os.path.join(model_dir, RUN_FILE), data)
-    spool = storage.join(out_uri, SPOOL_DIRNAME)
-    if storage.exists(spool):
-        for relative in storage.list_files(spool):
-            data = storage.read_bytes(storage.join(spool, relative))
-            storage.write_bytes(os.path.join(model_dir, SPOOL_DIRNAME, relative), data)
     with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as handle:
         return json.load(handle)
 

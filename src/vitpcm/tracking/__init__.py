@@ -1,17 +1,15 @@
-"""MLflow tracking for ViT-PCM runs: spooled run logging, model registry and champion gate.
+"""MLflow tracking for ViT-PCM runs: spooled run logging, model registry, champion gate.
 
-* :class:`RunTracker` (``tracker.py``) -- one MLflow run per job: tags, params, per-epoch
-  curves, final metrics, plots, config, the Keras model, registration.
-* ``spool.py`` / ``sender.py`` -- every record is journaled locally before it is sent, so
-  an MLflow outage loses nothing; :func:`replay_spool` sends what is left.
-* :class:`TrainingTracker` (``training.py``) -- ``vitpcm train`` logging each epoch live
-  when a tracking URI is configured; it writes ``mlflow_run.json`` next to ``metrics.json``.
-* :func:`log_pipeline_run` (``pipeline_run.py``) -- the pipeline's register step: continues
-  the training's run (or creates it from the step outputs) and adds results and the model.
-* :func:`promote_if_better` (``registry.py``) -- the ``champion`` alias gate.
-* :func:`plot_sample_overlays` (``figures.py``) -- image / ground truth / BPM / CRF grids.
-* ``naming.py`` (experiment, param and metric names) and ``model_files.py`` (the logged
-  model's signature and folder).
+* ``spool.py`` / ``sender.py``: every record is journaled locally before it is sent, so an
+  MLflow outage loses nothing; :func:`replay_spool` sends what is left.
+* :class:`RunTracker` (``tracker.py``): one run: tags, params, curves, results, plots,
+  config, the Keras model (``model_files.py``), its registration.
+* :class:`TrainingTracker` (``training.py``): ``vitpcm train`` logging each epoch live; it
+  writes :data:`RUN_FILE` next to ``metrics.json``.
+* :func:`log_pipeline_run` (``pipeline_run.py``): the register step continues the
+  training's run and adds results and the model.
+* :func:`promote_if_better` (``registry.py``): the ``champion`` gate; ``figures.py``: plots
+  and overlays; ``naming.py``: names, params, metric keys, description, links.
 
 Importing this package does not import MLflow (that takes seconds); the functions do.
 """
@@ -28,9 +26,9 @@ from vitpcm.tracking.naming import (
 from vitpcm.tracking.pipeline_run import log_pipeline_run
 from vitpcm.tracking.registry import CHAMPION_ALIAS, ChampionDecision, promote_if_better
 from vitpcm.tracking.sender import replay_spool
-from vitpcm.tracking.spool import SPOOL_DIRNAME
+from vitpcm.tracking.spool import RUN_FILE, SPOOL_DIRNAME
 from vitpcm.tracking.tracker import ModelLogResult, RunTracker
-from vitpcm.tracking.training import RUN_FILE, TrainingTracker, training_summary
+from vitpcm.tracking.training import TrainingTracker, training_summary
 
 __all__ = [
     "CHAMPION_ALIAS",

@@ -1,18 +1,20 @@
-"""Figures for the MLflow run page: sample overlays and a split's result plots.
+"""Figures for the MLflow run page: sample overlays, a stage's result plots, and the test
+step's pseudo masks read back to pick the best and worst images.
 
-Sample overlays put image, ground truth, BPM and CRF side by side, one row per sample;
-label maps are tinted over the image in the VOC palette (background left untinted so the
-object shapes stand out; 255 = ignore/boundary keeps its palette colour), with a legend of
-the classes that appear. Rendering goes through the Agg canvas
-only, so it works headless and never touches pyplot's global state.
+Overlays put image, ground truth, BPM and CRF side by side, one row per sample; label maps
+are tinted over the image in the VOC palette (background untinted so the shapes stand out;
+255 = ignore keeps its palette colour), with a legend of the classes that appear. Rendering
+goes through the Agg canvas only: headless, and pyplot's global state is never touched.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,8 @@ import numpy as np
 from vitpcm import storage
 
 # (key in a sample, column title), in display order.
-OVERLAY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("ground_truth", "ground truth"),
-    ("bpm", "BPM"),
-    ("crf", "BPM + CRF"),
-)
-_IGNORE = 255
+OVERLAY_COLUMNS = (("ground_truth", "ground truth"), ("bpm", "BPM"), ("crf", "BPM + CRF"))
+BPM_DIR, CRF_DIR = "pseudo_masks", "pseudo_masks_crf"  # the test step's PNG folders
 _LEGEND_IN = 0.45  # figure height (inches) kept free for the legend row
 
 
@@ -41,31 +39,31 @@ def _as_rgb(image: Any) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _fit_label(label: Any, shape: tuple[int, int]) -> np.ndarray:
-    """The label map at the image's size (nearest neighbour: labels must not blend)."""
+def overlay_labels(image: Any, label: Any, alpha: float = 0.55) -> np.ndarray:
+    """Tint ``image`` (H, W, 3) with ``label`` (any size: resized with nearest neighbour,
+    labels must not blend) in the VOC palette; returns uint8."""
     from PIL import Image
 
-    array = np.asarray(label)
-    if array.ndim != 2:
-        raise ValueError(f"label map must be (H, W), got shape {array.shape}")
-    array = array.astype(np.uint8)
-    if array.shape != shape:
-        resized = Image.fromarray(array).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-        array = np.asarray(resized)
-    return array
-
-
-def overlay_labels(image: Any, label: Any, alpha: float = 0.55) -> np.ndarray:
-    """Tint ``image`` (H, W, 3) with ``label`` (H', W') in the VOC palette; returns uint8."""
     from vitpcm.data.labels import voc_palette
 
     rgb = _as_rgb(image)
-    fitted = _fit_label(label, rgb.shape[:2])
-    colours = voc_palette()[fitted].astype(np.float64)
+    fitted = np.asarray(label)
+    if fitted.ndim != 2:
+        raise ValueError(f"label map must be (H, W), got shape {fitted.shape}")
+    fitted = fitted.astype(np.uint8)
+    if fitted.shape != rgb.shape[:2]:
+        size = (rgb.shape[1], rgb.shape[0])
+        fitted = np.asarray(Image.fromarray(fitted).resize(size, Image.Resampling.NEAREST))
     out = rgb.astype(np.float64)
     tinted = fitted != 0
-    out[tinted] = (1.0 - alpha) * out[tinted] + alpha * colours[tinted]
+    out[tinted] = (1.0 - alpha) * out[tinted] + alpha * voc_palette()[fitted][tinted]
     return out.round().astype(np.uint8)
+
+
+def _save(fig: Any, path: str | os.PathLike[str], **options: Any) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, **options)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def plot_sample_overlays(
@@ -76,20 +74,13 @@ def plot_sample_overlays(
     alpha: float = 0.55,
     title: str | None = None,
 ) -> None:
-    """Save a PNG grid: one row per sample, columns image / ground truth / BPM / CRF.
+    """Save a PNG grid at ``path`` (local or ``s3://``): one row per sample, columns image,
+    ground truth, BPM, CRF; ``class_names`` (or indices) in the legend.
 
-    Args:
-        samples: dicts with ``image`` ((H, W, 3) uint8, or float in [0, 255]) and any of
-            ``ground_truth``, ``bpm``, ``crf`` ((H, W) integer label maps, any size: they
-            are resized to the image with nearest neighbour), plus an optional ``name``.
-            A column is drawn when at least one sample has it.
-        class_names: K class names for the legend (``None``: class indices).
-        path: where to write the PNG (local or ``s3://``).
-        alpha: how strongly labels tint the image.
-        title: an optional figure title.
-
-    Raises:
-        ValueError: no samples, or an image or label map has the wrong shape.
+    ``samples`` are dicts with ``image`` ((H, W, 3) uint8, or float in [0, 255]), any of
+    ``ground_truth``, ``bpm``, ``crf`` ((H, W) label maps, any size) and ``name``; a column
+    is drawn when a sample has it (missing cells say n/a). Raises ValueError for no samples
+    or a wrong shape.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -100,56 +91,45 @@ def plot_sample_overlays(
     if not samples:
         raise ValueError("plot_sample_overlays needs at least one sample")
     columns = [(k, t) for k, t in OVERLAY_COLUMNS if any(s.get(k) is not None for s in samples)]
-    ncols = 1 + len(columns)
-    nrows = len(samples)
-    height = 2.6 * nrows + _LEGEND_IN
-    fig = Figure(figsize=(2.6 * ncols, height))
+    height = 2.6 * len(samples) + _LEGEND_IN
+    fig = Figure(figsize=(2.6 * (1 + len(columns)), height))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(len(samples), 1 + len(columns), squeeze=False)
     present: set[int] = set()
     for row, sample in enumerate(samples):
         image = _as_rgb(sample["image"])
-        ax = axes[row][0]
-        ax.imshow(image)
-        ax.set_ylabel(str(sample.get("name", f"sample {row + 1}")), fontsize=8)
-        for col, (key, _label) in enumerate(columns, start=1):
-            ax = axes[row][col]
+        axes[row][0].imshow(image)
+        axes[row][0].set_ylabel(str(sample.get("name", f"sample {row + 1}")), fontsize=8)
+        for col, (key, _title) in enumerate(columns, start=1):
             label = sample.get(key)
             if label is None:
-                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+                axes[row][col].text(
+                    0.5, 0.5, "n/a", ha="center", transform=axes[row][col].transAxes
+                )
                 continue
-            values = np.unique(np.asarray(label))
-            present.update(int(v) for v in values)
-            ax.imshow(overlay_labels(image, label, alpha))
+            present.update(int(v) for v in np.unique(np.asarray(label)))
+            axes[row][col].imshow(overlay_labels(image, label, alpha))
     for col, column_title in enumerate(["image", *(t for _k, t in columns)]):
         axes[0][col].set_title(column_title, fontsize=10)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    palette = voc_palette() / 255.0
-    handles = []
-    for value in sorted(present - {0}):  # background is left untinted
-        if value == _IGNORE:
-            name = "ignore"
-        elif class_names is not None and value < len(class_names):
-            name = str(class_names[value])
-        else:
-            name = str(value)
-        handles.append(Patch(facecolor=palette[value], edgecolor="black", label=name))
-    if handles:
-        fig.legend(
-            handles=handles,
-            loc="lower center",
-            ncol=min(len(handles), 7),
-            fontsize=8,
-            frameon=False,
+    names = list(class_names or [])
+    handles = [
+        Patch(
+            facecolor=voc_palette()[value] / 255.0,
+            edgecolor="black",
+            label="ignore" if value == 255 else str(names[value] if value < len(names) else value),
         )
+        for value in sorted(present - {0})  # background is left untinted
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8,
+                   frameon=False)  # fmt: skip
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, _LEGEND_IN / height if handles else 0, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    storage.write_bytes(path, buffer.getvalue())
+    _save(fig, path, bbox_inches="tight")
 
 
 def plot_class_iou_before_after_crf(
@@ -159,8 +139,8 @@ def plot_class_iou_before_after_crf(
     path: str | os.PathLike[str],
     title: str = "Per-class IoU before and after the CRF",
 ) -> None:
-    """Save a grouped bar chart: each class's IoU before (BPM) and after the CRF, side by
-    side, with both mIoUs in the legend. Undefined IoUs (``None``/NaN) leave empty slots."""
+    """Save a bar chart of each class's IoU before (BPM) and after the CRF side by side,
+    both mIoUs in the legend; undefined IoUs (``None``/NaN) leave empty slots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -169,7 +149,6 @@ def plot_class_iou_before_after_crf(
     if before.shape != after.shape:
         raise ValueError(f"{before.size} IoUs before the CRF but {after.size} after")
     k = before.size
-    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(k)]
     x = np.arange(k)
     fig = Figure(figsize=(min(max(6.0, 0.6 * k + 2.0), 40.0), 4.5))
     FigureCanvasAgg(fig)
@@ -182,15 +161,12 @@ def plot_class_iou_before_after_crf(
         ax.bar(x + offset, np.nan_to_num(values), 0.4, label=f"{label} (mIoU {miou:.3f})",
                color=colour)  # fmt: skip
     ax.set_xticks(x)
+    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(k)]
     ax.set_xticklabels(names, rotation=45 if k > 8 else 0, ha="right" if k > 8 else "center")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("IoU")
-    ax.set_title(title)
+    ax.set(ylim=(0, 1), ylabel="IoU", title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    storage.write_bytes(path, buffer.getvalue())
+    _save(fig, path)
 
 
 def write_split_figures(
@@ -206,14 +182,11 @@ def write_split_figures(
     best: Sequence[Mapping[str, Any]] | None = None,
     worst: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[str]:
-    """Write a stage's result files into a new local ``folder``; returns their names.
-
-    ``confusion_matrix.png`` (BPM, before the CRF) and ``confusion_matrix_crf.png`` (after
-    it) when the matrices are given; ``class_iou_before_after_crf.png`` when CRF results are
-    in ``metrics``, else ``class_iou.png``; ``overlays_best.png`` / ``overlays_worst.png``
-    (the images with the highest and lowest IoU) and ``sample_overlays.png`` when given;
-    and ``metrics.json``. Titles name the stage and the split.
-    """
+    """Write a stage's result files into a new local ``folder``; returns their names:
+    ``confusion_matrix.png`` / ``confusion_matrix_crf.png`` (before / after the CRF),
+    ``class_iou_before_after_crf.png`` (with CRF results) or ``class_iou.png``,
+    ``overlays_best.png`` / ``overlays_worst.png`` / ``sample_overlays.png`` and
+    ``metrics.json``, for what is given. Titles name the stage and the split."""
     from vitpcm.metrics import json_safe, plot_class_iou, plot_confusion_matrix
 
     out = Path(folder)
@@ -227,13 +200,10 @@ def write_split_figures(
             title = f"Confusion matrix, {what} ({where}; rows normalised)"
             plot_confusion_matrix(matrix, class_names, out / file, title=title)
     if metrics.get("class_iou") and metrics.get("class_iou_crf"):
-        plot_class_iou_before_after_crf(
-            metrics["class_iou"],
-            metrics["class_iou_crf"],
-            class_names,
-            out / "class_iou_before_after_crf.png",
-            title=f"Per-class IoU before and after the CRF ({where})",
-        )
+        title = f"Per-class IoU before and after the CRF ({where})"
+        path = out / "class_iou_before_after_crf.png"
+        before, after = metrics["class_iou"], metrics["class_iou_crf"]
+        plot_class_iou_before_after_crf(before, after, class_names, path, title)
     elif metrics.get("class_iou"):
         title = f"Per-class IoU, BPM ({where})"
         plot_class_iou(metrics["class_iou"], class_names, out / "class_iou.png", title=title)
@@ -243,11 +213,106 @@ def write_split_figures(
         (samples, "sample_overlays.png", None),
     ):
         if chosen:
-            title = (
-                f"The {len(chosen)} images with the {what} BPM IoU ({where})"
-                if what
-                else f"Samples ({where})"
-            )
-            plot_sample_overlays(chosen, class_names, out / file, title=title)
+            ranked = f"The {len(chosen)} images with the {what} BPM IoU" if what else "Samples"
+            plot_sample_overlays(chosen, class_names, out / file, title=f"{ranked} ({where})")
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     return sorted(p.name for p in out.iterdir())
+
+
+@dataclass
+class PseudoMaskScores:
+    """The test step's pseudo masks scored: K x K confusion counts before and after the CRF
+    (``None``: no CRF masks), overlay samples of the highest and lowest per-image BPM mIoU
+    (best first, worst first) and ``(name, BPM mIoU)`` of every image in file order."""
+
+    confusion_bpm: np.ndarray
+    confusion_crf: np.ndarray | None
+    best: list[dict[str, Any]]
+    worst: list[dict[str, Any]]
+    per_image: list[tuple[str, float]]
+
+
+def _image_miou(matrix: np.ndarray) -> float:
+    """Mean IoU over the classes in the ground truth or the prediction."""
+    inter = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(axis=0) + matrix.sum(axis=1) - inter
+    return float((inter[union > 0] / union[union > 0]).mean()) if (union > 0).any() else 1.0
+
+
+def score_pseudo_masks(
+    data_dir: str | os.PathLike[str],
+    split: str,
+    test_dir: str | os.PathLike[str],
+    num_classes: int,
+    count: int = 4,
+) -> PseudoMaskScores | None:
+    """Score the PNGs of the test step's output ``test_dir`` (``pseudo_masks/``,
+    ``pseudo_masks_crf/``) against the ground truth of ``split`` in the TFRecords of
+    ``data_dir``, keeping the ``count`` best and worst images; None when the split has no
+    masks or no pseudo mask was found."""
+    import tensorflow as tf
+
+    from vitpcm.data import tfrecord
+    from vitpcm.data.labels import decode_label_png
+    from vitpcm.data.reader import read_split_info
+    from vitpcm.metrics import ConfusionMatrix
+
+    test = Path(test_dir)
+    total = {BPM_DIR: ConfusionMatrix(num_classes), CRF_DIR: ConfusionMatrix(num_classes)}
+    # Heaps of (key, -order, sample): the best keep the highest mIoU, the worst the lowest.
+    best: list[Any] = []
+    worst: list[Any] = []
+    per_image: list[tuple[str, float]] = []
+    files = list(read_split_info(str(data_dir), split).files)
+    for order, serialized in enumerate(tf.data.TFRecordDataset(files)):
+        example = tfrecord.decode_example(serialized.numpy())
+        if tfrecord.LABEL_ENCODED not in example:
+            return None
+        name = example[tfrecord.IMAGE_FILENAME].decode("utf-8")
+        stem = os.path.splitext(os.path.basename(name))[0]
+        gt = decode_label_png(example[tfrecord.LABEL_ENCODED], name)
+        sample: dict[str, Any] = {"name": stem, "ground_truth": gt}
+        for folder, key in ((BPM_DIR, "bpm"), (CRF_DIR, "crf")):
+            png = test / folder / f"{stem}.png"
+            if not png.is_file():
+                break  # no BPM mask: the image is not scored
+            sample[key] = decode_label_png(png.read_bytes(), str(png))
+            total[folder].update(gt, sample[key])
+        if "bpm" not in sample:
+            continue
+        score = _image_miou(ConfusionMatrix(num_classes).update(gt, sample["bpm"]).matrix)
+        sample.update(miou=score, encoded=example[tfrecord.IMAGE_ENCODED])
+        per_image.append((stem, score))
+        for heap, key in ((best, score), (worst, -score)):
+            entry = (key, -order, sample)
+            if len(heap) < count:
+                heapq.heappush(heap, entry)
+            elif entry[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, entry)
+    if not per_image:
+        return None
+    crf = total[CRF_DIR].matrix
+    return PseudoMaskScores(
+        total[BPM_DIR].matrix,
+        crf if crf.any() else None,
+        [_with_image(e[2]) for e in sorted(best, key=lambda e: e[:2], reverse=True)],
+        [_with_image(e[2]) for e in sorted(worst, key=lambda e: e[:2], reverse=True)],
+        per_image,
+    )
+
+
+def _with_image(sample: dict[str, Any]) -> dict[str, Any]:
+    from PIL import Image
+
+    out = {key: value for key, value in sample.items() if key != "encoded"}
+    out["image"] = np.asarray(Image.open(io.BytesIO(sample["encoded"])).convert("RGB"))
+    out["name"] = f"{sample['name']} (mIoU {sample['miou']:.2f})"
+    return out
+
+
+def mask_sample(test_dir: str | os.PathLike[str], count: int = 8) -> list[Path]:
+    """The first ``count`` BPM PNGs (by name) and their CRF twins, as relative paths."""
+    test = Path(test_dir)
+    names = sorted(p.name for p in (test / BPM_DIR).glob("*.png"))[:count]
+    chosen = [Path(BPM_DIR) / n for n in names]
+    return chosen + [Path(CRF_DIR) / n for n in names if (test / CRF_DIR / n).is_file()]

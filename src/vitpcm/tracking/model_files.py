@@ -43,19 +43,11 @@ def model_requirements() -> list[str]:
     from importlib import metadata
 
     requirements = []
-    for dist, name in (
-        (("tensorflow", "tensorflow-cpu"), "tensorflow"),
-        (("keras",), "keras"),
-        (("mlflow", "mlflow-skinny"), "mlflow"),
-        # what the served model (vitpcm.serving) needs besides: images, CRF, config
-        (("pillow",), "pillow"),
-        (("pydensecrf2",), "pydensecrf2"),
-        (("pyyaml",), "pyyaml"),
-        (("tqdm",), "tqdm"),
-    ):
-        for candidate in dist:
+    # What the served model (vitpcm.serving) needs besides Keras: images, CRF, config.
+    for name in ("tensorflow", "keras", "mlflow", "pillow", "pydensecrf2", "pyyaml", "tqdm"):
+        for dist in (name, f"{name}-cpu", f"{name}-skinny"):
             try:
-                requirements.append(f"{name}=={metadata.version(candidate)}")
+                requirements.append(f"{name}=={metadata.version(dist)}")
                 break
             except metadata.PackageNotFoundError:
                 continue
@@ -68,21 +60,11 @@ def save_mlflow_model(
     metadata: dict[str, Any],
     config: Any = None,
 ) -> None:
-    """Save ``model`` as an MLflow model folder at ``path`` (which must not exist).
-
-    Two flavors share ``data/`` (the ``.keras`` file) and ``code/`` (the ``vitpcm`` source):
-    ``tensorflow`` (``mlflow.tensorflow.load_model`` gives the Keras model) and
-    ``python_function`` with :mod:`vitpcm.serving` as loader, whose ``predict`` takes base64
-    images and returns masks and class scores (signature and input example stored), so
-    ``mlflow models serve`` answers with masks.
-
-    Args:
-        model: the ViT-PCM Keras model.
-        path: the folder to create.
-        metadata: extra MLmodel metadata.
-        config: the run's resolved config; saved as ``data/config.yaml`` so the served model
-            knows its class names, test size and CRF settings.
-    """
+    """Save ``model`` as a new MLflow model folder ``path`` with two flavors sharing
+    ``data/`` (the ``.keras`` file, and ``config`` as ``config.yaml``: class names, test
+    size, CRF settings) and ``code/``: ``tensorflow`` (the Keras model) and
+    ``python_function`` (:mod:`vitpcm.serving`: base64 images in, masks out, so
+    ``mlflow models serve`` answers with masks); ``metadata`` goes into MLmodel."""
     import mlflow.pyfunc
     import mlflow.tensorflow
     from mlflow.models import Model

@@ -1,20 +1,19 @@
 """One MLflow run for a whole pipeline run, completed from its step outputs.
 
-The Kubeflow pipeline's register step calls :func:`log_pipeline_run` with the folders
-the earlier steps wrote: training (``model.keras``, ``config.yaml``, ``metrics.json``,
-``history.json``, and ``mlflow-spool/`` + ``mlflow_run.json`` when it was tracked live),
-evaluation (``metrics.json``, ``confusion_matrix.npy``) and test inference
-(``metrics.json`` with the CRF scores, ``pseudo_masks/``, ``pseudo_masks_crf/``).
+The register step calls :func:`log_pipeline_run` with the folders of the earlier steps:
+training (``model.keras``, ``config.yaml``, ``metrics.json``, ``history.json``, and
+:data:`~vitpcm.tracking.RUN_FILE` when it logged live), evaluation (``metrics.json``,
+``confusion_matrix.npy``) and test inference (``metrics.json`` with the CRF scores,
+``pseudo_masks/``, ``pseudo_masks_crf/``).
 
-When the training logged live (:mod:`vitpcm.tracking.training`), its run is continued:
-its spool is copied into this step's spool folder (records MLflow has not acknowledged
-yet, from an outage during training, are sent first) and the epoch curves, params and
-training summary are not logged again. Otherwise the run is created here, with the
-curves from ``history.json`` (and ``history.json`` and the TensorBoard logs as artifacts).
-Either way it gets the dataset inputs, the evaluation's results (``eval/``), the test
-results before and after the CRF (``test/``: confusion matrices, per-class chart, overlays
-of the best and worst images, a sample of the pseudo-mask PNGs and the URI of all of them),
-the model, its registration, the champion gate and a run description with the results.
+A training that logged live is continued: its spool is read where the training wrote it
+(``<model>/mlflow-spool``, else the place ``mlflow_run.json`` names, e.g. under an ``s3://``
+checkpoint prefix) into this step's spool, so records an outage held back are sent first
+and nothing of the training twice. Otherwise the run is created here with the curves of
+``history.json``. Either way it gets the dataset inputs, the evaluation's and the test's
+results (``eval/``, ``test/``: confusion matrices, per-class chart, best and worst
+overlays, a sample of the pseudo-mask PNGs), the model, its registration, the champion
+gate and a description with the results.
 """
 
 from __future__ import annotations
@@ -28,87 +27,72 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vitpcm import storage
 from vitpcm.errors import TrackingError
-from vitpcm.tracking.describe import dataset_inputs
-from vitpcm.tracking.pseudo_masks import mask_sample, score_pseudo_masks
-from vitpcm.tracking.sender import same_tracking_uri
-from vitpcm.tracking.spool import META_FILE, SPOOL_DIRNAME, Spool
+from vitpcm.tracking.figures import mask_sample, score_pseudo_masks
+from vitpcm.tracking.naming import dataset_inputs
+from vitpcm.tracking.sender import same_uri
+from vitpcm.tracking.spool import META_FILE, RUN_FILE, SPOOL_DIRNAME, Spool
 from vitpcm.tracking.tracker import RunTracker
-from vitpcm.tracking.training import RUN_FILE, log_training_files, training_summary
+from vitpcm.tracking.training import download, log_training_files, training_summary
 
 log = logging.getLogger("vitpcm.tracking")
 
 
-def _read_json(path: Path) -> Any:
+def _optional_json(folder: str | os.PathLike[str] | None, name: str) -> Any:
+    path = Path(folder or "", name)
+    if not folder or not path.is_file():
+        return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise TrackingError(f"cannot read {path}: {exc}; is it a finished step's output?") from exc
 
 
-def _optional_json(folder: str | os.PathLike[str] | None, name: str) -> Any:
-    if not folder:
-        return None
-    path = Path(folder) / name
-    return _read_json(path) if path.is_file() else None
-
-
-def _adopt_training_spool(
+def _continue_training_spool(
     model_path: Path, spool_dir: Path, tracking_uri: str
 ) -> tuple[bool, str | None]:
     """Make ``spool_dir`` continue the training's spool; returns (continued, experiment).
 
-    Not continued (the run is created here) when the training was not tracked, or its run
-    lives on another MLflow server.
+    Not continued when the training was not tracked or its run is on another server.
 
     Raises:
         TrackingError: ``spool_dir`` already holds another spool or other files.
     """
-    source = model_path / SPOOL_DIRNAME
-    if not (source / META_FILE).is_file():
-        return False, None
-    trained = Spool(source)
-    state = trained.load_state()
-    if state.run_id and not same_tracking_uri(state.tracking_uri, tracking_uri):
-        log.warning(
-            "the training logged to MLflow run %s on %s, not %s: logging a new run here",
-            state.run_id,
-            state.tracking_uri,
-            tracking_uri,
-        )
-        return False, None
-    starts = [r for r in trained.records() if r.kind == "start_run"]
-    experiment = starts[0].data.get("experiment") if starts else None
-    if (spool_dir / META_FILE).is_file():
-        if Spool(spool_dir).spool_id != trained.spool_id:
-            raise TrackingError(
-                f"{spool_dir} holds another MLflow spool than the training's {source}; "
-                "pass an empty spool_dir"
-            )
-        return True, experiment  # a retried step: this copy is the newer one
-    if spool_dir.exists() and any(spool_dir.iterdir()):
-        raise TrackingError(f"spool_dir {spool_dir} is not empty; pass an empty folder")
-    staging = spool_dir.with_name(f".{spool_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    source = str(model_path / SPOOL_DIRNAME)
+    if not (model_path / SPOOL_DIRNAME / META_FILE).is_file():
+        source = (_optional_json(model_path, RUN_FILE) or {}).get("spool") or ""
+        if not source or not storage.exists(storage.join(source, META_FILE)):
+            return False, None
+    spool_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spool_dir.name}-", dir=spool_dir.parent))
     try:
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".*"))
+        download(source, staging)
+        trained = Spool(staging)
+        state = trained.load_state()
+        if state.run_id and not same_uri(state.tracking_uri, tracking_uri):
+            log.warning(
+                "the training logged to MLflow run %s on %s, not %s: logging a new run here",
+                state.run_id, state.tracking_uri, tracking_uri,
+            )  # fmt: skip
+            return False, None
+        starts = [r for r in trained.records() if r.kind == "start_run"]
+        experiment = starts[0].data.get("experiment") if starts else None
+        if (spool_dir / META_FILE).is_file():
+            if Spool(spool_dir).spool_id != trained.spool_id:
+                raise TrackingError(
+                    f"{spool_dir} holds another MLflow spool than the training's {source}; "
+                    "pass an empty spool_dir"
+                )
+            return True, experiment  # a retried step: its own copy is the newer one
+        if spool_dir.exists() and any(spool_dir.iterdir()):
+            raise TrackingError(f"spool_dir {spool_dir} is not empty; pass an empty folder")
         if spool_dir.exists():
             spool_dir.rmdir()
         os.replace(staging, spool_dir)
+        return True, experiment
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return True, experiment
-
-
-def _attached_run(model_path: Path, tracking_uri: str) -> tuple[str | None, str | None]:
-    """(run id, experiment) of a tracked training whose spool is not at hand but whose
-    ``mlflow_run.json`` says everything reached ``tracking_uri``."""
-    info = _optional_json(model_path, RUN_FILE) or {}
-    run_id = info.get("run_id")
-    if not run_id or info.get("pending") or not info.get("tracking_uri"):
-        return None, None
-    if not same_tracking_uri(info["tracking_uri"], tracking_uri):
-        return None, None
-    return str(run_id), info.get("experiment")
 
 
 def log_pipeline_run(
@@ -134,28 +118,24 @@ def log_pipeline_run(
         model_dir: the training output folder (local).
         eval_dir: the evaluation output folder; its mIoU gates the champion.
         test_dir: the test-inference output folder (scores before and after CRF).
-        experiment: MLflow experiment (default: the config's, see ``default_experiment``).
-        model_name: registered model (default: the config's ``mlflow.registered_model``).
+        experiment: MLflow experiment of a new run (default: the config's).
+        model_name: registered model (default: the config's).
         kfp_run_id: Kubeflow run id, tagged with a link when ``kfp_ui_url`` (or
             ``$KFP_UI_URL``) is known.
         kfp_ui_url: Kubeflow Pipelines UI base URL.
-        data_dir: local TFRecord folder: the dataset inputs and, with ``test_dir``, the
-            confusion matrices after the CRF and the best/worst overlays.
-        spool_dir: where records wait while MLflow is down; put it in a step output to be
-            able to replay it (default: a temporary folder, lost with the pod). It must be
-            empty or missing, or hold this run's spool from an earlier attempt.
+        data_dir: TFRecord folder: the dataset inputs and, with ``test_dir``, the
+            confusion matrices and the best/worst overlays.
+        spool_dir: where records wait while MLflow is down (a step output, to replay it;
+            default: a temporary folder): empty, missing, or this run's from an earlier try.
         num_samples: how many best and how many worst images to overlay.
-        data_uri: where the TFRecords live for the user (``s3://``...; default ``data_dir``).
-        pseudo_masks_uri: where all the pseudo-mask PNGs live (default ``test_dir``); a
-            sample of them is logged, this URI is tagged ``pseudo_masks.uri``.
+        data_uri: where the TFRecords live for the user (default ``data_dir``).
+        pseudo_masks_uri: where all the pseudo-mask PNGs live (default ``test_dir``),
+            tagged ``pseudo_masks.uri``; a sample of them is logged.
 
     Returns:
         ``run_id``, ``experiment``, ``model_name``, ``version``, ``promoted``,
         ``champion_comparison``, ``miou``, ``split``, ``pending`` (records not sent),
         ``spool_dir`` and ``continued`` (whether the training's own run was continued).
-
-    Raises:
-        TrackingError: an input folder is missing its files.
     """
     from vitpcm.config import load_config
     from vitpcm.eval import load_model
@@ -170,12 +150,8 @@ def log_pipeline_run(
     if spool_dir is None:
         spool_dir = Path(tempfile.gettempdir()) / "vitpcm-mlflow" / (kfp_run_id or uuid.uuid4().hex)
     spool_dir = Path(spool_dir)
-    continued, run_experiment = _adopt_training_spool(model_path, spool_dir, tracking_uri)
-    attach_run_id = None
-    if not continued:
-        attach_run_id, run_experiment = _attached_run(model_path, tracking_uri)
-    # The training already logged its curves, params and summary to the run being continued.
-    from_training = continued or attach_run_id is not None
+    # A continued run has the training's curves, params and summary already.
+    from_training, run_experiment = _continue_training_spool(model_path, spool_dir, tracking_uri)
     history = _optional_json(model_path, "history.json") or []
     train_metrics = _optional_json(model_path, "metrics.json") or {}
     eval_metrics = _optional_json(eval_dir, "metrics.json")
@@ -188,7 +164,6 @@ def log_pipeline_run(
         spool_dir=spool_dir,
         tracking_uri=tracking_uri,
         experiment=run_experiment or experiment,
-        run_id=attach_run_id,
         kfp_run_id=kfp_run_id,
         kfp_ui_url=kfp_ui_url,
         log_config=not from_training,

@@ -1,19 +1,9 @@
-"""``RunTracker``: one MLflow run per training (or evaluation) job, outage-proof.
+"""``RunTracker``: one MLflow run per job, every record through the spool first.
 
-What a run shows in the MLflow dashboard (DESIGN.md, "What users do with it"): a
-description (:mod:`vitpcm.tracking.describe`), source and tags (dataset, backbone, config,
-vitpcm version, the Kubeflow run and a link back to it), the resolved config as dotted
-params (``train.lr``...), per-epoch curves under ``train/`` and ``val/`` (step = the epoch
-number, from 1), final metrics per stage (``eval/``, ``test/``, ``class_iou/``: see
-:mod:`vitpcm.tracking.naming`), plots, dataset inputs, ``config.yaml``, ``metrics.json``,
-and the Keras model with its signature, registered and gated for the ``champion`` alias.
-
-Everything goes through the local spool (:mod:`vitpcm.tracking.spool`) first, then to
-MLflow (:mod:`vitpcm.tracking.sender`): an unreachable server costs a warning, never the
-training, and ``vitpcm mlflow replay DIR`` sends what is left later.
-
-``vitpcm train`` opens one by itself when a tracking URI is configured (see
-:mod:`vitpcm.tracking.training`). Usage around a training that is not tracked by itself::
+A run shows (DESIGN.md) a description, tags (dataset, backbone, config, version, the
+Kubeflow run and its link), the config as params, curves, results per stage, plots,
+dataset inputs, ``config.yaml``, ``metrics.json`` and the registered, gated model. An
+unreachable server costs a warning, never the job; ``vitpcm mlflow replay`` sends the rest.
 
     with RunTracker(cfg, out_dir) as tracker:
         result = train(cfg, out_uri=out_dir, callbacks=[tracker.epoch_callback], tracking=False)
@@ -29,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,57 +27,55 @@ from typing import Any
 from vitpcm import __version__, storage
 from vitpcm.config import Config, save_config
 from vitpcm.errors import TrackingError
-from vitpcm.tracking.describe import NOTE_TAG, run_description, source_tags
+from vitpcm.metrics import json_safe
 from vitpcm.tracking.figures import write_split_figures
-from vitpcm.tracking.model_log import ModelLogResult, log_model
 from vitpcm.tracking.naming import (
+    NOTE_TAG,
     curve_key,
     default_experiment,
+    default_registered_model,
     final_metrics,
     finite_number,
     flatten_params,
     kfp_run_url,
     metric_key,
     param_value,
-    resolve_tracking_uri,
+    run_description,
+    source_tags,
 )
+from vitpcm.tracking.registry import ChampionDecision
 from vitpcm.tracking.sender import SpoolSender
 from vitpcm.tracking.spool import SPOOL_DIRNAME, Spool, now_ms
 
 log = logging.getLogger("vitpcm.tracking")
 
-KFP_RUN_ID_ENV = "KFP_RUN_ID"
-KFP_UI_URL_ENV = "KFP_UI_URL"
-# Train-loop log keys that are not per-epoch curves ("timestamp": when the epoch ended, in ms).
-_NOT_CURVES = frozenset({"epoch", "timestamp"})
 
+@dataclass(frozen=True)
+class ModelLogResult:
+    """What :meth:`RunTracker.log_model` achieved (ids are ``None`` while ``pending``)."""
 
-# ----------------------------------------------------------------------------- tracker
+    pending: bool
+    model_id: str | None
+    model_name: str | None
+    version: str | None
+    decision: ChampionDecision | None
 
 
 class RunTracker:
-    """One MLflow run, logged through a local spool so that no record is ever lost.
+    """One MLflow run, logged through a local spool.
 
     Args:
         cfg: the resolved config (params, tags, experiment and model names).
         out_dir: the job's output folder; the spool goes to ``<out_dir>/mlflow-spool``.
-        tracking_uri: MLflow tracking URI; defaults to ``cfg.mlflow.tracking_uri``, then
-            ``$MLFLOW_TRACKING_URI``. With none, records only go to the spool (replay later).
+        tracking_uri: default ``mlflow.tracking_uri``, then ``$MLFLOW_TRACKING_URI``; with
+            none, records only go to the spool (replay later).
         experiment: experiment name (default :func:`default_experiment`).
-        run_name: the run's display name (default ``<config name>-<UTC time>``).
-        run_id: log into this existing MLflow run instead of creating one (e.g. the
-            evaluation step of a pipeline adding to the training run).
-        kfp_run_id: Kubeflow Pipelines run id (default ``$KFP_RUN_ID``).
-        kfp_ui_url: KFP UI base URL or ``{run_id}`` template (default ``$KFP_UI_URL``).
-        tags: extra run tags.
-        spool_dir: where to spool instead of ``<out_dir>/mlflow-spool`` (required when
-            ``out_dir`` is ``s3://``: the spool must be local).
-        retry_interval_s: after a failed send, wait this long before trying again (a
-            final attempt is always made when the run ends).
-        log_config: log the config as params and ``config.yaml`` when the run starts;
-            ``False`` for a later step continuing a run that already has them.
-        source: what is running, for the run's Source column (``vitpcm train``...).
-        data_uri: the TFRecords the run reads, named in the run description.
+        kfp_run_id: Kubeflow run id (default ``$KFP_RUN_ID``), linked with ``kfp_ui_url``
+            (KFP UI base URL or ``{run_id}`` template, default ``$KFP_UI_URL``).
+        spool_dir: the spool, instead of ``<out_dir>/mlflow-spool`` (required for ``s3://``).
+        retry_interval_s: after a failed send, wait this long before trying again.
+        log_config: log the config as params and ``config.yaml`` (not when continuing).
+        source: what runs (the Source column); data_uri: the TFRecords, described.
     """
 
     def __init__(
@@ -96,44 +85,37 @@ class RunTracker:
         *,
         tracking_uri: str | None = None,
         experiment: str | None = None,
-        run_name: str | None = None,
-        run_id: str | None = None,
         kfp_run_id: str | None = None,
         kfp_ui_url: str | None = None,
-        tags: Mapping[str, str] | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         retry_interval_s: float = 60.0,
         log_config: bool = True,
         source: str = "vitpcm",
         data_uri: str | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.data_uri = data_uri
-        self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg)
+        self.cfg, self.source, self.data_uri = cfg, source, data_uri
+        self.tracking_uri = (
+            tracking_uri or cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        )
         self.experiment = experiment or default_experiment(cfg)
-        self.run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        self.attach_run_id = run_id
-        self.kfp_run_id = kfp_run_id or os.environ.get(KFP_RUN_ID_ENV) or None
-        self.kfp_ui_url = kfp_ui_url or os.environ.get(KFP_UI_URL_ENV) or None
-        self.extra_tags = dict(tags or {})
-        out_text = storage.local_path(out_dir)
-        if spool_dir is None and storage.is_remote(out_text):
+        self.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        self.kfp_run_id = kfp_run_id or os.environ.get("KFP_RUN_ID") or None
+        kfp_ui_url = kfp_ui_url or os.environ.get("KFP_UI_URL")
+        self.kfp_link = None
+        if self.kfp_run_id and kfp_ui_url:
+            self.kfp_link = (self.kfp_run_id, kfp_run_url(kfp_ui_url, self.kfp_run_id))
+        out = storage.local_path(out_dir)
+        if spool_dir is None and storage.is_remote(out):
             raise TrackingError(
-                f"output {out_text} is not on a local disk, so the MLflow spool cannot live "
+                f"output {out} is not on a local disk, so the MLflow spool cannot live "
                 "there; pass a local spool_dir"
             )
-        self.spool_dir = Path(
-            storage.local_path(spool_dir or os.path.join(out_text, SPOOL_DIRNAME))
-        )
-        self.retry_interval_s = retry_interval_s
-        self.log_config = log_config
+        self.spool_dir = Path(storage.local_path(spool_dir or os.path.join(out, SPOOL_DIRNAME)))
+        self.retry_interval_s, self.log_config = retry_interval_s, log_config
         self.spool: Spool | None = None
         self.sender: SpoolSender | None = None
         self._next_try = 0.0
         self._final: dict[str, Any] = {}
-
-    # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> RunTracker:
         self.start()
@@ -145,13 +127,8 @@ class RunTracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        self.finish(status)
+        killed = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.finish("FINISHED" if exc_type is None else "KILLED" if killed else "FAILED")
 
     def run_tags(self) -> dict[str, str]:
         """The tags the run is created with."""
@@ -163,26 +140,17 @@ class RunTracker:
             "vitpcm.version": __version__,
             **source_tags(self.source, self.kfp_run_id),
         }
-        link = self._kfp_link()
-        if link:
-            tags["kfp.run_id"], tags["kfp.run_url"] = link
-        elif self.kfp_run_id:
+        if self.kfp_run_id:
             tags["kfp.run_id"] = self.kfp_run_id
-        # The run description, rendered as Markdown at the top of the run page.
-        tags[NOTE_TAG] = run_description(cfg, data_uri=self.data_uri, kfp_link=link)
-        tags.update(self.extra_tags)
+        if self.kfp_link:
+            tags["kfp.run_url"] = self.kfp_link[1]
+        tags[NOTE_TAG] = run_description(cfg, data_uri=self.data_uri, kfp_link=self.kfp_link)
         return tags
 
-    def _kfp_link(self) -> tuple[str, str] | None:
-        if not (self.kfp_run_id and self.kfp_ui_url):
-            return None
-        return self.kfp_run_id, kfp_run_url(self.kfp_ui_url, self.kfp_run_id)
-
     def describe(self, results: Mapping[str, Any] | None = None) -> None:
-        """Set the run description again, with the headline ``results`` once known
-        (:func:`~vitpcm.tracking.describe.run_description`)."""
+        """Set the run description again, with the headline ``results`` once known."""
         text = run_description(
-            self.cfg, data_uri=self.data_uri, kfp_link=self._kfp_link(), results=results
+            self.cfg, data_uri=self.data_uri, kfp_link=self.kfp_link, results=results
         )
         self.set_tags({NOTE_TAG: text})
 
@@ -200,18 +168,10 @@ class RunTracker:
                 self.spool_dir,
             )
         tags = self.run_tags()
-        if self.attach_run_id or any(r.kind == "start_run" for r in self.spool.records()):
-            # Continuing a run: its description (with links and results) stays as it is.
-            tags.pop(NOTE_TAG, None)
-        self.spool.append(
-            "start_run",
-            {
-                "experiment": self.experiment,
-                "run_name": self.run_name,
-                "tags": tags,
-                "attach_run_id": self.attach_run_id,
-            },
-        )
+        if any(r.kind == "start_run" for r in self.spool.records()):
+            tags.pop(NOTE_TAG)  # a continued run keeps its description (links, results)
+        start = {"experiment": self.experiment, "run_name": self.run_name, "tags": tags}
+        self.spool.append("start_run", start)
         if self.log_config:
             self.log_params(flatten_params(self.cfg.to_dict()))
             with tempfile.TemporaryDirectory() as tmp:
@@ -227,23 +187,26 @@ class RunTracker:
         self.flush(force=True)
         left = len(self.spool.pending())
         if left:
-            target = self.tracking_uri or "your MLflow server"
             log.warning(
                 "%d MLflow record(s) not sent to %s; they are safe in %s: send them with "
                 "`vitpcm mlflow replay %s%s`",
                 left,
-                target,
+                self.tracking_uri or "your MLflow server",
                 self.spool_dir,
                 self.spool_dir,
                 "" if self.tracking_uri else " --tracking-uri URI",
             )
         self.spool = None
 
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            raise TrackingError("the RunTracker is not started: use it as a context manager")
+        return self.spool
+
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the server has been reached."""
-        spool = self._spool()
-        return spool.load_state().run_id
+        return self._spool().load_state().run_id
 
     @property
     def pending(self) -> int:
@@ -251,125 +214,74 @@ class RunTracker:
         return len(self._spool().pending())
 
     def flush(self, force: bool = False) -> int:
-        """Send pending records now unless a recent failure says to wait; never raises.
-
-        Args:
-            force: try even within ``retry_interval_s`` of a failed attempt.
-
-        Returns:
-            How many records were sent.
-        """
-        if self.sender is None:
-            return 0
-        if not force and time.monotonic() < self._next_try:
+        """Send pending records unless a failure less than ``retry_interval_s`` ago says
+        to wait (``force``: try anyway); never raises. Returns how many were sent."""
+        sender = self.sender
+        if sender is None or (not force and time.monotonic() < self._next_try):
             return 0
         try:
-            sent = self.sender.flush()
-        except Exception as exc:  # tracking must never stop the training
-            if self.sender.outage is None:
+            sent = sender.flush()
+        except Exception as exc:  # tracking must never stop the job
+            if sender.outage is None:
                 log.warning("cannot send to MLflow (%s); records stay in %s", exc, self.spool_dir)
-            self.sender.outage = str(exc)
-            sent = 0
-        if self.sender.outage is not None:
+            sender.outage, sent = str(exc), 0
+        if sender.outage is not None:
             self._next_try = time.monotonic() + self.retry_interval_s
         return sent
 
-    def _spool(self) -> Spool:
-        if self.spool is None:
-            raise TrackingError("the RunTracker is not started: use it as a context manager")
-        return self.spool
-
-    # -- records --------------------------------------------------------------------------
+    def _append(self, kind: str, data: Mapping[str, Any], **files: Any) -> None:
+        move = files.pop("move", False)
+        self._spool().append(kind, data, files or None, move=move)
+        self.flush()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params (values are turned into strings)."""
+        """Log params (values become YAML-style strings)."""
         if params:
             values = {metric_key(k): param_value(v) for k, v in params.items()}
-            self._spool().append("params", {"params": values})
+            self._append("params", {"params": values})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags."""
         if tags:
-            self._spool().append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
-            self.flush()
+            self._append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
     def log_metrics(
         self, metrics: Mapping[str, Any], step: int = 0, *, timestamp: int | None = None
     ) -> None:
-        """Log numeric metrics at ``step``; ``None``, NaN and non-numbers are skipped.
-
-        ``timestamp`` (ms since the Unix epoch, default now) lets a record logged again
-        later carry its original time: MLflow keeps one point per (key, step, timestamp,
-        value), so the same epoch sent twice still shows once.
-        """
-        timestamp = now_ms() if timestamp is None else int(timestamp)
-        entries = []
-        for key, raw in metrics.items():
-            value = finite_number(raw)
-            if value is not None:
-                entries.append(
-                    {
-                        "key": metric_key(key),
-                        "value": value,
-                        "step": int(step),
-                        "timestamp": timestamp,
-                    }
-                )
+        """Log numbers at ``step`` (others are skipped) at ``timestamp`` (ms, default now):
+        MLflow keeps one point per (key, step, timestamp, value), so an epoch logged again
+        later with its own time still shows once."""
+        stamp = now_ms() if timestamp is None else int(timestamp)
+        values = {metric_key(k): finite_number(v) for k, v in metrics.items()}
+        entries = [
+            {"key": key, "value": value, "step": int(step), "timestamp": stamp}
+            for key, value in values.items()
+            if value is not None
+        ]
         if entries:
-            self._spool().append("metrics", {"metrics": entries})
-            self.flush()
+            self._append("metrics", {"metrics": entries})
 
     def epoch_callback(self, epoch: int, logs: Mapping[str, Any]) -> None:
-        """Per-epoch curves for ``train(callbacks=[tracker.epoch_callback])``.
-
-        Every number in ``logs`` (loss, bce, et, l2, train_miou, val_miou,
-        val_pixel_accuracy, lr, train_seconds...) is logged with ``step=epoch`` (the epoch
-        number, counted from 1 as the training log prints it), at ``logs["timestamp"]``
-        when the loop recorded when the epoch ended.
-        """
-        curves = {curve_key(k): v for k, v in logs.items() if k not in _NOT_CURVES}
+        """Per-epoch curves (``train(callbacks=[tracker.epoch_callback])``): every number of
+        ``logs`` at ``step=epoch`` (from 1), at ``logs["timestamp"]`` when given."""
+        curves = {curve_key(k): v for k, v in logs.items() if k not in ("epoch", "timestamp")}
         stamp = finite_number(logs.get("timestamp"))
         self.log_metrics(curves, step=epoch, timestamp=None if stamp is None else int(stamp))
 
     def log_inputs(self, datasets: Sequence[Mapping[str, Any]]) -> None:
-        """Log dataset inputs (:func:`~vitpcm.tracking.describe.dataset_inputs` entries)."""
+        """Log dataset inputs (:func:`~vitpcm.tracking.naming.dataset_inputs` entries)."""
         if datasets:
-            self._spool().append("inputs", {"datasets": [dict(d) for d in datasets]})
-            self.flush()
+            self._append("inputs", {"datasets": [dict(d) for d in datasets]})
 
     def log_artifact(
         self, path: str | os.PathLike[str], artifact_path: str | None = None, *, move: bool = False
     ) -> None:
-        """Log a local file, or a folder (kept under its own name), as run artifacts.
-
-        The spool keeps its own copy (``move=True``: takes the file itself), so the
-        original may change or vanish before MLflow has it.
-        """
+        """Log a local file, or a folder (kept under its own name). The spool keeps its own
+        copy (``move``: takes the file itself), so the original may change or vanish."""
         source = Path(path)
         if source.is_dir():
             artifact_path = "/".join(p for p in (artifact_path, source.name) if p)
-        self._spool().append(
-            "artifact", {"artifact_path": artifact_path}, files={"file": source}, move=move
-        )
-        self.flush()
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Log ``text`` as the artifact ``artifact_file`` (e.g. ``"val/notes.txt"``)."""
-        self._log_bytes(text.encode("utf-8"), artifact_file)
-
-    def log_dict(self, value: Mapping[str, Any], artifact_file: str) -> None:
-        """Log a dict as strict JSON (NaN becomes null)."""
-        from vitpcm.metrics import json_safe
-
-        text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
-        self.log_text(text, artifact_file)
-
-    def _log_bytes(self, data: bytes, artifact_file: str) -> None:
-        folder, _, name = artifact_file.rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(data)
-            self.log_artifact(path, folder or None, move=True)
+        self._append("artifact", {"artifact_path": artifact_path}, file=source, move=move)
 
     def log_results(
         self,
@@ -381,23 +293,11 @@ class RunTracker:
         class_names: Sequence[str] | None = None,
         **figures: Any,
     ) -> dict[str, float]:
-        """Log one stage's final results: metrics, plots, overlays and ``metrics.json``.
-
-        Args:
-            metrics: a ``metrics.json``-style dict (``miou``, ``class_iou``,
-                ``pixel_accuracy``, optionally ``miou_crf``/``class_iou_crf``...).
-            split: the split they were measured on (tagged ``<stage>.split``).
-            stage: ``eval`` (the selected model's baseline pseudo masks) or ``test`` (test
-                inference and CRF): the metric prefix and the artifact folder.
-            per_class: also log ``class_iou/<class>`` metrics.
-            class_names: K names (default: ``metrics["class_names"]``).
-            **figures: :func:`~vitpcm.tracking.figures.write_split_figures` inputs
-                (``confusion_matrix``, ``confusion_matrix_crf``, ``samples``, ``best``,
-                ``worst``).
-
-        Returns:
-            The flat metrics logged (see :func:`final_metrics`).
-        """
+        """Log one stage's results (a ``metrics.json``-style dict measured on ``split``,
+        tagged ``<stage>.split``): the metrics (``<stage>/...``, with ``per_class`` also
+        ``class_iou/<class>``), ``<stage>/`` plots and overlays from ``figures``
+        (:func:`~vitpcm.tracking.figures.write_split_figures`) and ``metrics.json``; returns
+        the flat metrics."""
         names = list(class_names or metrics.get("class_names") or []) or None
         flat = final_metrics(metrics, stage, names, per_class=per_class)
         self.log_metrics(flat)
@@ -407,11 +307,60 @@ class RunTracker:
             folder = Path(tmp) / stage
             write_split_figures(folder, metrics, split, stage=stage, class_names=names, **figures)
             self.log_artifact(folder, move=True)
-        self.log_dict(self._final, "metrics.json")
+            text = json.dumps(json_safe(self._final), indent=2, allow_nan=False) + "\n"
+            Path(tmp, "metrics.json").write_text(text)  # strict JSON: NaN becomes null
+            self.log_artifact(Path(tmp, "metrics.json"), move=True)
         return flat
 
-    def log_model(self, model: Any, **options: Any) -> ModelLogResult:
-        """Log the trained Keras model, register it and gate it for ``champion``
-        (:func:`vitpcm.tracking.model_log.log_model`: ``miou``, ``split``, ``register``,
-        ``registered_model``, ``promote``, ``name``, ``step``)."""
-        return log_model(self, model, **options)
+    def log_model(
+        self,
+        model: Any,
+        *,
+        miou: float | None = None,
+        split: str | None = None,
+        register: bool = True,
+        registered_model: str | None = None,
+        promote: bool = True,
+        name: str = "model",
+        step: int = 0,
+    ) -> ModelLogResult:
+        """Log the Keras model (``tensorflow`` and ``python_function`` flavors, signature,
+        pinned requirements, the ``vitpcm`` source), register it as ``registered_model``
+        (default :func:`default_registered_model`) and, with ``promote`` and ``miou`` (on
+        ``split``, default ``data.val_split``), gate it for ``champion``."""
+        from vitpcm.tracking.model_files import save_mlflow_model
+
+        spool, cfg = self._spool(), self.cfg
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / name
+            save_mlflow_model(model, model_dir, {"config": cfg.name}, config=cfg)
+            data = {"name": name, "step": int(step), "params": flatten_params(cfg.to_dict())}
+            model_record = spool.append("model", data, {"dir": model_dir}, move=True)
+        last = model_record
+        model_name = registered_model or default_registered_model(cfg) if register else None
+        if model_name:
+            gate = {
+                "miou": None if miou is None else float(miou),
+                "gate": promote and miou is not None,
+            }
+            last = spool.append(
+                "register",
+                {
+                    **gate,
+                    "model_record": model_record.id,
+                    "registered_model": model_name,
+                    "split": split or cfg.data.val_split,
+                    "tags": {"dataset": cfg.data.dataset, "backbone": cfg.model.backbone},
+                },
+            )
+        self.flush(force=True)
+        state = spool.load_state()
+        done = state.progress.get(last.id, {})
+        decision = done.get("decision")
+        return ModelLogResult(
+            state.acked < last.seq,
+            state.progress.get(model_record.id, {}).get("model_id"),
+            model_name,
+            done.get("version") if model_name else None,
+            ChampionDecision(**decision) if decision else None,
+        )
