@@ -1,18 +1,17 @@
-"""The ``kfp.local`` run itself, in a process of its own: ``python -m localrun.kfp_run SPEC``.
+"""The ``kfp.local`` run itself, in a process of its own: ``python -m localrun.kfp_run DIR``.
 
 :func:`localrun.run.run_local` starts this module in a process group of its own
 (:func:`localrun.processes.run_in_own_group`) and reads its output; stopping that group
 stops ``kfp.local`` and every step it started, without touching ``kfp.local``'s internals.
-SPEC is a JSON file (:func:`write_spec`): the pipeline root, the pipeline's arguments, the
-dataset folder to start from (or none), whether the steps run in containers, and where
-the pipeline's outputs go (``{name: {"path", "metadata", "metrics"}}``, as JSON).
+``DIR/spec.json`` holds the pipeline root, the pipeline's arguments, the dataset folder to
+start from (or null) and whether the steps run in containers; the pipeline's outputs are
+written to ``DIR/outputs.json`` (``{name: {"path", "metadata", "metrics"}}``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,27 +27,6 @@ def variant_for(source_dir: str | None) -> Variant:
     from pipeline.pipeline import PREPARED_DATA, SINGLE_NODE
 
     return SINGLE_NODE if source_dir is None else PREPARED_DATA
-
-
-def write_spec(
-    path: Path,
-    *,
-    pipeline_root: Path,
-    arguments: Mapping[str, Any],
-    source_dir: str | None,
-    containers: bool,
-    outputs: Path,
-) -> Path:
-    """Write the SPEC this module runs."""
-    spec = {
-        "pipeline_root": str(pipeline_root),
-        "arguments": dict(arguments),
-        "source_dir": source_dir,
-        "containers": containers,
-        "outputs": str(outputs),
-    }
-    path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    return path
 
 
 def run(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -86,18 +64,14 @@ def run(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m localrun.kfp_run SPEC``: 0 when every step succeeded, 1 otherwise."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    """``python -m localrun.kfp_run DIR``: 0 when every step succeeded, 1 otherwise."""
+    folder = Path((sys.argv[1:] if argv is None else argv)[0])
     try:
-        outputs = run(spec)
+        outputs = run(json.loads((folder / "spec.json").read_text(encoding="utf-8")))
     except RuntimeError as exc:  # kfp.local: a task ended with status FAILURE
         print(f"error: {exc}", flush=True)
         return 1
-    target = Path(spec["outputs"])
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(json.dumps(outputs, indent=2, default=str), encoding="utf-8")
-    os.replace(partial, target)
+    (folder / "outputs.json").write_text(json.dumps(outputs, default=str), encoding="utf-8")
     return 0
 
 

@@ -204,8 +204,6 @@ def run_local(
             bad config or override.
         StepFailedError: A step failed (the end of its log is in the error).
     """
-    from localrun.kfp_run import write_spec
-
     source = check_source(source_dir, dataset)
     config = check_config(config, overrides, epochs, dataset)
     root = Path(pipeline_root).resolve()
@@ -245,17 +243,16 @@ def run_local(
 
             env["DOCKER_HOST"] = stack.enter_context(docker_engine())
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=root, prefix=".run-")))
-        spec = write_spec(
-            work / "spec.json",
-            pipeline_root=root,
-            arguments=arguments,
-            source_dir=None if source is None else str(source),
-            containers=containers,
-            outputs=work / "outputs.json",
-        )
+        spec = {
+            "pipeline_root": str(root),
+            "arguments": arguments,
+            "source_dir": None if source is None else str(source),
+            "containers": containers,
+        }
+        (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         log = stack.enter_context(open_log(log_file))
         sink = KfpLogSink(log, display, echo=sys.stdout if echo_logs else None)
-        command = [sys.executable, "-m", "localrun.kfp_run", str(spec)]
+        command = [sys.executable, "-m", "localrun.kfp_run", str(work)]
         if run_in_own_group(command, sink.line, env) != 0:
             raise StepFailedError(sink.failed, sink.tail, log_file)
         outputs = json.loads((work / "outputs.json").read_text(encoding="utf-8"))
