@@ -32,33 +32,8 @@ from pathlib import Path
 
 from vitpcm.errors import StorageError
 from vitpcm.storage import s3
-from vitpcm.storage.s3 import check_s3_config, s3_environment
-
-__all__ = [
-    "atomic_dir",
-    "check_s3_config",
-    "ensure_s3_filesystem",
-    "entry_state",
-    "exists",
-    "exit_process",
-    "glob",
-    "is_http",
-    "is_remote",
-    "is_s3",
-    "join",
-    "list_files",
-    "listdir",
-    "local_path",
-    "makedirs",
-    "read_bytes",
-    "remove_files",
-    "remove_stale_temporaries",
-    "remove_tree",
-    "s3_environment",
-    "s3_used",
-    "write_bytes",
-    "write_file",
-]
+from vitpcm.storage.s3 import check_s3_config as check_s3_config
+from vitpcm.storage.s3 import s3_environment as s3_environment
 
 _S3_USED = False
 _HTTP_SCHEMES = ("http://", "https://")
@@ -279,4 +254,5 @@ def exit_process(rc: int) -> None:
 
 
 # Atomic output folders need the functions above; re-exported here, where callers look.
-from vitpcm.storage.atomic import atomic_dir, remove_stale_temporaries  # noqa: E402
+from vitpcm.storage.atomic import atomic_dir as atomic_dir  # noqa: E402
+from vitpcm.storage.atomic import remove_stale_temporaries as remove_stale_temporaries  # noqa: E402

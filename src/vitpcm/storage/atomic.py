@@ -16,12 +16,11 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from vitpcm.errors import StorageError
 from vitpcm.storage import (
-    exists,
     is_http,
     is_s3,
     join,
@@ -37,34 +36,22 @@ from vitpcm.storage import (
 log = logging.getLogger(__name__)
 
 
-def _commit_order(files: Sequence[str], commit_last: Sequence[str]) -> list[str]:
-    """Files in copy order: the commit markers after everything else."""
-    last = set(commit_last)
-    return [f for f in files if posixpath.basename(f) not in last] + [
-        f for f in files if posixpath.basename(f) in last
-    ]
-
-
 _TMP_NAME = re.compile(r"\.(tmp|old)-[0-9a-f]{8}$")
 _S3_TMP_DIR = ".tmp-"
 _OWNER = ".vitpcm-owner.json"
+# Commit markers: readers require them, so on s3:// they are copied in last.
+COMMIT_LAST = ("dataset.json", "metrics.json", "model.json")
 
 
 @contextlib.contextmanager
-def atomic_dir(
-    final_uri: str | os.PathLike[str],
-    *,
-    kind: str | None = None,
-    overwrite: bool = True,
-    commit_last: Sequence[str] = ("dataset.json", "metrics.json", "model.json"),
-) -> Iterator[str]:
+def atomic_dir(final_uri: str | os.PathLike[str], *, kind: str | None = None) -> Iterator[str]:
     """Yield a temporary folder URI that becomes ``final_uri`` only if the block succeeds.
 
     Locally the folder is built beside the final one and swapped in with one atomic
     ``renameat2(RENAME_EXCHANGE)`` (two renames where the kernel lacks it), so a reader
     sees the old folder or the new one. On ``s3://`` (no rename) the objects are staged
     under ``<final>/.tmp-<id>/``; at the commit the old commit markers go first, then the
-    new files, the new markers (``commit_last``) last, then whatever the old output had
+    new files, the new markers (:data:`COMMIT_LAST`) last, then whatever the old output had
     that the new one does not: a reader keyed on the markers sees the old complete output,
     nothing, or the new complete one, never a mix. On any exception the temporary folder
     is removed and the final one is left untouched.
@@ -75,21 +62,18 @@ def atomic_dir(
         kind: The output's kind (:data:`vitpcm.outputs.KINDS`): the ownership marker is
             written into the temporary folder first, so the temporaries of a killed run
             are recognised (and removed) by the next run of the same kind.
-        overwrite: Refuse an existing ``final_uri`` instead of replacing it.
-        commit_last: File names written last on ``s3://``.
     """
     final = local_path(final_uri).rstrip("/")
     if is_http(final):
         raise StorageError(f"cannot write {final}: http(s) URLs are read-only")
-    if exists(final) and not overwrite:
-        raise StorageError(f"{final} already exists; remove it or choose another output")
     if kind is not None:
         remove_stale_temporaries(final, kind)
-    if is_s3(final) and kind is not None:
+    if is_s3(final):
         tmp = join(final, f"{_S3_TMP_DIR}{uuid.uuid4().hex[:8]}")
-        from vitpcm import outputs
+        if kind is not None:
+            from vitpcm import outputs
 
-        outputs.write_marker(final, kind)  # the prefix is ours from now on
+            outputs.write_marker(final, kind)  # the prefix is ours from now on
     else:
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     makedirs(tmp)
@@ -106,10 +90,7 @@ def atomic_dir(
         _swap_in(tmp, final)
         return
     try:
-        if kind is not None:
-            _commit_s3_in_place(final, tmp, commit_last)
-        else:
-            _commit_s3_copy(final, tmp, commit_last)
+        _commit_s3(final, tmp)
     finally:
         remove_tree(tmp)
 
@@ -147,13 +128,7 @@ def _exchange(a: str, b: str) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
@@ -163,7 +138,8 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, os.strerror(code), b)
 
 
-def _commit_s3_in_place(final: str, tmp: str, commit_last: Sequence[str]) -> None:
+def _commit_s3(final: str, tmp: str) -> None:
+    """Copy the staged objects into place, markers last (see :func:`atomic_dir`)."""
     tmp_rel = posixpath.relpath(tmp, final)
     new = [f for f in list_files(tmp) if f != _OWNER]
     old = [
@@ -171,19 +147,12 @@ def _commit_s3_in_place(final: str, tmp: str, commit_last: Sequence[str]) -> Non
         for f in list_files(final)
         if not f.startswith(_S3_TMP_DIR) and posixpath.basename(f) != ".vitpcm-output.json"
     ]
-    last = set(commit_last)
-    remove_files(final, [f for f in old if posixpath.basename(f) in last])
-    for rel in _commit_order(new, commit_last):
+    last = [f for f in new if posixpath.basename(f) in COMMIT_LAST]
+    remove_files(final, [f for f in old if posixpath.basename(f) in COMMIT_LAST])
+    for rel in [f for f in new if f not in last] + last:
         s3.copy(join(final, tmp_rel, rel), join(final, rel))
     keep = set(new)
     remove_files(final, [f for f in old if f not in keep])
-
-
-def _commit_s3_copy(final: str, tmp: str, commit_last: Sequence[str]) -> None:
-    if exists(final):
-        remove_tree(final)
-    for rel in _commit_order(list_files(tmp), commit_last):
-        s3.copy(join(tmp, rel), join(final, rel))
 
 
 def remove_stale_temporaries(final_uri: str | os.PathLike[str], kind: str) -> list[str]:
