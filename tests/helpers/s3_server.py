@@ -25,8 +25,9 @@ The server is ``moto_server`` started by :class:`localrun.services.S3Endpoint`, 
 class ``make run-local`` uses. While the session fixture is alive ``S3_ENDPOINT``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION`` are set in
 ``os.environ`` (restored afterwards), so code under test and subprocesses started with the
-inherited environment reach the server. Touching ``s3://`` through tensorflow-io inside the
-pytest process makes the interpreter abort at exit (tensorflow/io#2039): do that work in a
+inherited environment reach the server. ``vitpcm.storage`` manages objects through the MinIO
+client, which is safe in the pytest process; TensorFlow reading or writing ``s3://``
+(tensorflow-io) makes the interpreter abort at exit (tensorflow/io#2039): do that work in a
 subprocess ending in ``vitpcm.storage.exit_process`` and check results here with boto3
 (``list_keys``/``read``).
 """
