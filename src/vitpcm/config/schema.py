@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 POOLINGS = ("max", "avg")
+# GELU forms: "tanh" is flax's default approximation, the one the public Google checkpoints
+# were trained with; "exact" (erf) is what the ViT-PCM authors' Keras 2 model computes.
 GELU_FORMS = ("tanh", "exact")
 CUSTOM_BACKBONE = "custom"
 BACKBONE_DIMS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")

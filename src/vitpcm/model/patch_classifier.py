@@ -16,9 +16,9 @@ from typing import Any
 import keras
 from keras import ops
 
+from vitpcm.config import POOLINGS
 from vitpcm.errors import ModelError
 
-POOLINGS = ("max", "avg")
 # Paper: classifier kernel initialised from N(0, 0.05).
 KERNEL_STDDEV = 0.05
 

@@ -22,13 +22,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from vitpcm.config import GELU_FORMS
 from vitpcm.errors import ModelError
 
 # flax.linen.LayerNorm's default, used by every public ViT checkpoint.
 LAYER_NORM_EPSILON = 1e-6
-# GELU forms: "tanh" is flax's default approximation, the one the public Google checkpoints
-# were trained with; "exact" (erf) is what the ViT-PCM authors' Keras 2 model computes.
-GELU_FORMS = ("tanh", "exact")
 DEFAULT_GELU = "tanh"
 
 
