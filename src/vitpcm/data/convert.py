@@ -42,11 +42,7 @@ from typing import Any
 
 from vitpcm import outputs, storage
 from vitpcm.data import generations, tfrecord
-from vitpcm.data.manifest import (
-    FORMAT_VERSION,
-    read_dataset_info,  # noqa: F401  (until every importer moved)
-    write_dataset_info,
-)
+from vitpcm.data.manifest import FORMAT_VERSION, write_dataset_info
 from vitpcm.data.shards import ShardResult, ShardTask, run_tasks
 from vitpcm.data.sources import SplitPlan, get_source
 from vitpcm.data.verify import verify_shard
