@@ -1,6 +1,6 @@
 """The registered ViT-PCM model as an MLflow pyfunc: images in, masks and class scores out.
 
-A logged model (:func:`vitpcm.tracking.model_files.save_mlflow_model`) has two flavors: the
+A logged model (:func:`vitpcm.tracking.registry.save_mlflow_model`) has two flavors: the
 ``tensorflow`` one (``mlflow.tensorflow.load_model`` gives the Keras model and its patch
 probabilities) and ``python_function`` with this module as its loader, which is what
 ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run. Its ``predict`` is

@@ -3,19 +3,19 @@
 * ``spool.py`` / ``sender.py``: every record is journaled locally before it is sent, so an
   MLflow outage loses nothing; :func:`replay_spool` sends what is left.
 * :class:`RunTracker` (``tracker.py``): one run: tags, params, curves, results, plots,
-  config, the Keras model (``model_files.py``), its registration.
+  config, the Keras model, its registration.
 * :class:`TrainingTracker` (``training.py``): ``vitpcm train`` logging each epoch live; it
   writes :data:`RUN_FILE` next to ``metrics.json``.
 * :func:`log_pipeline_run` (``pipeline_run.py``): the register step continues the
   training's run and adds results and the model.
-* :func:`promote_if_better` (``registry.py``): the ``champion`` gate; ``figures.py``: plots
-  and overlays; ``naming.py``: names, params, metric keys, description, links.
+* ``registry.py``: the logged model's files, its versions and :func:`promote_if_better`,
+  the ``champion`` gate; ``figures.py``: plots and overlays; ``naming.py``: names, params,
+  metric keys, description, links.
 
 Importing this package does not import MLflow (that takes seconds); the functions do.
 """
 
 from vitpcm.tracking.figures import plot_sample_overlays
-from vitpcm.tracking.model_files import vitpcm_signature
 from vitpcm.tracking.naming import (
     default_experiment,
     default_registered_model,
@@ -24,7 +24,12 @@ from vitpcm.tracking.naming import (
     kfp_run_url,
 )
 from vitpcm.tracking.pipeline_run import log_pipeline_run
-from vitpcm.tracking.registry import CHAMPION_ALIAS, ChampionDecision, promote_if_better
+from vitpcm.tracking.registry import (
+    CHAMPION_ALIAS,
+    ChampionDecision,
+    promote_if_better,
+    vitpcm_signature,
+)
 from vitpcm.tracking.sender import replay_spool
 from vitpcm.tracking.spool import RUN_FILE, SPOOL_DIRNAME
 from vitpcm.tracking.tracker import ModelLogResult, RunTracker

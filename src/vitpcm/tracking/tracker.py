@@ -328,7 +328,7 @@ class RunTracker:
         pinned requirements, the ``vitpcm`` source), register it as ``registered_model``
         (default :func:`default_registered_model`) and, with ``promote`` and ``miou`` (on
         ``split``, default ``data.val_split``), gate it for ``champion``."""
-        from vitpcm.tracking.model_files import save_mlflow_model
+        from vitpcm.tracking.registry import save_mlflow_model
 
         spool, cfg = self._spool(), self.cfg
         with tempfile.TemporaryDirectory() as tmp:
