@@ -21,7 +21,7 @@ import posixpath
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from vitpcm.image_io import (  # noqa: F401  (decode_image, list_inputs: part of
     list_inputs,
     overlay_jpeg,
 )
+
+if TYPE_CHECKING:
+    from vitpcm.config import CrfConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class Predictor:
     class_names: list[str]
     image_size: int
     threshold: float = DEFAULT_THRESHOLD
-    crf_params: Any = None
+    crf_params: CrfConfig | None = None
     source: str = ""
     _forward: Any = field(default=None, repr=False)
 

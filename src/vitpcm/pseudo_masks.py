@@ -22,9 +22,12 @@ import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vitpcm.config import CrfConfig
 
 # vitpcm.model.label_merge.DEFAULT_EPS (that module imports TensorFlow).
 MERGE_EPS = 1e-5
@@ -40,7 +43,7 @@ class Task:
     height: int
     width: int
     image: np.ndarray | None = None  # (H, W, 3) uint8, for the CRF
-    crf_params: Any = None  # CRF parameters; None: no CRF
+    crf_params: CrfConfig | None = None  # the crf config section; None: no CRF
 
 
 @dataclass
