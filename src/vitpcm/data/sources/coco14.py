@@ -264,10 +264,7 @@ class CocoAnnotationMasks(MaskDecoder):
 
     def __init__(self, annotations: str) -> None:
         self.annotations = annotations
-        self._masks: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"annotations": self.annotations, "_masks": None}  # workers build their own
+        self._masks: CocoMasks | None = None  # built where it decodes: in the worker
 
     def for_shards(
         self, shards: Sequence[Sequence[Sample]], staging: Path, split: str
