@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from vitpcm.config import (
-    BACKBONE_PRESETS,
     Config,
     ModelConfig,
     available_configs,
@@ -19,6 +18,7 @@ from vitpcm.config import (
     save_config,
 )
 from vitpcm.errors import ConfigError
+from vitpcm.model.backbones import BACKBONES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -300,20 +300,20 @@ def test_preset_dims_conflict_is_rejected() -> None:
 # --------------------------------------------------------------------------- presets
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONE_PRESETS))
+@pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_presets_fill_the_dims(name: str) -> None:
     cfg = config_from_dict({"model": {"backbone": name}})
-    preset = BACKBONE_PRESETS[name]
+    preset = BACKBONES[name].dims
     assert {k: getattr(cfg.model, k) for k in preset} == preset
     assert cfg.model.pos_embed_grid == 384 // preset["patch_size"]
 
 
 def test_preset_table_matches_the_paper() -> None:
-    assert BACKBONE_PRESETS["vit_s16"] == {
+    assert BACKBONES["vit_s16"].dims == {
         "patch_size": 16, "hidden_dim": 384, "depth": 12, "num_heads": 6, "mlp_dim": 1536,
     }  # fmt: skip
-    assert BACKBONE_PRESETS["vit_b8"]["patch_size"] == 8
-    assert BACKBONE_PRESETS["vit_l16"]["depth"] == 24
+    assert BACKBONES["vit_b8"].patch_size == 8
+    assert BACKBONES["vit_l16"].depth == 24
 
 
 def test_resolve_config_fills_a_config_built_in_code() -> None:

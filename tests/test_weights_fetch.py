@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -14,14 +15,17 @@ from helpers.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401  (fix
 from helpers.vit_numpy import random_vit_weights
 from vitpcm.cli import main
 from vitpcm.errors import ChecksumError, DownloadError, ModelError, VitpcmError
-from vitpcm.model.pretrained import PRETRAINED, PretrainedFile, fetch_pretrained
+from vitpcm.model.backbones import BACKBONES, Backbone
+from vitpcm.model.pretrained import fetch_pretrained
 
 if TYPE_CHECKING:
     from helpers.http_server import LocalHTTPServer
 
 pytest_plugins = ("helpers.http_server",)
 
-TINY = PretrainedFile("tiny", "tiny/ViT-T.npz", "ViT-tiny.npz", "a test file", 8, 16, 2)
+TINY = Backbone(
+    "tiny", 8, 16, 2, 2, 32, path="tiny/ViT-T.npz", file="ViT-tiny.npz", description="a test file"
+)
 
 
 def _npz(weights: dict[str, np.ndarray]) -> bytes:
@@ -37,7 +41,7 @@ def _tiny_bytes(seed: int = 0) -> bytes:
     return _npz(weights)
 
 
-def _entry_like(entry: PretrainedFile) -> bytes:
+def _entry_like(entry: Backbone) -> bytes:
     """A small stand-in with the keys and embedding shape :func:`verify_npz` checks."""
     p, d = entry.patch_size, entry.hidden_dim
     weights = {"embedding/kernel": np.zeros((p, p, 3, d), np.float32)}
@@ -51,18 +55,49 @@ def test_catalogue_names_the_configs_files() -> None:
 
     for config, name in (("voc12_vit_s16", "vit_s16"), ("voc12_vit_b16", "vit_b16")):
         cfg = load_config(config)
-        assert cfg.model.pretrained == PRETRAINED[name].url
+        assert cfg.model.pretrained == BACKBONES[name].url
         assert cfg.model.backbone == name
         assert (cfg.model.hidden_dim, cfg.model.depth) == (
-            PRETRAINED[name].hidden_dim,
-            PRETRAINED[name].depth,
+            BACKBONES[name].hidden_dim,
+            BACKBONES[name].depth,
         )
+
+
+def test_a_backbone_added_to_the_table_reaches_config_cli_and_plan(
+    http_server: LocalHTTPServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vitpcm.config import config_from_dict
+    from vitpcm.run_plan import checkpoint_backbone
+
+    entry = dataclasses.replace(
+        TINY, name="vit_t8", google_name="T_8", pretrain_size=32, file="T_8-test.npz"
+    )
+    monkeypatch.setitem(BACKBONES, entry.name, entry)
+    model = config_from_dict(
+        {"model": {"backbone": "vit_t8"}, "train": {"unfreeze_blocks": 2}}
+    ).model
+    assert (model.patch_size, model.hidden_dim, model.depth, model.num_heads, model.mlp_dim) == (
+        8, 16, 2, 2, 32,
+    )  # fmt: skip
+    assert model.pos_embed_grid == 32 // 8
+    assert checkpoint_backbone("s3://b/w/T_8-test.npz") == "vit_t8"
+    with pytest.raises(SystemExit):
+        main(["weights", "fetch", "--help"])
+    assert "vit_t8: a test file" in capsys.readouterr().out
+    (http_server.root / entry.file).write_bytes(_tiny_bytes())
+    out = tmp_path / "w"
+    assert main(["weights", "fetch", "vit_t8", "--out", str(out), "--mirror",
+                 http_server.base_url, "--no-progress"]) == 0  # fmt: skip
+    assert (out / entry.file).read_bytes() == _tiny_bytes()
 
 
 def test_cli_fetches_from_a_mirror_and_prints_the_config_value(
     http_server: LocalHTTPServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    entry = PRETRAINED["vit_s16"]
+    entry = BACKBONES["vit_s16"]
     data = _entry_like(entry)
     (http_server.root / entry.file).write_bytes(data)
     out = tmp_path / "weights"
@@ -110,13 +145,13 @@ def test_wrong_or_corrupt_files_are_refused_and_removed(
     data = _tiny_bytes()
     (http_server.root / TINY.file).write_bytes(data)
     out = tmp_path / "w"
-    known = PretrainedFile(**{**TINY.__dict__, "sha256": "0" * 64})
+    known = dataclasses.replace(TINY, sha256="0" * 64)
     with pytest.raises(ChecksumError, match="expected 0000"):
         fetch_pretrained("tiny", str(out), mirror=http_server.base_url,
                          catalogue={"tiny": known}, progress=False)  # fmt: skip
     assert not list(out.glob("ViT-*"))
     # a checkpoint of another backbone (B/16-like dims for a tiny entry)
-    (http_server.root / TINY.file).write_bytes(_entry_like(PRETRAINED["vit_b16"]))
+    (http_server.root / TINY.file).write_bytes(_entry_like(BACKBONES["vit_b16"]))
     with pytest.raises(ModelError, match="is not the tiny checkpoint"):
         fetch_pretrained("tiny", str(out), mirror=http_server.base_url,
                          catalogue={"tiny": TINY}, progress=False)  # fmt: skip
@@ -142,7 +177,7 @@ def test_missing_file_on_the_mirror_is_one_error(
                "--no-progress"])  # fmt: skip
     assert rc != 0
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and PRETRAINED["vit_b16"].file in err
+    assert err.startswith("error: ") and BACKBONES["vit_b16"].file in err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("x")
@@ -161,7 +196,7 @@ def test_fetch_to_s3_prints_the_s3_value(
     import subprocess
     import sys
 
-    entry = PRETRAINED["vit_b16"]
+    entry = BACKBONES["vit_b16"]
     data = _entry_like(entry)
     (http_server.root / entry.file).write_bytes(data)
     vitpcm = str(Path(sys.executable).parent / "vitpcm")

@@ -8,9 +8,10 @@ dataset is downloaded, so a mismatch costs a second, not hours of download and c
   :mod:`vitpcm.data.sources`);
 * the config's ``data.dataset`` is the dataset being run, and its ``data.num_classes`` the
   dataset's class count;
-* ``model.pretrained``, when its file name is one of the public Google checkpoints'
-  (``ViT-B_16.npz``, ``S_16-i21k-...npz``), names the config's backbone, and a local path
-  exists (where the check runs on the machine that trains: the CLI and ``make run-local``).
+* ``model.pretrained``, when its file name is that of a backbone's Google checkpoint
+  (``ViT-B_16.npz``, ``S_16-i21k-...npz``: :mod:`vitpcm.model.backbones`), names the
+  config's backbone, and a local path exists (where the check runs on the machine that
+  trains: the CLI and ``make run-local``).
 
 Cheap and offline: nothing is read but the config (and a local path's existence).
 """
@@ -18,19 +19,16 @@ Cheap and offline: nothing is read but the config (and a local path's existence)
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ConfigError
+from vitpcm.model.backbones import checkpoint_backbone
 
 if TYPE_CHECKING:
     from vitpcm.config import Config
 
-# Public checkpoint names: "ViT-B_16.npz", "B_16-i21k-300ep-...npz", "Ti_16-...", "L_16.npz".
-_CHECKPOINT = re.compile(r"^(?:ViT-)?(Ti|S|B|L|H)_(8|14|16|32)(?:[-_.]|$)")
 _REMOTE = ("s3://", "http://", "https://", "gs://")
 
 
@@ -41,13 +39,6 @@ def config_for(dataset: str, config: str | None = None) -> str:
         ConfigError: An unknown dataset.
     """
     return config or get_source(dataset).config
-
-
-def checkpoint_backbone(uri: str) -> str | None:
-    """The backbone a public checkpoint's file name names (``vit_b16``), or None."""
-    name = PurePosixPath(uri.split("?", 1)[0]).name
-    match = _CHECKPOINT.match(name)
-    return f"vit_{match.group(1).lower()}{match.group(2)}" if match else None
 
 
 def check_plan(cfg: Config, dataset: str, config_name: str = "", local_files: bool = True) -> None:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from vitpcm.cli.common import add_config_args, add_no_progress, load_cfg
+from vitpcm.model.backbones import fetchable
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -40,10 +41,10 @@ def add_parsers(sub: Any) -> None:
             "Download the .npz checkpoint a config starts from (model.pretrained), resuming a "
             "partial file, and check it holds the named backbone; its SHA-256 is recorded and "
             "checked on later runs. Prints the model.pretrained=... value to use. Names: "
-            "vit_s16 (AugReg S/16, 384 px), vit_b16 and vit_l16 (ImageNet-21k + 1k, 384 px)."
+            + "; ".join(f"{e.name}: {e.description}" for e in fetchable().values())
         ),
     )
-    p.add_argument("name", metavar="NAME", choices=["vit_s16", "vit_b16", "vit_l16"])
+    p.add_argument("name", metavar="NAME", choices=list(fetchable()))
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix to put it in")
     p.add_argument("--mirror", metavar="BASE_URL", help="fetch BASE_URL/<file name> instead")
     add_no_progress(p)

@@ -21,12 +21,8 @@ from vitpcm.config.loading import (
     save_config,
 )
 from vitpcm.config.schema import (
-    BACKBONE_DIMS,
-    BACKBONE_PRESETS,
-    CUSTOM_BACKBONE,
     GELU_FORMS,
     POOLINGS,
-    PRESET_PRETRAIN_SIZE,
     AugmentConfig,
     Config,
     CrfConfig,
@@ -40,13 +36,9 @@ from vitpcm.config.schema import (
 )
 
 __all__ = [
-    "BACKBONE_DIMS",
-    "BACKBONE_PRESETS",
     "CONFIG_DIR_ENV",
-    "CUSTOM_BACKBONE",
     "GELU_FORMS",
     "POOLINGS",
-    "PRESET_PRETRAIN_SIZE",
     "AugmentConfig",
     "Config",
     "CrfConfig",

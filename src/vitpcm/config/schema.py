@@ -17,24 +17,6 @@ POOLINGS = ("max", "avg")
 # GELU forms: "tanh" is flax's default approximation, the one the public Google checkpoints
 # were trained with; "exact" (erf) is what the ViT-PCM authors' Keras 2 model computes.
 GELU_FORMS = ("tanh", "exact")
-CUSTOM_BACKBONE = "custom"
-BACKBONE_DIMS = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")
-
-# The public Google ViT checkpoints (Dosovitskiy et al.; AugReg for Ti/16 and S/16), as
-# (patch_size, hidden_dim, depth, num_heads, mlp_dim).
-BACKBONE_PRESETS: dict[str, dict[str, int]] = {
-    name: dict(zip(BACKBONE_DIMS, dims, strict=True))
-    for name, dims in {
-        "vit_ti16": (16, 192, 12, 3, 768),
-        "vit_s16": (16, 384, 12, 6, 1536),
-        "vit_b16": (16, 768, 12, 12, 3072),
-        "vit_l16": (16, 1024, 24, 16, 4096),
-        "vit_b8": (8, 768, 12, 12, 3072),
-    }.items()
-}
-# The presets' checkpoints were fine-tuned at 384 px, so their position embedding is stored
-# on a 384 / patch_size grid and interpolated from there for other input sizes.
-PRESET_PRETRAIN_SIZE = 384
 
 
 @dataclass
@@ -71,7 +53,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """ViT backbone, HV-BiLSTM and patch classifier; dims left ``None`` come from the preset."""
+    """ViT backbone, HV-BiLSTM and patch classifier.
+
+    ``backbone`` names an entry of :data:`vitpcm.model.backbones.BACKBONES`, whose dims fill
+    those left ``None``, or is ``custom`` (every dim given).
+    """
 
     backbone: str = "vit_b16"
     patch_size: int | None = None

@@ -6,17 +6,10 @@ Run once, when a config is loaded or built (:func:`vitpcm.config.load_config`,
 
 from __future__ import annotations
 
-from vitpcm.config.schema import (
-    BACKBONE_DIMS,
-    BACKBONE_PRESETS,
-    CUSTOM_BACKBONE,
-    GELU_FORMS,
-    POOLINGS,
-    PRESET_PRETRAIN_SIZE,
-    Config,
-)
+from vitpcm.config.schema import GELU_FORMS, POOLINGS, Config
 from vitpcm.data.sources import dataset_names
 from vitpcm.errors import ConfigError
+from vitpcm.model.backbones import BACKBONES, CUSTOM, DIMS
 
 
 class Sources:
@@ -46,31 +39,29 @@ class Sources:
 def resolve(cfg: Config, sources: Sources) -> Config:
     """Fill presets and derived sizes of ``cfg`` and validate it (in place)."""
     model = cfg.model
-    if model.backbone in BACKBONE_PRESETS:
-        preset = BACKBONE_PRESETS[model.backbone]
-        for dim in BACKBONE_DIMS:
+    if model.backbone in BACKBONES:
+        preset = BACKBONES[model.backbone]
+        for dim, wanted in preset.dims.items():
             value = getattr(model, dim)
             if value is None:
-                setattr(model, dim, preset[dim])
-            elif value != preset[dim]:
+                setattr(model, dim, wanted)
+            elif value != wanted:
                 raise sources.error(
                     f"model.{dim}",
-                    f"{value} conflicts with backbone {model.backbone} ({preset[dim]}); "
-                    f"remove it, or use backbone: {CUSTOM_BACKBONE} with all of "
-                    f"{', '.join(BACKBONE_DIMS)}",
+                    f"{value} conflicts with backbone {model.backbone} ({wanted}); "
+                    f"remove it, or use backbone: {CUSTOM} with all of {', '.join(DIMS)}",
                 )
         if model.pos_embed_grid is None:
-            model.pos_embed_grid = PRESET_PRETRAIN_SIZE // model.patch_size
-    elif model.backbone == CUSTOM_BACKBONE:
-        missing = [f"model.{d}" for d in BACKBONE_DIMS if getattr(model, d) is None]
+            model.pos_embed_grid = preset.pos_embed_grid
+    elif model.backbone == CUSTOM:
+        missing = [f"model.{d}" for d in DIMS if getattr(model, d) is None]
         if missing:
             raise sources.error(
                 missing[0],
-                f"must be set: backbone {CUSTOM_BACKBONE} has no preset to fill "
-                f"{', '.join(missing)}",
+                f"must be set: backbone {CUSTOM} has no preset to fill {', '.join(missing)}",
             )
     else:
-        choices = [*BACKBONE_PRESETS, CUSTOM_BACKBONE]
+        choices = [*BACKBONES, CUSTOM]
         raise sources.error(
             "model.backbone", f"unknown backbone {model.backbone!r}; choose one of {choices}"
         )
@@ -112,7 +103,7 @@ def _validate(cfg: Config, sources: Sources) -> None:
     in_unit("data.augment.hue", aug.hue, top=0.5)  # a shift of 0.5 already spans the wheel
     in_unit("data.augment.grayscale_prob", aug.grayscale_prob)
 
-    for dim in (*BACKBONE_DIMS, "lstm_units", "pos_embed_grid"):
+    for dim in (*DIMS, "lstm_units", "pos_embed_grid"):
         positive(f"model.{dim}", getattr(model, dim))
     check(
         model.hidden_dim % model.num_heads == 0,

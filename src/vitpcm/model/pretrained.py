@@ -1,20 +1,12 @@
-"""``vitpcm weights fetch``: the public Google ViT checkpoints the configs start from.
+"""``vitpcm weights fetch``: download the public Google ViT checkpoints the configs start from.
 
-Each name is a backbone preset of :data:`vitpcm.config.BACKBONE_PRESETS` with a public
-``.npz`` file fine-tuned at 384 px (the configs' ``model.pretrained``):
-
-* ``vit_s16``: AugReg ViT-S/16, ImageNet-21k pre-training, ImageNet-1k fine-tuning at 384
-  (Steiner et al., "How to train your ViT?", 2021), ``voc12_vit_s16``.
-* ``vit_b16``: ViT-B/16 ImageNet-21k + ImageNet-1k at 384 (Dosovitskiy et al., ICLR 2021),
-  ``voc12_vit_b16`` and ``coco14_vit_b16``.
-* ``vit_l16``: ViT-L/16, the same release.
-
-The bucket (``storage.googleapis.com/vit_models``) publishes no checksums or sizes, so a
-download is verified by what can be checked: the byte count the server announced (the
-resumable fetch of :mod:`vitpcm.data.http_fetch` refuses a short or changed file), then the
-file must be a readable ``.npz`` holding the preset's patch embedding and all of its blocks.
-Its SHA-256 is recorded beside it (``<file>.sha256``) and checked on every later run; a
-catalogue entry with a ``sha256`` is checked against that instead.
+The checkpoints are those of :data:`vitpcm.model.backbones.BACKBONES` (the configs'
+``model.pretrained``). The bucket (``storage.googleapis.com/vit_models``) publishes no
+checksums or sizes, so a download is verified by what can be checked: the byte count the
+server announced (the resumable fetch of :mod:`vitpcm.data.http_fetch` refuses a short or
+changed file), then the file must be a readable ``.npz`` holding the backbone's patch
+embedding and all of its blocks. Its SHA-256 is recorded beside it (``<file>.sha256``) and
+checked on every later run; an entry with a ``sha256`` is checked against that instead.
 """
 
 from __future__ import annotations
@@ -23,93 +15,21 @@ import logging
 import os
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vitpcm import storage
 from vitpcm.errors import ChecksumError, ConfigError, DownloadError, ModelError
+from vitpcm.model.backbones import Backbone, fetchable
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_BASE = "https://storage.googleapis.com/vit_models"
 CACHE_ENV = "VITPCM_CACHE"
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
 
 
-@dataclass(frozen=True)
-class PretrainedFile:
-    """One public checkpoint.
-
-    Attributes:
-        name: the ``vitpcm weights fetch`` name (a backbone preset).
-        path: its path under :data:`OFFICIAL_BASE`.
-        file: the file name written (and looked up under ``--mirror``).
-        description: what it is.
-        patch_size, hidden_dim, depth: the preset's dimensions, checked in the file.
-        sha256: the known digest, when there is one (none is published).
-    """
-
-    name: str
-    path: str
-    file: str
-    description: str
-    patch_size: int
-    hidden_dim: int
-    depth: int
-    sha256: str | None = None
-
-    @property
-    def url(self) -> str:
-        """The official URL."""
-        return f"{OFFICIAL_BASE}/{self.path}"
-
-
-_S16 = (
-    "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03"
-    "-res_384.npz"
-)
-PRETRAINED: dict[str, PretrainedFile] = {
-    entry.name: entry
-    for entry in (
-        PretrainedFile(
-            "vit_s16",
-            f"augreg/{_S16}",
-            _S16,
-            "AugReg ViT-S/16, ImageNet-21k + ImageNet-1k, 384 px (voc12_vit_s16)",
-            16,
-            384,
-            12,
-        ),
-        PretrainedFile(
-            "vit_b16",
-            "imagenet21k+imagenet2012/ViT-B_16.npz",
-            "ViT-B_16_imagenet21k+imagenet2012.npz",
-            "ViT-B/16, ImageNet-21k + ImageNet-1k, 384 px (voc12_vit_b16, coco14_vit_b16)",
-            16,
-            768,
-            12,
-        ),
-        PretrainedFile(
-            "vit_l16",
-            "imagenet21k+imagenet2012/ViT-L_16.npz",
-            "ViT-L_16_imagenet21k+imagenet2012.npz",
-            "ViT-L/16, ImageNet-21k + ImageNet-1k, 384 px",
-            16,
-            1024,
-            24,
-        ),
-    )
-}
-
-
-def catalogue_text() -> str:
-    """One line per fetchable name, for ``--help`` and error messages."""
-    return "; ".join(f"{e.name}: {e.description}" for e in PRETRAINED.values())
-
-
-def verify_npz(path: Path, entry: PretrainedFile) -> None:
+def verify_npz(path: Path, entry: Backbone) -> None:
     """Check that ``path`` is a ``.npz`` holding ``entry``'s patch embedding and blocks.
 
     Raises:
@@ -140,7 +60,7 @@ def _digest_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _check_recorded(path: Path, entry: PretrainedFile, progress: bool) -> bool:
+def _check_recorded(path: Path, entry: Backbone, progress: bool) -> bool:
     """Whether ``path`` is complete and matches its known or recorded SHA-256."""
     from vitpcm.data.http_fetch import file_digest
 
@@ -158,9 +78,7 @@ def _check_recorded(path: Path, entry: PretrainedFile, progress: bool) -> bool:
     return True
 
 
-def _download(
-    entry: PretrainedFile, folder: Path, url: str, progress: bool, **options: float
-) -> Path:
+def _download(entry: Backbone, folder: Path, url: str, progress: bool, **options: float) -> Path:
     import requests
 
     from vitpcm.data.http_fetch import commit_part, discard_part, fetch, file_digest
@@ -201,7 +119,7 @@ def fetch_pretrained(
     *,
     mirror: str | None = None,
     progress: bool = True,
-    catalogue: dict[str, PretrainedFile] | None = None,
+    catalogue: dict[str, Backbone] | None = None,
     retries: int = 5,
     timeout: float = 30.0,
 ) -> str:
@@ -212,18 +130,18 @@ def fetch_pretrained(
     ``~/.cache/vitpcm``) and the finished file is copied up.
 
     Args:
-        name: a key of :data:`PRETRAINED` (e.g. ``vit_s16``).
+        name: a backbone with a checkpoint (:func:`~vitpcm.model.backbones.fetchable`).
         out: destination folder or ``s3://`` prefix.
         mirror: fetch ``<mirror>/<file name>`` instead of the official URL.
         progress: show progress bars.
-        catalogue: the entries to choose from (default :data:`PRETRAINED`).
+        catalogue: the entries to choose from (default: every fetchable backbone).
         retries: consecutive failed attempts allowed.
         timeout: seconds to wait for the server.
 
     Returns:
         The checkpoint's URI: the value for ``model.pretrained``.
     """
-    catalogue = PRETRAINED if catalogue is None else catalogue
+    catalogue = fetchable() if catalogue is None else catalogue
     if name not in catalogue:
         raise ConfigError(f"unknown checkpoint {name!r}; choose one of {sorted(catalogue)}")
     entry = catalogue[name]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from vitpcm.errors import ModelError
+from vitpcm.model.backbones import BACKBONES, DIMS
 from vitpcm.model.vit_layers import (
     DEFAULT_GELU,
     LAYER_NORM_EPSILON,
@@ -151,20 +152,17 @@ class ViTBackbone(keras.Model):
         """A backbone with the dimensions of a public checkpoint (``vit_s16``, ``vit_b16``, ...).
 
         Args:
-            preset: A key of :data:`vitpcm.config.BACKBONE_PRESETS`.
-            pos_embed_grid: Stored position grid; defaults to the checkpoints' 384 px grid.
+            preset: A key of :data:`vitpcm.model.backbones.BACKBONES`.
+            pos_embed_grid: Stored position grid; defaults to the checkpoint's.
             **kwargs: Further constructor arguments (dropout, name, ...).
         """
-        from vitpcm.config import BACKBONE_PRESETS, PRESET_PRETRAIN_SIZE
-
-        if preset not in BACKBONE_PRESETS:
+        if preset not in BACKBONES:
             raise ModelError(
-                f"unknown backbone preset {preset!r}; choose one of {sorted(BACKBONE_PRESETS)}"
+                f"unknown backbone preset {preset!r}; choose one of {sorted(BACKBONES)}"
             )
-        dims = dict(BACKBONE_PRESETS[preset])
-        if pos_embed_grid is None:
-            pos_embed_grid = PRESET_PRETRAIN_SIZE // dims["patch_size"]
-        return cls(**dims, pos_embed_grid=pos_embed_grid, **kwargs)
+        entry = BACKBONES[preset]
+        grid = entry.pos_embed_grid if pos_embed_grid is None else pos_embed_grid
+        return cls(**entry.dims, pos_embed_grid=grid, **kwargs)
 
     @classmethod
     def from_model_config(cls, model_cfg: ModelConfig, name: str = "backbone") -> ViTBackbone:
@@ -174,10 +172,8 @@ class ViTBackbone(keras.Model):
         ``pos_embed_grid``, ``backbone_dropout`` and ``gelu``, all filled in (from the preset
         named by ``model.backbone`` where it has one) by :func:`vitpcm.config.load_config`.
         """
-        from vitpcm.config import BACKBONE_DIMS
-
         return cls(
-            **{dim: getattr(model_cfg, dim) for dim in BACKBONE_DIMS},
+            **{dim: getattr(model_cfg, dim) for dim in DIMS},
             pos_embed_grid=model_cfg.pos_embed_grid,
             dropout=model_cfg.backbone_dropout,
             gelu=model_cfg.gelu,
