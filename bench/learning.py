@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitpcm.config import POOLINGS
+
 # FULL is `vitpcm data synth`'s defaults (vitpcm.data.synth.DEFAULT_*, checked by
 # tests/test_synth.py), so this measures what README's step-by-step commands give.
 FULL: dict[str, Any] = {"train": 2000, "val": 100, "test": 200, "overrides": []}
 QUICK: dict[str, Any] = {"train": 1000, "val": 50, "test": 100, "overrides": ["train.epochs=4"]}
-POOLINGS = ("max", "avg")
 
 
 def cpu_seconds() -> float:

@@ -140,13 +140,13 @@ def make_config(
 ) -> Any:
     """The ``voc12`` recipe for ``model`` at ``size`` px, with the bench's settings."""
     from vitpcm.config import load_config
+    from vitpcm.model.backbones import BACKBONES
 
-    base = "voc12_vit_b16" if model == "vit_b16" else "voc12_vit_s16"
     overrides = [
         "model.pretrained=null",  # speed only: no checkpoint download
         f"model.backbone={model}",
         f"data.image_size={size}",
-        f"model.pos_embed_grid={size // 16}",
+        f"model.pos_embed_grid={size // BACKBONES[model].patch_size}",
         f"train.et.view_size={size // 2}",
         f"train.batch_size={batch}",
         f"train.mixed_precision={precision == 'bf16'}",
@@ -154,7 +154,7 @@ def make_config(
         f"train.fused_step={fused}",
         *sets,
     ]
-    return load_config(base, overrides)
+    return load_config(f"voc12_{model}", overrides)
 
 
 def build_step(cfg: Any) -> tuple[Any, Any]:
@@ -313,10 +313,14 @@ def comparisons(configs: list[Config], batch: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from vitpcm.config import available_configs
+    from vitpcm.model.backbones import BACKBONES
+
+    recipes = [name for name in BACKBONES if f"voc12_{name}" in available_configs()]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
-        "--model", choices=("vit_s16", "vit_b16"), help="default: S on CPU, B on GPU"
+        "--model", choices=recipes, help="backbone (default: vit_s16 on CPU, vit_b16 on GPU)"
     )
     parser.add_argument("--size", type=int, default=384, help="image side in px")
     parser.add_argument("--batch", type=int, help="per-step batch, multiple of 4 (CPU 4, GPU 16)")

@@ -16,7 +16,7 @@ def check_run(dataset: str, config: str = "", overrides: str = "", pretrained: s
     """Check the run's dataset, config and overrides; return the config name to train with.
 
     Args:
-        dataset: ``voc12``, ``coco14`` or ``synthetic``.
+        dataset: A registered dataset (``vitpcm.data.sources.dataset_names()``).
         config: Config name or path; empty for the dataset's default
             (its source's ``config``, ``vitpcm.data.sources``).
         overrides: Space-separated ``KEY=VALUE`` config overrides.

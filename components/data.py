@@ -29,7 +29,7 @@ def download_data(
 
     Args:
         raw: Output folder: ``VOCdevkit/`` (voc12, synthetic) or ``coco2014/`` (coco14).
-        dataset: ``voc12`` (VOC 2012 + SBD trainaug), ``coco14`` or ``synthetic``.
+        dataset: A registered dataset (``vitpcm.data.sources.dataset_names()``).
         mirror: Base URL serving the official archive names; empty for the official hosts.
         skip_checksum: Warn instead of failing when an archive does not match its MD5.
         keep_archives: Keep the downloaded archives next to the unpacked data.
@@ -85,7 +85,7 @@ def convert_data(
     Args:
         raw: Folder written by download_data.
         tfrecords: Output folder of ``<split>-<shard>-of-<n>.tfrecord`` files.
-        dataset: ``voc12``, ``coco14`` or ``synthetic`` (converted as VOC, its layout).
+        dataset: A registered dataset (``vitpcm.data.sources.dataset_names()``).
         shards: Shards per split; 0 for about 1000 images per shard.
         workers: Encoding processes; 0 for all CPU cores.
         skip_bad: Skip unreadable samples (listed in dataset.json) instead of failing.

@@ -50,8 +50,8 @@ def train_model(
             or the pipeline's object store (``minio://`` is read as ``s3://``).
         model: Output folder: model.keras (best epoch), config.yaml, metrics.json, history.json.
         metrics: Validation mIoU and pixel accuracy of the best epoch.
-        config: Config name from configs/ (voc12_vit_s16, voc12_vit_b16, coco14_vit_b16,
-            synthetic) or a YAML path inside the image.
+        config: Config name from configs/ (e.g. voc12_vit_s16) or a YAML path inside the
+            image.
         overrides: Space-separated KEY=VALUE config overrides, e.g. "train.lr=3e-4".
         epochs: Fine-tuning epochs; 0 keeps the config's train.epochs.
         checkpoint_root: s3:// prefix for checkpoints, so a retried step or a preempted job

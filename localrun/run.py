@@ -176,12 +176,12 @@ def run_local(
 
     Args:
         pipeline_root: Local folder for every step's outputs (one subfolder per run).
-        dataset: ``synthetic``, ``voc12`` or ``coco14``.
+        dataset: A registered dataset (:func:`vitpcm.data.sources.dataset_names`).
         config: Config name or YAML path (e.g. ``synthetic``, ``voc12_vit_s16``); empty for
             the dataset's (its source's ``config``, :mod:`vitpcm.data.sources`).
         source_dir: A downloaded dataset (holding ``VOCdevkit/`` or ``coco2014/``) to start
             from instead of downloading.
-        mirror: Base URL serving the official archives (``voc12``/``coco14``).
+        mirror: Base URL serving the datasets' official archives.
         epochs: Fine-tuning epochs; 0 keeps the config's value.
         overrides: ``KEY=VALUE`` config overrides (a list, or one space-separated string).
         crf: Refine the pseudo masks with the dense CRF.

@@ -23,6 +23,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from pipeline import cluster
 from pipeline.steps import BY_TASK, STEPS, Dag, add_step
+from vitpcm.data.sources import dataset_names, get_source
 
 PIPELINE_NAME = "vitpcm-wsss"
 SINGLE_NODE_PIPELINE_NAME = "vitpcm-wsss-single-node"
@@ -37,11 +38,10 @@ class Field(NamedTuple):
 
 
 FIELDS: dict[str, Field] = {
-    "dataset": Field(str, "voc12", "voc12 (VOC 2012 + SBD), coco14, or synthetic (a small "
-                     "built-in set)."),
-    "config": Field(str, "", "Config name: voc12_vit_s16, voc12_vit_b16, coco14_vit_b16 or "
-                    "synthetic; empty follows the dataset (voc12_vit_s16, coco14_vit_b16, "
-                    "synthetic)."),
+    "dataset": Field(str, "voc12", f"One of {', '.join(dataset_names())} (voc12: VOC 2012 + "
+                     "SBD; synthetic: a small built-in set)."),
+    "config": Field(str, "", "Config name from configs/; empty follows the dataset ("
+                    + ", ".join(f"{n}: {get_source(n).config}" for n in dataset_names()) + ")."),
     "pretrained": Field(str, "", "Backbone checkpoint: empty for the config's (the public "
                         "Google ViT .npz of the paper configs), a path, s3:// or https:// URI, "
                         "or none for random weights."),

@@ -21,6 +21,7 @@ from vitpcm.config.loading import (
     save_config,
 )
 from vitpcm.config.schema import (
+    DEFAULT_GELU,
     GELU_FORMS,
     POOLINGS,
     AugmentConfig,
@@ -37,6 +38,7 @@ from vitpcm.config.schema import (
 
 __all__ = [
     "CONFIG_DIR_ENV",
+    "DEFAULT_GELU",
     "GELU_FORMS",
     "POOLINGS",
     "AugmentConfig",

@@ -17,6 +17,7 @@ POOLINGS = ("max", "avg")
 # GELU forms: "tanh" is flax's default approximation, the one the public Google checkpoints
 # were trained with; "exact" (erf) is what the ViT-PCM authors' Keras 2 model computes.
 GELU_FORMS = ("tanh", "exact")
+DEFAULT_GELU = "tanh"
 
 
 @dataclass
@@ -79,7 +80,7 @@ class ModelConfig:
     # GELU in the ViT MLPs: "tanh" (approximation) is what the public Google checkpoints were
     # trained with; "exact" (erf) is what the authors' released ViT-PCM weights expect
     # (`vitpcm weights import-reference` sets it). Recorded in the saved model.
-    gelu: str = "tanh"
+    gelu: str = DEFAULT_GELU
 
 
 @dataclass

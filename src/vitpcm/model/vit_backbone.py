@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
+from vitpcm.config import DEFAULT_GELU
 from vitpcm.errors import ModelError
 from vitpcm.model.backbones import BACKBONES, DIMS
 from vitpcm.model.vit_layers import (
-    DEFAULT_GELU,
     LAYER_NORM_EPSILON,
     PatchEmbedding,
     PatchGrid,

@@ -22,12 +22,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from vitpcm.config import GELU_FORMS
+from vitpcm.config import DEFAULT_GELU, GELU_FORMS
 from vitpcm.errors import ModelError
 
 # flax.linen.LayerNorm's default, used by every public ViT checkpoint.
 LAYER_NORM_EPSILON = 1e-6
-DEFAULT_GELU = "tanh"
 
 
 def check_gelu(gelu: str) -> str:
