@@ -8,13 +8,9 @@ offers the entries that have a checkpoint (:mod:`vitpcm.model.pretrained`), and
 :mod:`vitpcm.run_plan` recognises their checkpoints' file names. Adding a backbone is one
 entry here (plus a config YAML that names it, to train it).
 
-The checkpoints are Google's (``storage.googleapis.com/vit_models``), all fine-tuned at
-384 px:
-
-* ``vit_s16``: AugReg ViT-S/16, ImageNet-21k pre-training, ImageNet-1k fine-tuning
-  (Steiner et al., "How to train your ViT?", 2021), ``voc12_vit_s16``'s.
-* ``vit_b16``: ViT-B/16 ImageNet-21k + ImageNet-1k (Dosovitskiy et al., ICLR 2021),
-  ``voc12_vit_b16``'s and ``coco14_vit_b16``'s; ``vit_l16``: ViT-L/16, the same release.
+The checkpoints are Google's (``storage.googleapis.com/vit_models``): ViT-B/16 and L/16
+ImageNet-21k + ImageNet-1k (Dosovitskiy et al., ICLR 2021) and AugReg ViT-S/16 (Steiner et
+al., "How to train your ViT?", 2021), all fine-tuned at 384 px.
 
 This module imports nothing else of the project, so the config can read it without
 TensorFlow.
