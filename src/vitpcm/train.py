@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vitpcm import outputs, storage
+from vitpcm import events, outputs, storage
 from vitpcm.config import Config, save_config
 from vitpcm.distribute import make_strategy, worker_role
 from vitpcm.errors import ConfigError, DataError
@@ -279,6 +279,7 @@ def _train(
         if state.epochs_since_best >= cfg.train.patience:
             stopped_early = True
             log.info("early stopping: no improvement for %d epochs", state.epochs_since_best)
+            events.emit("early_stop", patience=state.epochs_since_best)
             break
         if stop_after_epochs is not None and epochs_done_here >= stop_after_epochs:
             break
@@ -343,6 +344,8 @@ def _train(
             f" train mIoU {logs['train_miou']:.4f}" if "train_miou" in logs else "",
             " *" if improved else "",
         )
+        loss, miou = logs["loss"], metrics["miou"]
+        events.emit("epoch", epoch=epoch + 1, epochs=total_epochs, loss=loss, val_miou=miou)
         for callback in callbacks:
             callback(epoch + 1, logs)
         if tracker is not None:

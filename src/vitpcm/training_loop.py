@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitpcm import storage
+from vitpcm import events, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError, DataError
 from vitpcm.run_folder import STATE_JSON, STRUCTURE_KEYS
@@ -173,6 +173,7 @@ class TrainingLoop:
                 )
             self._ckpt.restore(path).assert_existing_objects_matched()
             log.info("resuming %s at epoch %d", source, state.next_epoch + 1)
+            events.emit("resume", epoch=state.next_epoch + 1)
         return state
 
     def checkpoint(self, out: str, state: LoopState) -> None:
