@@ -8,3 +8,5 @@ the ``kfp.local`` run each lead a process group of their own (:mod:`localrun.pro
 :mod:`localrun.containers` runs the steps in their images instead, and
 :mod:`localrun.docs_pictures` makes README's pictures from a finished run.
 """
+
+DEFAULT_ROOT = "runs/local"  # the run folder: outputs, logs, MLflow store, summary.json

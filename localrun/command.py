@@ -19,9 +19,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from localrun import DEFAULT_ROOT
 from localrun.progress import StepDisplay
 from localrun.run import (
-    DEFAULT_ROOT,
     SUMMARY_FILE,
     StepFailedError,
     SyntheticData,

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from localrun import DEFAULT_ROOT
+from pipeline.compile import DEFAULT_OUT as DEFAULT_PACKAGE
 from vitpcm.errors import ConfigError, VitpcmError
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-DEFAULT_ROOT = "runs/local"
 DEFAULT_OUT = "docs"
-DEFAULT_PACKAGE = "build/vitpcm_pipeline.yaml"
 # (file in docs/, run page tab or artifact path, window height)
 SHOTS: tuple[tuple[str, str, int], ...] = (
     ("mlflow-run.png", "", 1500),

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from localrun import DEFAULT_ROOT
 from localrun.services import (
     ARTIFACTS_PREFIX,
     DB_FILE,
@@ -173,7 +174,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ui = sub.add_parser("ui", help="browse the runs of make run-local (until Ctrl-C)")
-    ui.add_argument("--root", default="runs/local", help="run folder of make run-local")
+    ui.add_argument("--root", default=DEFAULT_ROOT, help="run folder of make run-local")
     ui.add_argument(
         "--port",
         type=int,

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localrun import DEFAULT_ROOT
 from localrun.processes import run_in_own_group
 from localrun.progress import KfpLogSink, StepDisplay, open_log
 from vitpcm import events
 from vitpcm.data.sources import dataset_names, get_source
 from vitpcm.errors import ConfigError
 
-DEFAULT_ROOT = "runs/local"
 SUMMARY_FILE = "summary.json"
 
 
