@@ -66,12 +66,12 @@ if [[ -z $python ]]; then
 fi
 
 # A small build context: the Dockerfiles COPY only these (the package is vitpcm plus the KFP
-# components and pipeline, which the TFJob launcher imports), and sending the whole checkout
+# components, whose launchers the train step imports), and sending the whole checkout
 # (.venv/, data, runs) would cost minutes for nothing.
 context=$(mktemp -d "${TMPDIR:-/tmp}/vitpcm-image-context.XXXXXX")
 trap 'rm -rf "$context"' EXIT
 (cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' -cf - \
-    pyproject.toml README.md src components pipeline configs images/requirements.py) | tar -xf - -C "$context"
+    pyproject.toml README.md src components configs images/requirements.py) | tar -xf - -C "$context"
 
 for variant in "${variants[@]}"; do
     image=$(cd "$repo" && "$python" -m components.images --print "$variant") ||

@@ -189,8 +189,9 @@ def test_build_script_uses_pipeline_image_names_and_a_small_context(
     assert {"./pyproject.toml", "./README.md", "./images/requirements.py"} <= set(context)
     assert "./src/vitpcm/cli/__init__.py" in context
     assert "./configs/synthetic.yaml" in context
-    # The package also holds the KFP components and pipeline (the train step's launchers).
+    # The package also holds the KFP components (the train step's launchers), not the DAG.
     assert {"./components/launchers/tfjob.py", "./components/images.py"} <= set(context)
+    assert not [f for f in context if f.startswith(("./pipeline/", "./localrun/"))]
     assert not [f for f in context if f.startswith(("./.venv", "./tests", "./.git"))]
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]
 
