@@ -240,6 +240,34 @@ def learning_rows(
     return out
 
 
+def learning_recipe_rows(recipe: dict[str, Any], clean: dict[str, Any]) -> list[dict[str, str]]:
+    """The authors' regularisation (``learning-recipe.json``: ``bench/learning.py`` with the
+    paper configs' dropout settings) against the same benchmark without it (``learning.json``),
+    one row per pooling both ran."""
+    ours = {row["pooling"]: row for row in clean["rows"]}
+    out = []
+    for row in recipe["rows"]:
+        base = ours.get(row["pooling"])
+        if base is None:
+            continue
+        gap = row["test_bpm_miou"] - base["test_bpm_miou"]
+        cpu = row["epoch_cpu_s_median"] / base["epoch_cpu_s_median"]
+        out.append(
+            {
+                "figure": f"Learning: the authors' dropout recipe vs without it ({row['pooling']} "
+                "pooling, synthetic)",
+                "goal": "report both (docs/METHOD-NOTES.md)",
+                "value": f"test BPM {row['test_bpm_miou']:.3f} vs {base['test_bpm_miou']:.3f} "
+                f"(**{gap:+.3f}**); after CRF {row['test_crf_miou']:.3f} vs "
+                f"{base['test_crf_miou']:.3f}; CPU s/epoch {row['epoch_cpu_s_median']:.1f} vs "
+                f"{base['epoch_cpu_s_median']:.1f} ({cpu:.2f}x)",
+                "verdict": "reported",
+                **_learning_context(recipe),
+            }
+        )
+    return out
+
+
 def learning_steps_row(f: dict[str, Any]) -> dict[str, str]:
     """The row of ``bench/learning_steps.py --json``: README's commands over data seeds.
 
@@ -282,6 +310,8 @@ def render(figures: dict[str, dict[str, Any]], json_dir: Path | None = None) -> 
             rows.extend(gpu_rows(json_dir or ROOT / "build" / "bench"))
     if "learning" in figures:
         rows.extend(learning_rows(figures["learning"], figures.get("learning_ablation")))
+        if "learning_recipe" in figures:
+            rows.extend(learning_recipe_rows(figures["learning_recipe"], figures["learning"]))
     if "learning_steps" in figures:
         rows.append(learning_steps_row(figures["learning_steps"]))
     header = ["figure", "goal", "value", "verdict", "command", "machine", "date", "load avg"]
@@ -340,7 +370,10 @@ NOTES = [
     "15 minutes on 2 cores) is not run by `make bench`; its rows come from "
     "`build/bench/learning.json` when that file is there, the max-vs-average row from "
     "`build/bench/learning-ablation.json` if `learning.json` ran max pooling only "
-    "(`python bench/learning.py --json build/bench/learning.json`). "
+    "(`python bench/learning.py --json build/bench/learning.json`), the authors' dropout "
+    "recipe against it from `build/bench/learning-recipe.json` (the same command with "
+    "`--set model.backbone_dropout=0.1 --set model.frozen_dropout=true --set model.dropout=0.2 "
+    "--set model.lstm_dropout=0.2`). "
     "`bench/learning_steps.py` runs README's step-by-step commands (`vitpcm data synth`, "
     "`data convert`, `train -c synthetic`, `test --crf`) as separate processes for data "
     "seeds 0, 1, 2 (`train.seed` = data seed); its row comes from "
@@ -365,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures[name] = json.loads(path.read_text())
             continue
         figures[name] = run_benchmark(name, bench_args, json_dir)
-    for name in ("learning", "learning_ablation", "learning_steps"):
+    for name in ("learning", "learning_ablation", "learning_recipe", "learning_steps"):
         path = json_dir / f"{name.replace('_', '-')}.json"
         if path.is_file():
             figures[name] = json.loads(path.read_text())

@@ -78,3 +78,15 @@ def test_the_seeds_row_summarises_readme_commands_and_names_a_weak_seed() -> Non
     fine = [_seed(0, 0.84), _seed(1, 0.8, wall_s=1000.0)]
     row = report.learning_steps_row({**_payload("seeds", *fine), "summary": steps.summarise(fine)})
     assert row["verdict"].startswith("mIoU met; **time not met**")
+
+
+def test_the_recipe_rows_compare_each_pooling_with_the_run_without_it() -> None:
+    def row(pooling: str, bpm: float, cpu: float) -> dict[str, Any]:
+        return {**_row(pooling, bpm), "epoch_cpu_s_median": cpu}
+
+    clean = _payload("clean", row("max", 0.817, 68.0), row("avg", 0.717, 70.0))
+    recipe = _payload("recipe", row("max", 0.822, 85.0))
+    (only,) = _report().learning_recipe_rows(recipe, clean)
+    assert "max pooling" in only["figure"] and only["command"] == "`recipe`"
+    assert "0.822 vs 0.817 (**+0.005**)" in only["value"]
+    assert "85.0 vs 68.0 (1.25x)" in only["value"]
