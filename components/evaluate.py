@@ -42,6 +42,7 @@ def evaluate_model(
     from components.artifacts import exit_cleanly_after_s3, readable_uri
     from vitpcm.config import load_config
     from vitpcm.eval import run_eval
+    from vitpcm.metrics import SCALAR_METRICS
 
     data = readable_uri(tfrecords_uri)
     exit_cleanly_after_s3(data)
@@ -55,7 +56,7 @@ def evaluate_model(
         progress=False,
     )
 
-    for key in ("miou", "pixel_accuracy", "mean_accuracy"):
+    for key in SCALAR_METRICS:
         if result.get(key) is not None:
             metrics.log_metric(key, float(result[key]))
     metrics.log_metric("num_images", int(result["num_images"]))
@@ -112,6 +113,7 @@ def infer_crf(
     from components.artifacts import exit_cleanly_after_s3, readable_uri
     from vitpcm.config import load_config
     from vitpcm.infer import run_test
+    from vitpcm.metrics import SCALAR_METRICS
 
     data = readable_uri(tfrecords_uri)
     exit_cleanly_after_s3(data)
@@ -129,7 +131,7 @@ def infer_crf(
         progress=False,
     )
 
-    for key in ("miou", "miou_crf", "pixel_accuracy", "pixel_accuracy_crf"):
+    for key in (name for base in SCALAR_METRICS for name in (base, f"{base}_crf")):
         if result.get(key) is not None:
             metrics.log_metric(key, float(result[key]))
     metrics.log_metric("num_images", int(result["num_images"]))

@@ -25,7 +25,7 @@ from typing import Any
 from vitpcm import events, outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError
-from vitpcm.metrics import ConfusionMatrix
+from vitpcm.metrics import SCALAR_METRICS, ConfusionMatrix
 from vitpcm.pseudo_masks import Task, finish_map
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,8 @@ def run_test(
             metrics.update(bpm_matrix.compute())
             if crf:
                 crf_metrics = crf_matrix.compute()
-                metrics["miou_crf"] = crf_metrics["miou"]
-                metrics["class_iou_crf"] = crf_metrics["class_iou"]
-                metrics["pixel_accuracy_crf"] = crf_metrics["pixel_accuracy"]
+                for name in (*SCALAR_METRICS, "class_iou"):
+                    metrics[f"{name}_crf"] = crf_metrics[name]
         write_metrics_json(storage.join(tmp, "metrics.json"), metrics)
 
     if has_masks:

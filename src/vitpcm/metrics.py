@@ -25,6 +25,11 @@ import numpy as np
 
 from vitpcm import storage
 
+# The scalar metrics of a confusion matrix (metrics_from_matrix), in the order reports show
+# them. `vitpcm test --crf` adds each as `<name>_crf`; MLflow and the KFP Metrics artifact
+# log these, so a new scalar metric is one entry here and its line in metrics_from_matrix.
+SCALAR_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou")
+
 
 class ConfusionMatrix:
     """Accumulates a K x K pixel confusion matrix over label maps.

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from vitpcm.config import Config
+from vitpcm.metrics import SCALAR_METRICS
 
 NOTE_TAG = "mlflow.note.content"
 # The MLflow 3 UI's page parameter for its model-training layout (not the GenAI one).
 UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 _CURVE_KEYS = {"train_miou": "train/miou", "train_seconds": "train/epoch_seconds", "lr": "train/lr"}
-_SCALARS = ("miou", "miou_crf", "pixel_accuracy", "pixel_accuracy_crf", "mean_accuracy",
-            "frequency_weighted_iou")  # fmt: skip
+_SCALARS = tuple(name for base in SCALAR_METRICS for name in (base, f"{base}_crf"))
 _CONTEXTS = (("training", "train_split"), ("validation", "val_split"), ("test", "test_split"))
 
 
