@@ -224,14 +224,11 @@ class S3Bucket:
         return f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
 
     def env(self) -> dict[str, str]:
-        """The variables tensorflow-io and boto3 need to reach this endpoint."""
-        return {
-            "S3_ENDPOINT": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": REGION,
-            "AWS_DEFAULT_REGION": REGION,
-        }
+        """The S3 variables the library, tensorflow-io and MLflow read for this endpoint."""
+        from vitpcm.storage import s3_environment
+
+        credentials = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        return s3_environment({"S3_ENDPOINT": self.endpoint, "AWS_REGION": REGION, **credentials})
 
     def client(self) -> Any:
         """A boto3 S3 client for this endpoint."""
@@ -425,8 +422,7 @@ class MlflowServer(_ServerProcess):
         """The server's environment: S3 endpoint and credentials, fast start."""
         env = dict(os.environ)
         if self.s3 is not None:
-            env.update(self.s3.env())
-            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3.endpoint
+            env.update(self.s3.env())  # MLFLOW_S3_ENDPOINT_URL included
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         # The server is not a client: a tracking URI inherited from the shell means nothing.
         env.pop("MLFLOW_TRACKING_URI", None)
