@@ -46,6 +46,7 @@ FAILURES_FILE = "failures.jsonl"
 CONFIG_FILE = "config.yaml"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
+
 def default_class_names(num_classes: int, dataset: str | None = None) -> list[str]:
     """Class names of a model: its dataset's, else those of the first downloadable dataset
     (VOC, COCO) with ``num_classes`` classes, else ``class_<i>``."""

@@ -62,7 +62,10 @@ def strip(node: dict[str, Any]) -> dict[str, Any]:
 def main(clone: str) -> None:
     for name, tag, path in SOURCES:
         text = subprocess.run(
-            ["git", "-C", clone, "show", f"{tag}:{path}"], capture_output=True, text=True, check=True
+            ["git", "-C", clone, "show", f"{tag}:{path}"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         commit = subprocess.run(
             ["git", "-C", clone, "rev-list", "-n1", tag], capture_output=True, text=True, check=True
