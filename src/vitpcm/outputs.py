@@ -27,65 +27,22 @@ Commands that write in place instead of through :func:`vitpcm.storage.atomic_dir
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from vitpcm import storage
 from vitpcm.errors import VitpcmError
-
-MARKER = ".vitpcm-output.json"
-"""File at the root of every output, naming the command (kind) that wrote it."""
-
-KINDS = (
-    "data convert",
-    "data synth",
-    "data download",
-    "train",
-    "eval",
-    "test",
-    "predict",
-    "weights",
-)
+from vitpcm.storage.marker import KINDS as KINDS
+from vitpcm.storage.marker import MARKER as MARKER
+from vitpcm.storage.marker import check_kind
+from vitpcm.storage.marker import marker_bytes as marker_bytes
+from vitpcm.storage.marker import read_kind as read_kind
+from vitpcm.storage.marker import write_marker as write_marker
 
 
 class OutputError(VitpcmError):
     """An ``--out`` that would replace or mix with something this tool did not write."""
-
-
-def marker_bytes(kind: str) -> bytes:
-    """The marker's content for ``kind`` (deterministic: same bytes on every run)."""
-    _check_kind(kind)
-    return json.dumps({"tool": "vitpcm", "kind": kind, "format": 1}, sort_keys=True).encode()
-
-
-def write_marker(folder: str | os.PathLike[str], kind: str) -> None:
-    """Write the marker of ``kind`` into ``folder`` (local or ``s3://``), atomically."""
-    storage.write_bytes(storage.join(storage.local_path(folder), MARKER), marker_bytes(kind))
-
-
-def read_kind(folder: str | os.PathLike[str]) -> str | None:
-    """The kind named by ``folder``'s marker (or a pre-marker output's signature), or None."""
-    text = storage.local_path(folder).rstrip("/") or "/"
-    path = storage.join(text, MARKER)
-    if storage.exists(path):
-        try:
-            data = json.loads(storage.read_bytes(path))
-        except ValueError:
-            return None
-        kind = data.get("kind") if isinstance(data, dict) else None
-        return kind if kind in KINDS else None
-    for kind, (name, recognise) in _LEGACY.items():
-        legacy = storage.join(text, name)
-        if storage.exists(legacy):
-            try:
-                if recognise(storage.read_bytes(legacy)):
-                    return kind
-            except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
-                continue
-    return None
 
 
 def claim_output(
@@ -115,7 +72,7 @@ def claim_output(
         OutputError: ``out`` is an input, inside or above one, a file, a non-empty folder
             this tool did not write, or the output of another command.
     """
-    _check_kind(kind)
+    check_kind(kind)
     text = storage.local_path(out).rstrip("/") or "/"
     if storage.is_http(text):
         raise OutputError(f"{flag} {text}: http(s) URLs are read-only; choose a folder or s3://")
@@ -144,11 +101,6 @@ def claim_output(
         f"{flag} {text} is not empty and was not written by `vitpcm {kind}` (no {MARKER}); "
         "choose a new or empty folder"
     )
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown output kind {kind!r}; one of {KINDS}")
 
 
 def _key(uri: str) -> tuple[str, str]:
@@ -181,29 +133,3 @@ def _check_apart(out: str, flag: str, given: str, name: str) -> None:
             f"{flag} {out} contains the input {name} {given}; replacing it would delete the "
             f"input: choose another {flag}"
         )
-
-
-def _synth_signature(data: bytes) -> bool:
-    return json.loads(data).get("generator") == "vitpcm data synth"
-
-
-def _dataset_signature(data: bytes) -> bool:
-    info = json.loads(data)
-    return "format_version" in info and isinstance(info.get("splits"), dict)
-
-
-def _download_signature(data: bytes) -> bool:
-    return isinstance(json.loads(data).get("files"), dict)
-
-
-def _train_signature(data: bytes) -> bool:
-    return data.decode("utf-8").startswith("# Resolved vitpcm config")
-
-
-# Outputs written before the marker existed are recognised by a file only this tool writes.
-_LEGACY: dict[str, tuple[str, Callable[[bytes], Any]]] = {
-    "data synth": ("synth.json", _synth_signature),
-    "data convert": ("dataset.json", _dataset_signature),
-    "data download": (".vitpcm-download.json", _download_signature),
-    "train": ("config.yaml", _train_signature),
-}

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vitpcm.errors import StorageError
-from vitpcm.storage import (
+from vitpcm.storage import marker, s3
+from vitpcm.storage.core import (
     is_http,
     is_s3,
     join,
@@ -29,7 +30,6 @@ from vitpcm.storage import (
     makedirs,
     remove_files,
     remove_tree,
-    s3,
     write_bytes,
 )
 
@@ -59,7 +59,7 @@ def atomic_dir(final_uri: str | os.PathLike[str], *, kind: str | None = None) ->
     Args:
         final_uri: The output folder or ``s3://`` prefix. Check it first with
             :func:`vitpcm.outputs.claim_output`: this replaces what is there.
-        kind: The output's kind (:data:`vitpcm.outputs.KINDS`): the ownership marker is
+        kind: The output's kind (:data:`vitpcm.storage.marker.KINDS`): the ownership marker is
             written into the temporary folder first, so the temporaries of a killed run
             are recognised (and removed) by the next run of the same kind.
     """
@@ -71,9 +71,7 @@ def atomic_dir(final_uri: str | os.PathLike[str], *, kind: str | None = None) ->
     if is_s3(final):
         tmp = join(final, f"{_S3_TMP_DIR}{uuid.uuid4().hex[:8]}")
         if kind is not None:
-            from vitpcm import outputs
-
-            outputs.write_marker(final, kind)  # the prefix is ours from now on
+            marker.write_marker(final, kind)  # the prefix is ours from now on
     else:
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     makedirs(tmp)
@@ -96,12 +94,10 @@ def atomic_dir(final_uri: str | os.PathLike[str], *, kind: str | None = None) ->
 
 
 def _write_owner(tmp: str, kind: str) -> None:
-    from vitpcm import outputs
-
     owner = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname()}
     write_bytes(join(tmp, _OWNER), json.dumps(owner).encode())
     if not is_s3(tmp):
-        outputs.write_marker(tmp, kind)
+        marker.write_marker(tmp, kind)
 
 
 def _swap_in(tmp: str, final: str) -> None:
@@ -165,8 +161,6 @@ def remove_stale_temporaries(final_uri: str | os.PathLike[str], kind: str) -> li
     Returns:
         The removed folders or prefixes.
     """
-    from vitpcm import outputs
-
     final = local_path(final_uri).rstrip("/")
     removed = []
     if is_s3(final):
@@ -184,7 +178,7 @@ def remove_stale_temporaries(final_uri: str | os.PathLike[str], kind: str) -> li
         path = os.path.join(parent, sibling)
         if not (sibling.startswith(name) and _TMP_NAME.fullmatch(sibling[len(name) :])):
             continue
-        if outputs.read_kind(path) != kind or _owner_alive(path):
+        if marker.read_kind(path) != kind or _owner_alive(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
