@@ -71,6 +71,9 @@ def step_containers(
         environ: Where the forwarded variables are read (default ``os.environ``, read at
             each step's start, so variables set by the services are included).
     """
+    # The one place this project swaps a kfp internal: kfp 2.13's DockerRunner takes no run
+    # settings. kfp >= 2.15 takes them (DockerRunner(user=..., network_mode=..., ...)) but
+    # needs protobuf 6, which TensorFlow 2.17 refuses (DESIGN.md's pins); move to that then.
     from kfp.local import docker_task_handler
 
     started: list[dict[str, Any]] = []
