@@ -178,12 +178,17 @@ def test_an_interrupted_step_is_stopped_with_its_children() -> None:
     )
     printed: list[str] = []
     # A real SIGINT, as Ctrl-C sends: it breaks the blocking read of the step's output.
+    # Python's own handler, as at a terminal: a shell's background job inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_in_own_group([sys.executable, "-c", step], printed.append)
-    timer.cancel()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_in_own_group([sys.executable, "-c", step], printed.append)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 60
     grandchild = int(printed[0].split()[1])
     deadline = time.monotonic() + 10
@@ -510,6 +515,9 @@ def test_run_local_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # SIGINT handled as at a terminal, even when the tests run as a shell's background
+        # job (which inherits it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: list[str] = []
     try:
