@@ -123,6 +123,8 @@ def test_every_kind_of_event_is_shown(event: Callable[..., str]) -> None:
         sink.line("Executing task 'infer-crf'")
         sink.line(event(kind, **fields))
         assert display.steps[0].detail == expected, kind
+    sink.line(event("registered", run_id="r1"))  # the run exists, no model registered yet
+    assert display.steps[0].detail == "MLflow run r1"
 
 
 def test_events_are_silent_unless_asked(

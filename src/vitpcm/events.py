@@ -14,7 +14,8 @@ Kinds and their fields, as emitted:
 * ``early_stop``: ``patience`` (epochs without improvement)
 * ``score``: ``split``, ``miou``, ``images`` (pseudo masks scored)
 * ``crf_score``: ``split``, ``miou``, ``miou_crf``, ``images`` (before/after the CRF)
-* ``registered``: ``run_id``, ``model``, ``version``, ``promoted`` (the MLflow outcome)
+* ``registered``: ``run_id``, and once a model is registered ``model``, ``version``,
+  ``promoted`` (the MLflow run exists; the MLflow outcome)
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+from vitpcm import events
 from vitpcm.errors import StorageError, TrackingError
 from vitpcm.tracking.registry import RECORD_TAG, promote_if_better, register_version
 from vitpcm.tracking.spool import RUN_FILE, Record, Spool, SpoolState, resolve_spool_dir
@@ -165,6 +166,7 @@ class SpoolSender:
         state.run_id, state.experiment_id = run.info.run_id, run.info.experiment_id
         state.tracking_uri = self.tracking_uri
         log.info("MLflow run %s (experiment %s)", state.run_id, state.experiment_id)
+        events.emit("registered", run_id=state.run_id)
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
