@@ -82,14 +82,15 @@ def train_model(
     import shlex
     import sys
 
+    from components.launchers import DISTRIBUTED_MODES
     from vitpcm import storage
     from vitpcm.config import load_config
     from vitpcm.errors import ConfigError
     from vitpcm.train import CONFIG_FILE, HISTORY_JSON, METRICS_JSON, MODEL_FILE, train
 
-    modes = ("none", "trainjob", "tfjob")
-    if distributed not in modes:
-        raise ConfigError(f"distributed must be one of {', '.join(modes)}, not {distributed!r}")
+    if distributed not in DISTRIBUTED_MODES:
+        choices = ", ".join(DISTRIBUTED_MODES)
+        raise ConfigError(f"distributed must be one of {choices}, not {distributed!r}")
     sets = shlex.split(overrides)
     if epochs > 0:
         sets.append(f"train.epochs={epochs}")

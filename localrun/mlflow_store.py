@@ -61,11 +61,6 @@ class LocalServices:
     mlflow: MlflowServer
     root: Path
 
-    @property
-    def artifacts_dir(self) -> Path:
-        """Where the artifacts are kept once the services stop."""
-        return self.root / ARTIFACTS_DIR
-
 
 @contextlib.contextmanager
 def local_services(

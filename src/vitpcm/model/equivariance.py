@@ -31,7 +31,6 @@ CROP_FLAG = 3
 CROP_Y = 4
 CROP_X = 5
 CROP_CELLS = 6
-VIEW_PARAMS_SIZE = 7
 
 # A ViewParams is just a float32 tensor, (7,) for one image or (B, 7) for a batch.
 ViewParams = tf.Tensor
