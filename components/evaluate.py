@@ -113,7 +113,7 @@ def infer_crf(
     from components.artifacts import exit_cleanly_after_s3, readable_uri
     from vitpcm.config import load_config
     from vitpcm.infer import run_test
-    from vitpcm.metrics import SCALAR_METRICS
+    from vitpcm.metrics import REPORTED_METRICS
 
     data = readable_uri(tfrecords_uri)
     exit_cleanly_after_s3(data)
@@ -131,7 +131,7 @@ def infer_crf(
         progress=False,
     )
 
-    for key in (name for base in SCALAR_METRICS for name in (base, f"{base}_crf")):
+    for key in REPORTED_METRICS:
         if result.get(key) is not None:
             metrics.log_metric(key, float(result[key]))
     metrics.log_metric("num_images", int(result["num_images"]))

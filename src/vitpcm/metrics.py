@@ -29,6 +29,8 @@ from vitpcm import storage
 # them. `vitpcm test --crf` adds each as `<name>_crf`; MLflow and the KFP Metrics artifact
 # log these, so a new scalar metric is one entry here and its line in metrics_from_matrix.
 SCALAR_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou")
+# Each with its CRF twin: what a `metrics.json` may report (eval: the first of each pair).
+REPORTED_METRICS = tuple(n for base in SCALAR_METRICS for n in (base, f"{base}_crf"))
 
 
 class ConfusionMatrix:

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from vitpcm.config import Config
-from vitpcm.metrics import SCALAR_METRICS
+from vitpcm.metrics import REPORTED_METRICS
 
 NOTE_TAG = "mlflow.note.content"
 # The MLflow 3 UI's page parameter for its model-training layout (not the GenAI one).
 UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 _CURVE_KEYS = {"train_miou": "train/miou", "train_seconds": "train/epoch_seconds", "lr": "train/lr"}
-_SCALARS = tuple(name for base in SCALAR_METRICS for name in (base, f"{base}_crf"))
 _CONTEXTS = (("training", "train_split"), ("validation", "val_split"), ("test", "test_split"))
 
 
@@ -114,7 +113,9 @@ def final_metrics(
     and, with ``per_class``, ``class_iou/<class>`` and ``class_iou_crf/<class>``; undefined
     values (a class absent from ground truth and prediction) are left out."""
     names = class_names or metrics.get("class_names")
-    out = {metric_key(f"{stage}/{name}"): finite_number(metrics.get(name)) for name in _SCALARS}
+    out = {
+        metric_key(f"{stage}/{name}"): finite_number(metrics.get(name)) for name in REPORTED_METRICS
+    }
     if per_class:
         for key in ("class_iou", "class_iou_crf"):
             for index, raw in enumerate(metrics.get(key) or []):
