@@ -17,6 +17,9 @@ import pytest
 
 from helpers.podman import REPO, build_image, needs_image_build, run_in
 
+# Building an image from a debootstrapped base takes 5-40 minutes.
+pytestmark = pytest.mark.timeout(3600)
+
 
 def _pins() -> dict[str, str]:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]

@@ -39,6 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "images" / "build.sh"
 PYPROJECT = REPO / "pyproject.toml"
 
+# Building an image from a debootstrapped base takes 5-40 minutes.
+pytestmark = pytest.mark.timeout(3600)
+
 
 def _load_requirements_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location(

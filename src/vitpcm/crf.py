@@ -17,16 +17,13 @@ Two choices here keep it fast without changing the answer:
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import multiprocessing
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from vitpcm.config import CrfConfig
+from vitpcm.parallel import ordered_map, resolve_workers
 
 # Probabilities are clipped to this floor before -log: exact zeros would give infinite
 # unaries, and the floor keeps an absent-class channel irrelevant but finite.
@@ -127,27 +124,6 @@ def _refine_subset(
     return class_ids.astype(np.int32)[local]
 
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-@contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    # Each worker runs one CRF at a time; native thread pools inside every worker would
-    # oversubscribe the cores the pool already fills. The variables must be in the
-    # environment when a child starts (numpy reads them on import), so they are set while
-    # the pool spawns its workers and restored afterwards.
-    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
-    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
 def _task(item: tuple[Any, np.ndarray, np.ndarray, np.ndarray, CrfConfig]) -> tuple[Any, Any]:
     key, image, probs, class_ids, params = item
     return key, _refine_subset(image, probs, class_ids, params)
@@ -178,9 +154,8 @@ def crf_map(
 
     Items are pulled lazily: at most ``max_in_flight`` (default ``2 * workers``) are taken
     from ``items`` beyond those already yielded, so a generator reading one sample at a time
-    keeps memory bounded whatever the split size. Results come back in input order.
-    ``multiprocessing.Pool.imap`` is not used because its feeder thread drains the whole
-    input iterable as fast as it can, which is exactly the unbounded load to avoid.
+    keeps memory bounded whatever the split size. Results come back in input order
+    (:func:`vitpcm.parallel.ordered_map`).
 
     Args:
         items: iterable of ``(key, image (H,W,3) uint8, probs (H,W,K), labels (K,) or None)``.
@@ -198,8 +173,7 @@ def crf_map(
     crf_params = params or CrfConfig()
     if workers == 0:
         workers = crf_params.workers
-    if workers <= 0:
-        workers = os.cpu_count() or 1
+    workers = resolve_workers(workers)
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     bar = None
@@ -209,33 +183,10 @@ def crf_map(
         bar = tqdm(total=total, desc="dense CRF", unit="img")
     tasks = _prepare(items, crf_params)
     try:
-        results = (
-            map(_task, tasks)
-            if workers == 1
-            else _pooled(tasks, workers, max_in_flight or 2 * workers)
-        )
-        for result in results:
+        for result in ordered_map(_task, tasks, workers, max_in_flight):
             if bar is not None:
                 bar.update(1)
             yield result
     finally:
         if bar is not None:
             bar.close()
-
-
-def _pooled(
-    tasks: Iterator[tuple[Any, ...]], workers: int, max_in_flight: int
-) -> Iterator[tuple[Any, np.ndarray]]:
-    # "spawn": the parent often has TensorFlow loaded with live threads, and forking such a
-    # process can deadlock the child.
-    context = multiprocessing.get_context("spawn")
-    pending: collections.deque[Any] = collections.deque()
-    with _single_threaded_children():
-        pool = context.Pool(processes=workers)
-    with pool:
-        for task in tasks:
-            pending.append(pool.apply_async(_task, (task,)))
-            if len(pending) >= max_in_flight:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()

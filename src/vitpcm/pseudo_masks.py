@@ -16,15 +16,14 @@ compute what :func:`vitpcm.model.label_merge.label_merge` and ``tf.image.resize(
 
 from __future__ import annotations
 
-import collections
 import io
-import multiprocessing
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from vitpcm.parallel import ordered_map, resolve_workers
 
 if TYPE_CHECKING:
     from vitpcm.config import CrfConfig
@@ -139,22 +138,4 @@ def finish_map(
         workers: Processes; 0 uses all cores; 1 runs in this process.
         max_in_flight: Bound on tasks submitted but not yet yielded.
     """
-    from vitpcm.crf import _single_threaded_children
-
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
-    if workers == 1:
-        yield from map(finish, tasks)
-        return
-    bound = max_in_flight or 2 * workers
-    # "spawn": the parent has TensorFlow loaded with live threads; forking it can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with _single_threaded_children():
-        pool = context.Pool(processes=workers)
-    pending: collections.deque[Any] = collections.deque()
-    with pool:
-        for task in tasks:
-            pending.append(pool.apply_async(finish, (task,)))
-            if len(pending) >= bound:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    return ordered_map(finish, tasks, resolve_workers(workers), max_in_flight)
