@@ -98,8 +98,8 @@ def _result(name: str, fused: bool, xla: bool, loss: float, speed: float) -> dic
     }  # fmt: skip
 
 
-def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
-    payload = {
+def _payload() -> dict:
+    return {
         "model": "vit_s16", "image_size": 384, "command": "python bench/train_step.py",
         "machine": "CPU: Test CPU, 2 cores", "date": "2026-12-01", "load_average": [1, 2, 3],
         "cpu_peak": {"fp32": 3.3e11, "bf16": 6.6e11, "cores": 2, "formula": "f",
@@ -111,7 +111,10 @@ def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
         "comparisons": {"one_pass_vs_three_pass_xla_off": {
             "wall": 1.7, "best_wall": 1.8, "cpu_time": 1.5, "executed_flops": 0.7}},
     }  # fmt: skip
-    rows = report_train.train_step_rows(payload)
+
+
+def test_rows_name_the_machine_and_judge_the_speedup(tmp_path: Path) -> None:
+    rows = report_train.train_step_rows(_payload())
     assert all(r["machine"].startswith("CPU: Test CPU, 2 cores (AVX") for r in rows)
     assert all(r["load"] == "1, 2, 3" for r in rows)
     assert len(rows) == 3  # one configuration of the current step: no defaults row
@@ -138,3 +141,11 @@ def test_pseudo_mask_rows_say_what_is_projected() -> None:
     assert "projection" in projected["goal"] and "14.7 h" in projected["value"]
     assert "**11.0 h** by CPU time" in projected["value"]
     assert "0.55 h" in projected["value"] and "assumed 40%" in projected["value"]
+
+
+def test_recipe_rows_are_the_same_figures_reported_not_judged() -> None:
+    rows = report_train.recipe_step_rows(_payload())
+    plain = report_train.train_step_rows(_payload())
+    assert [r["value"] for r in rows] == [r["value"] for r in plain]
+    assert all("paper config (authors' dropout recipe)" in r["figure"] for r in rows)
+    assert {r["verdict"] for r in rows} == {"reported"}
