@@ -218,3 +218,28 @@ def test_bad_config_values() -> None:
         build_vitpcm(tiny_cfg(), 0)
     with pytest.raises(ModelError, match="not a ViT backbone"):
         backbone_of(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+
+
+def test_validation_forward_is_traced_once_per_model_and_does_not_keep_it_alive() -> None:
+    import gc
+    import weakref
+
+    import tensorflow as tf
+
+    from vitpcm.eval import _FORWARDS, predict_batches
+
+    model = build_vitpcm(tiny_cfg(), NUM_CLASSES)
+    data = tf.data.Dataset.from_tensor_slices(
+        {"image": images(batch=4), "height": np.full(4, 32)}
+    ).batch(2)
+    first = [probs for _, probs in predict_batches(model, data)]
+    again = [probs for _, probs in predict_batches(model, data)]  # as after the next epoch
+    assert _FORWARDS[model].experimental_get_tracing_count() == 1
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    expected = model(images(batch=4), training=False)["patch_probs"].numpy()
+    np.testing.assert_allclose(np.concatenate(first), expected, rtol=1e-5, atol=1e-6)
+    held = weakref.ref(model)
+    del model
+    gc.collect()
+    assert held() is None  # the cache held it weakly

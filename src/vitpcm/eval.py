@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -71,14 +72,31 @@ def check_model_matches(model: Any, cfg: Config, model_uri: str) -> None:
         )
 
 
-def predict_batches(model: Any, dataset: Any) -> Iterator[tuple[dict[str, Any], Any]]:
-    """Yield ``(batch as NumPy, patch_probs as NumPy)`` for every batch of ``dataset``."""
+# model -> its traced inference forward, so validation after every epoch reuses one trace
+# instead of tracing anew (and TensorFlow warning of retracing) each time. The function holds
+# the model weakly: the cache never keeps a model alive.
+_FORWARDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def inference_forward(model: Any) -> Any:
+    """``images -> patch_probs`` of ``model`` in inference mode, traced once per model."""
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
-    def forward(images: Any) -> Any:
-        return model(images, training=False)["patch_probs"]
+    forward = _FORWARDS.get(model)
+    if forward is None:
+        held = weakref.ref(model)
 
+        @tf.function(reduce_retracing=True)
+        def forward(images: Any) -> Any:
+            return held()(images, training=False)["patch_probs"]
+
+        _FORWARDS[model] = forward
+    return forward
+
+
+def predict_batches(model: Any, dataset: Any) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Yield ``(batch as NumPy, patch_probs as NumPy)`` for every batch of ``dataset``."""
+    forward = inference_forward(model)
     for batch in dataset:
         probs = forward(batch["image"]).numpy()
         yield {k: v.numpy() for k, v in batch.items() if k != "image"}, probs
