@@ -72,9 +72,9 @@ def train_model(
         worker_image: Image of the workers (the pipeline passes its GPU image).
         worker_size: JSON CPU/memory requests and limits of a worker and the GPU resource
             name (pipeline.cluster sets it).
-        worker_node_selector: Node labels the TFJob workers require (a TrainJob's come from
-            its TrainingRuntime).
-        worker_tolerations: Tolerations of the TFJob workers.
+        worker_node_selector: Node labels the TFJob workers require when they have GPUs (a
+            TrainJob's come from its TrainingRuntime); CPU-only workers get none.
+        worker_tolerations: Tolerations of the TFJob workers, likewise GPU workers only.
         timeout_hours: Give up on (and delete) a distributed job after this long.
     """
     import atexit

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from components.launchers import kube, workers
-from components.launchers.tfjob import run_tfjob
+from components.launchers.tfjob import run_tfjob, tfjob_manifest
 from components.launchers.trainjob import RUNTIME_NAME, run_trainjob
 from helpers.kube_api import FakeKubeAPI, load_crd, schema_errors
 from vitpcm.errors import ConfigError
@@ -186,6 +186,22 @@ def test_cpu_workers_ask_for_no_gpu() -> None:
         "requests": {"cpu": "8", "memory": "32Gi"},
         "limits": {"cpu": "16", "memory": "64Gi"},
     }
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_gpu_placement_reaches_gpu_workers_only(gpus: int) -> None:
+    # The compiled pipeline passes the cluster's GPU node labels and tolerations whatever
+    # the run's gpus; CPU-only workers must not be pinned to (or wait for) GPU nodes.
+    manifest = tfjob_manifest(
+        name="job",
+        namespace=NS,
+        spec=_spec(gpus=gpus),
+        node_selector={"pool": "a100"},
+        tolerations=[GPU_TOLERATION],
+    )
+    pod = manifest["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod.get("nodeSelector") == ({"pool": "a100"} if gpus else None)
+    assert pod.get("tolerations") == ([GPU_TOLERATION] if gpus else None)
 
 
 def test_a_failed_job_is_deleted_and_explained() -> None:

@@ -65,8 +65,10 @@ def tfjob_manifest(
         name: Job name.
         namespace: Namespace to create it in.
         spec: Image, command, worker count, GPUs, CPU and memory of every worker.
-        node_selector: Node labels the workers require.
-        tolerations: Worker tolerations.
+        node_selector: Node labels the workers require when they have GPUs (the cluster's
+            GPU placement): CPU-only workers (``spec.gpus == 0``) get none, so they neither
+            wait for GPU nodes nor land on them.
+        tolerations: Worker tolerations, likewise only for GPU workers.
         env_secrets: Secrets loaded as environment variables (``envFrom``); optional, so a
             missing MLflow Secret does not keep the pods from starting.
         labels: Extra labels of the job and its pods.
@@ -84,9 +86,9 @@ def tfjob_manifest(
     }
     pod_labels = {**kube.LABELS, **(labels or {})}
     pod_spec: dict[str, Any] = {"containers": [container]}
-    if node_selector:
+    if node_selector and spec.gpus > 0:
         pod_spec["nodeSelector"] = dict(node_selector)
-    if tolerations:
+    if tolerations and spec.gpus > 0:
         pod_spec["tolerations"] = [dict(t) for t in tolerations]
     metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": pod_labels}
     if owner:
