@@ -43,10 +43,11 @@ def evaluate_model(
     from vitpcm.config import load_config
     from vitpcm.eval import run_eval
     from vitpcm.metrics import SCALAR_METRICS
+    from vitpcm.run_files import CONFIG_FILE
 
     data = readable_uri(tfrecords_uri)
     exit_cleanly_after_s3(data)
-    cfg = load_config(os.path.join(model.path, "config.yaml"), shlex.split(overrides))
+    cfg = load_config(os.path.join(model.path, CONFIG_FILE), shlex.split(overrides))
     result = run_eval(
         cfg,
         model.path,
@@ -114,13 +115,14 @@ def infer_crf(
     from vitpcm.config import load_config
     from vitpcm.infer import run_test
     from vitpcm.metrics import REPORTED_METRICS
+    from vitpcm.run_files import CONFIG_FILE
 
     data = readable_uri(tfrecords_uri)
     exit_cleanly_after_s3(data)
     sets = shlex.split(overrides)
     if workers > 0:
         sets.append(f"crf.workers={workers}")
-    cfg = load_config(os.path.join(model.path, "config.yaml"), sets)
+    cfg = load_config(os.path.join(model.path, CONFIG_FILE), sets)
     result = run_test(
         cfg,
         model.path,

@@ -86,7 +86,8 @@ def train_model(
     from vitpcm import storage
     from vitpcm.config import load_config
     from vitpcm.errors import ConfigError
-    from vitpcm.train import CONFIG_FILE, HISTORY_JSON, METRICS_JSON, MODEL_FILE, train
+    from vitpcm.run_files import CONFIG_FILE, HISTORY_JSON, METRICS_JSON, MODEL_FILE
+    from vitpcm.train import train
 
     if distributed not in DISTRIBUTED_MODES:
         choices = ", ".join(DISTRIBUTED_MODES)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitpcm.run_files import METRICS_JSON
 from vitpcm.tracking.naming import ui_run_url
 
 # Up to this many classes the table lists them all (VOC's 21 fit); beyond, the best and
@@ -52,8 +53,8 @@ def experiment_id_of(tracking_uri: str, run_id: str, timeout: float = 10.0) -> s
 
 def class_iou_rows(eval_dir: str | None, test_dir: str | None) -> list[dict[str, Any]]:
     """Per-class IoU: validation (baseline pseudo masks), test before and after the CRF."""
-    val = _read_json(Path(eval_dir) / "metrics.json") if eval_dir else {}
-    test = _read_json(Path(test_dir) / "metrics.json") if test_dir else {}
+    val = _read_json(Path(eval_dir) / METRICS_JSON) if eval_dir else {}
+    test = _read_json(Path(test_dir) / METRICS_JSON) if test_dir else {}
     names = val.get("class_names") or test.get("class_names") or []
     count = max(len(names), len(val.get("class_iou", [])), len(test.get("class_iou", [])))
     rows = []
@@ -95,8 +96,8 @@ def build_summary(
     """
     eval_dir = run.artifacts.get("eval_report")
     test_dir = run.artifacts.get("pseudo_masks")
-    val_report = _read_json(Path(eval_dir) / "metrics.json") if eval_dir else {}
-    test_report = _read_json(Path(test_dir) / "metrics.json") if test_dir else {}
+    val_report = _read_json(Path(eval_dir) / METRICS_JSON) if eval_dir else {}
+    test_report = _read_json(Path(test_dir) / METRICS_JSON) if test_dir else {}
     metrics = run.metrics
     held_out = test_report.get("split") != val_report.get("split")
     summary: dict[str, Any] = {

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitpcm.errors import ConfigError
+from vitpcm.run_files import CONFIG_FILE, HISTORY_JSON, METRICS_JSON, MODEL_FILE
 
-OUTPUT_FILES = ("model.keras", "config.yaml", "metrics.json", "history.json")
+OUTPUT_FILES = (MODEL_FILE, CONFIG_FILE, METRICS_JSON, HISTORY_JSON)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def collect_outputs(out_uri: str, model_dir: str) -> dict[str, Any]:
     if storage.exists(storage.join(out_uri, RUN_FILE)):
         data = storage.read_bytes(storage.join(out_uri, RUN_FILE))
         storage.write_bytes(os.path.join(model_dir, RUN_FILE), data)
-    with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as handle:
+    with open(os.path.join(model_dir, METRICS_JSON), encoding="utf-8") as handle:
         return json.load(handle)
 
 

@@ -20,10 +20,10 @@ from vitpcm import events, outputs, storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError, DataError, ModelError
 from vitpcm.metrics import ConfusionMatrix
+from vitpcm.run_files import METRICS_JSON, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
 KIND = "eval"
 
 
@@ -214,7 +214,7 @@ def run_eval(
             for name in sorted(os.listdir(local)):
                 with open(os.path.join(local, name), "rb") as handle:
                     storage.write_bytes(storage.join(tmp, name), handle.read())
-        write_metrics_json(storage.join(tmp, "metrics.json"), metrics)
+        write_metrics_json(storage.join(tmp, METRICS_JSON), metrics)
     log.info(
         "%s mIoU %.4f on %d images -> %s", split, metrics["miou"], metrics["num_images"], out_dir
     )

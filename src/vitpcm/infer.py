@@ -27,6 +27,7 @@ from vitpcm.config import Config
 from vitpcm.errors import ConfigError
 from vitpcm.metrics import SCALAR_METRICS, ConfusionMatrix
 from vitpcm.pseudo_masks import Task, finish_map
+from vitpcm.run_files import METRICS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def run_test(
                 crf_metrics = crf_matrix.compute()
                 for name in (*SCALAR_METRICS, "class_iou"):
                     metrics[f"{name}_crf"] = crf_metrics[name]
-        write_metrics_json(storage.join(tmp, "metrics.json"), metrics)
+        write_metrics_json(storage.join(tmp, METRICS_JSON), metrics)
 
     if has_masks:
         after = f", after CRF {metrics['miou_crf']:.4f}" if crf else ""

@@ -34,6 +34,7 @@ from vitpcm.image_io import (  # noqa: F401  (decode_image, list_inputs: part of
     list_inputs,
     overlay_jpeg,
 )
+from vitpcm.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:
     from vitpcm.config import CrfConfig
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 PREDICTIONS_FILE = "predictions.jsonl"
 FAILURES_FILE = "failures.jsonl"
-CONFIG_FILE = "config.yaml"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 

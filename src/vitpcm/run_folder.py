@@ -20,11 +20,11 @@ from typing import Any
 from vitpcm import storage
 from vitpcm.config import Config
 from vitpcm.errors import ConfigError, VitpcmError
+from vitpcm.run_files import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
 STATE_JSON = "state.json"
-CONFIG_FILE = "config.yaml"
 # Keys that shape the checkpoint's variables: never changed on resume, even with
 # --force-config (the checkpoint would not load into the model they build).
 STRUCTURE_KEYS = (

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from vitpcm.errors import DataError
+from vitpcm.run_files import MODEL_FILE
 
 IMAGE_COLUMN = "image"
-KERAS_FILE = "model.keras"
 
 
 def pyfunc_signature() -> Any:
@@ -184,4 +184,4 @@ def _load_pyfunc(data_path: str) -> VitpcmPyfunc:
 
     from vitpcm.predict import load_predictor
 
-    return VitpcmPyfunc(load_predictor(os.path.join(data_path, KERAS_FILE)))
+    return VitpcmPyfunc(load_predictor(os.path.join(data_path, MODEL_FILE)))

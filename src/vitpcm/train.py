@@ -49,8 +49,8 @@ from vitpcm import events, outputs, storage
 from vitpcm.config import Config, save_config
 from vitpcm.distribute import make_strategy, worker_role
 from vitpcm.errors import ConfigError, DataError
+from vitpcm.run_files import CONFIG_FILE, HISTORY_JSON, METRICS_JSON, MODEL_FILE
 from vitpcm.run_folder import (
-    CONFIG_FILE,
     TrainingError,  # noqa: F401  (raised from here; part of this module's API)
     check_same_config,
     is_tf_error,
@@ -63,9 +63,6 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
-HISTORY_JSON = "history.json"
-MODEL_FILE = "model.keras"
-METRICS_JSON = "metrics.json"
 KIND = "train"
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from vitpcm.errors import ModelError
+from vitpcm.run_files import CONFIG_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +295,10 @@ def write_model_folder(model: Any, cfg: Any, out: str, provenance: dict[str, Any
 
     claim_output(out, "weights", inputs={"FILE": provenance.get("source")})
     with storage.atomic_dir(out, kind="weights") as tmp, tempfile.TemporaryDirectory() as local:
-        path = os.path.join(local, "model.keras")
+        path = os.path.join(local, MODEL_FILE)
         model.save(path)
         with open(path, "rb") as handle:
-            storage.write_bytes(storage.join(tmp, "model.keras"), handle.read())
-        save_config(cfg, storage.join(tmp, "config.yaml"))
+            storage.write_bytes(storage.join(tmp, MODEL_FILE), handle.read())
+        save_config(cfg, storage.join(tmp, CONFIG_FILE))
         text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
         storage.write_bytes(storage.join(tmp, "reference.json"), text.encode())

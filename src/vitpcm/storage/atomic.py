@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vitpcm.errors import StorageError
+from vitpcm.run_files import METRICS_JSON
 from vitpcm.storage import marker, s3
 from vitpcm.storage.core import (
     is_http,
@@ -40,7 +41,7 @@ _TMP_NAME = re.compile(r"\.(tmp|old)-[0-9a-f]{8}$")
 _S3_TMP_DIR = ".tmp-"
 _OWNER = ".vitpcm-owner.json"
 # Commit markers: readers require them, so on s3:// they are copied in last.
-COMMIT_LAST = ("dataset.json", "metrics.json", "model.json")
+COMMIT_LAST = ("dataset.json", METRICS_JSON, "model.json")
 
 
 @contextlib.contextmanager

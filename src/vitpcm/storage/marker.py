@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from vitpcm.run_files import CONFIG_FILE
 from vitpcm.storage import core as storage
 
 MARKER = ".vitpcm-output.json"
@@ -90,5 +91,5 @@ _LEGACY: dict[str, tuple[str, Callable[[bytes], Any]]] = {
     "data synth": ("synth.json", _synth_signature),
     "data convert": ("dataset.json", _dataset_signature),
     "data download": (".vitpcm-download.json", _download_signature),
-    "train": ("config.yaml", _train_signature),
+    "train": (CONFIG_FILE, _train_signature),
 }

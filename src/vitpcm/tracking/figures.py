@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vitpcm import storage
+from vitpcm.run_files import METRICS_JSON
 
 # (key in a sample, column title), in display order.
 OVERLAY_COLUMNS = (("ground_truth", "ground truth"), ("bpm", "BPM"), ("crf", "BPM + CRF"))
@@ -215,7 +216,7 @@ def write_split_figures(
         if chosen:
             ranked = f"The {len(chosen)} images with the {what} BPM IoU" if what else "Samples"
             plot_sample_overlays(chosen, class_names, out / file, title=f"{ranked} ({where})")
-    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+    (out / METRICS_JSON).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     return sorted(p.name for p in out.iterdir())
 
 

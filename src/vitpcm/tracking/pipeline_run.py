@@ -29,6 +29,7 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.errors import TrackingError
+from vitpcm.run_files import CONFIG_FILE, HISTORY_JSON, METRICS_JSON
 from vitpcm.tracking.figures import mask_sample, score_pseudo_masks
 from vitpcm.tracking.naming import dataset_inputs
 from vitpcm.tracking.sender import same_uri
@@ -141,7 +142,7 @@ def log_pipeline_run(
     from vitpcm.eval import load_model
 
     model_path = Path(model_dir)
-    config_path = model_path / "config.yaml"
+    config_path = model_path / CONFIG_FILE
     if not config_path.is_file():
         raise TrackingError(f"{model_path} has no config.yaml; pass a `vitpcm train` output")
     cfg = load_config(str(config_path))
@@ -152,10 +153,10 @@ def log_pipeline_run(
     spool_dir = Path(spool_dir)
     # A continued run has the training's curves, params and summary already.
     from_training, run_experiment = _continue_training_spool(model_path, spool_dir, tracking_uri)
-    history = _optional_json(model_path, "history.json") or []
-    train_metrics = _optional_json(model_path, "metrics.json") or {}
-    eval_metrics = _optional_json(eval_dir, "metrics.json")
-    test_metrics = _optional_json(test_dir, "metrics.json")
+    history = _optional_json(model_path, HISTORY_JSON) or []
+    train_metrics = _optional_json(model_path, METRICS_JSON) or {}
+    eval_metrics = _optional_json(eval_dir, METRICS_JSON)
+    test_metrics = _optional_json(test_dir, METRICS_JSON)
 
     data_shown = data_uri or (str(data_dir) if data_dir else None)
     with RunTracker(

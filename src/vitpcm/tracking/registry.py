@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vitpcm.run_files import CONFIG_FILE
+
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
@@ -245,7 +247,7 @@ def save_mlflow_model(
         if config is not None:
             from vitpcm.config import save_config
 
-            save_config(config, keras_dir / "data" / "config.yaml")
+            save_config(config, keras_dir / "data" / CONFIG_FILE)
         mlflow.pyfunc.save_model(
             str(path),
             loader_module="vitpcm.serving",

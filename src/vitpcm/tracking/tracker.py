@@ -28,6 +28,7 @@ from vitpcm import __version__, storage
 from vitpcm.config import Config, save_config
 from vitpcm.errors import TrackingError
 from vitpcm.metrics import json_safe
+from vitpcm.run_files import CONFIG_FILE, METRICS_JSON
 from vitpcm.tracking.figures import write_split_figures
 from vitpcm.tracking.naming import (
     NOTE_TAG,
@@ -175,8 +176,8 @@ class RunTracker:
         if self.log_config:
             self.log_params(flatten_params(self.cfg.to_dict()))
             with tempfile.TemporaryDirectory() as tmp:
-                save_config(self.cfg, os.path.join(tmp, "config.yaml"))
-                self.log_artifact(os.path.join(tmp, "config.yaml"), move=True)
+                save_config(self.cfg, os.path.join(tmp, CONFIG_FILE))
+                self.log_artifact(os.path.join(tmp, CONFIG_FILE), move=True)
         self.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -308,8 +309,8 @@ class RunTracker:
             write_split_figures(folder, metrics, split, stage=stage, class_names=names, **figures)
             self.log_artifact(folder, move=True)
             text = json.dumps(json_safe(self._final), indent=2, allow_nan=False) + "\n"
-            Path(tmp, "metrics.json").write_text(text)  # strict JSON: NaN becomes null
-            self.log_artifact(Path(tmp, "metrics.json"), move=True)
+            Path(tmp, METRICS_JSON).write_text(text)  # strict JSON: NaN becomes null
+            self.log_artifact(Path(tmp, METRICS_JSON), move=True)
         return flat
 
     def log_model(

@@ -31,6 +31,7 @@ from typing import Any
 
 from vitpcm import storage
 from vitpcm.config import Config
+from vitpcm.run_files import HISTORY_JSON
 from vitpcm.tracking.naming import finite_number
 from vitpcm.tracking.sender import write_run_file
 from vitpcm.tracking.spool import META_FILE, RUN_FILE, SPOOL_DIRNAME, Spool
@@ -57,10 +58,10 @@ def log_training_files(tracker: RunTracker, out_uri: str) -> None:
     """Log ``history.json`` and the TensorBoard logs (artifact folder ``tensorboard/``) of a
     training output folder; missing ones are skipped."""
     with tempfile.TemporaryDirectory() as tmp:
-        history = storage.join(out_uri, "history.json")
+        history = storage.join(out_uri, HISTORY_JSON)
         if storage.exists(history):
-            Path(tmp, "history.json").write_bytes(storage.read_bytes(history))
-            tracker.log_artifact(Path(tmp, "history.json"), move=True)
+            Path(tmp, HISTORY_JSON).write_bytes(storage.read_bytes(history))
+            tracker.log_artifact(Path(tmp, HISTORY_JSON), move=True)
         board = storage.join(out_uri, "tensorboard")
         files = storage.list_files(board) if storage.exists(board) else []
         for rel in files:
