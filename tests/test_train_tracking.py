@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from helpers.mlflow_server import MlflowServer, mlflow_server, s3_server  # noqa: F401
+from helpers.s3_server import s3_bucket  # noqa: F401  (fixture, by name)
 from helpers.tiny import make_tiny_dataset, tiny_config
 from vitpcm.tracking import RUN_FILE, TrainingTracker, log_pipeline_run, replay_spool
+from vitpcm.tracking.pipeline_run import _continue_training_spool
 from vitpcm.tracking.spool import JOURNAL_FILE, Spool
 
 CURVES = ("train/loss", "train/bce", "train/et", "train/l2", "train/miou", "val/miou", "train/lr")
@@ -51,26 +53,38 @@ def _epoch(epoch: int) -> dict[str, float]:
     return {"epoch": epoch, "loss": 1.0 / epoch, "val_miou": 0.1 * epoch, "timestamp": 1e12 + epoch}
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_spool_mirrored_to_object_storage_and_fetched_on_another_machine(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    where: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
-    # A local "out" stands in for s3://: a spool outside <out>/mlflow-spool is mirrored there.
-    out, uri = tmp_path / "out", _closed_port_uri()
-    cfg = _tracked_config(uri, "mirror")
-    first = TrainingTracker(cfg, str(out), uri, spool_dir=tmp_path / "machine-1")
+    # A spool outside <out>/mlflow-spool is mirrored there: on the object store (moto over
+    # HTTP, through vitpcm.storage as in a pod) and in a local folder.
+    uri = _closed_port_uri()
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        out = bucket.uri("out")
+
+        def stored(name: str) -> bytes:
+            return bucket.read(f"out/{name}")
+    else:
+        out = str(tmp_path / "out")
+
+        def stored(name: str) -> bytes:
+            return (tmp_path / "out" / name).read_bytes()
+
+    cfg = _tracked_config(uri, f"mirror-{where}")
+    first = TrainingTracker(cfg, out, uri, spool_dir=tmp_path / "machine-1")
     first.start([])
     first(1, _epoch(1))
     first(2, _epoch(2))
     first.close("KILLED")  # the pod is preempted
-    mirror = out / "mlflow-spool"
-    assert (mirror / JOURNAL_FILE).read_bytes() == (
-        tmp_path / "machine-1" / JOURNAL_FILE
-    ).read_bytes()
+    journal = f"mlflow-spool/{JOURNAL_FILE}"
+    assert stored(journal) == (tmp_path / "machine-1" / JOURNAL_FILE).read_bytes()
 
     # The job restarts elsewhere; its history has epoch 3, which the spool missed (killed
     # between the checkpoint and the record): it is logged before anything else.
     caplog.set_level(logging.INFO, "vitpcm.tracking")
-    second = TrainingTracker(cfg, str(out), uri, spool_dir=tmp_path / "machine-2")
+    second = TrainingTracker(cfg, out, uri, spool_dir=tmp_path / "machine-2")
     second.start([_epoch(1), _epoch(2), _epoch(3)])
     assert "logging 1 epoch(s) the MLflow spool missed" in caplog.text
     info = second.finish({"best_epoch": 3, "epochs_run": 3, "miou": 0.3, "train_miou": 0.4})
@@ -94,10 +108,17 @@ def test_spool_mirrored_to_object_storage_and_fetched_on_another_machine(
     # At the last epoch's time: logged again by a re-run, MLflow keeps the points once.
     assert {m["timestamp"] for m in summary} == {1e12 + 3}
     assert info is not None and info["run_id"] is None and info["pending"] == len(spool.records())
-    assert json.loads((out / "mlflow_run.json").read_text()) == info
-    assert (mirror / JOURNAL_FILE).read_bytes() == (
-        tmp_path / "machine-2" / JOURNAL_FILE
-    ).read_bytes()
+    assert json.loads(stored("mlflow_run.json")) == info
+    assert stored(journal) == (tmp_path / "machine-2" / JOURNAL_FILE).read_bytes()
+
+    # The register step gets the model folder (without the spool) and continues the spool
+    # that mlflow_run.json names, read from where the training mirrored it.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / RUN_FILE).write_bytes(stored(RUN_FILE))
+    continued, _ = _continue_training_spool(model, tmp_path / "register", uri)
+    assert continued
+    assert (tmp_path / "register" / JOURNAL_FILE).read_bytes() == stored(journal)
 
 
 # ----------------------------------------------------------------------------- real server
