@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ def machine() -> str:
     except OSError:
         pass
     return f"CPU: {name}, {os.cpu_count()} cores"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and of its reaped children
+    (a pool's workers once joined, a finished subprocess).
+
+    Wall-clock throughput on a shared machine depends on what else runs; CPU seconds per
+    item show whether parallel workers add work.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_context(command: str) -> dict[str, Any]:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
 
 import numpy as np
 
-from common import emit_figures, run_context
+from common import cpu_seconds, emit_figures, run_context
 from vitpcm.config import CrfConfig
 from vitpcm.crf import crf_map, crf_present_classes, crf_refine
 
@@ -85,22 +84,11 @@ def bench_present_vs_all(n: int, params: CrfConfig) -> dict[str, object]:
     }
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the pool's workers, once joined).
-
-    Wall-clock throughput on a shared machine depends on what else runs (and the kernel's
-    per-session fair share); CPU seconds per image show whether the pool adds work.
-    """
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def bench_throughput(n: int, workers: int, params: CrfConfig) -> dict[str, object]:
     figures: dict[str, object] = {"split_images": n, "workers": workers}
     reference = None
     for label, count in (("1_worker", 1), ("all_workers", workers)):
-        cpu_start = _cpu_seconds()
+        cpu_start = cpu_seconds()
         start = time.perf_counter()
         first = None
         out = []
@@ -108,7 +96,7 @@ def bench_throughput(n: int, workers: int, params: CrfConfig) -> dict[str, objec
             first = first or time.perf_counter() - start
             out.append(labels.sum(dtype=np.int64))
         elapsed = time.perf_counter() - start
-        cpu = _cpu_seconds() - cpu_start
+        cpu = cpu_seconds() - cpu_start
         if reference is None:
             reference = out
         figures[f"images_per_s_{label}"] = round(n / elapsed, 3)

@@ -61,19 +61,17 @@ def make_source(work: Path, images: int, distinct: int, size: int) -> Path:
 
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
+sys.path.insert(0, sys.argv[5])
+from common import cpu_seconds
 from vitpcm.data.convert import convert_dataset
 
-def cpu():
-    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
 src, out, workers, shards = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-start_cpu, start = cpu(), time.perf_counter()
+start_cpu, start = cpu_seconds(), time.perf_counter()
 info = convert_dataset("voc12", src, out, shards=shards, workers=workers, progress=False)
 wall = time.perf_counter() - start
 images = sum(split["num_examples"] for split in info["splits"].values())
-print(json.dumps([wall, cpu() - start_cpu, images]))
+print(json.dumps([wall, cpu_seconds() - start_cpu, images]))
 """
 
 
@@ -91,7 +89,8 @@ def convert_once(src: Path, out: Path, workers: int, shards: int) -> tuple[float
     import subprocess
 
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-c", _CHILD, str(src), str(out), str(workers), str(shards)]
+    bench = str(Path(__file__).resolve().parent)
+    command = [sys.executable, "-c", _CHILD, str(src), str(out), str(workers), str(shards), bench]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     wall, cpu, images = json.loads(done.stdout.strip().splitlines()[-1])

@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -34,19 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitpcm.config import POOLINGS
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # imported as a file (tests), not run as a script
+    sys.path.insert(0, str(BENCH))
+
+from common import cpu_seconds  # noqa: E402
+from vitpcm.config import POOLINGS  # noqa: E402
 
 # FULL is `vitpcm data synth`'s defaults (vitpcm.data.synth.DEFAULT_*, checked by
 # tests/test_synth.py), so this measures what README's step-by-step commands give.
 FULL: dict[str, Any] = {"train": 2000, "val": 100, "test": 200, "overrides": []}
 QUICK: dict[str, Any] = {"train": 1000, "val": 50, "test": 100, "overrides": ["train.epochs=4"]}
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads) and of its reaped children."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def make_data(work: Path, train: int, val: int, test: int, size: int, seed: int) -> Path:
